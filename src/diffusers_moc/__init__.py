@@ -1,0 +1,31 @@
+"""diffusers-moc: Mixture of Contexts sparse attention routing for Hugging Face diffusers video transformers."""
+
+from .apply import apply_moc, get_moc_config, remove_moc, supported_models
+from .attention import available_backends, moc_attention, resolve_backend
+from .attention_processors import MoCWanAttnProcessor
+from .config import MoCConfig
+from .context import MoCContext, current_moc_context, moc_context
+from .layout import ChunkLayout
+from .routing import MoCRouting, chunk_means, dense_mask, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkLayout",
+    "MoCConfig",
+    "MoCContext",
+    "MoCRouting",
+    "MoCWanAttnProcessor",
+    "apply_moc",
+    "available_backends",
+    "chunk_means",
+    "current_moc_context",
+    "dense_mask",
+    "get_moc_config",
+    "moc_attention",
+    "moc_context",
+    "remove_moc",
+    "resolve_backend",
+    "route",
+    "supported_models",
+]

@@ -1,0 +1,101 @@
+"""`moc_attention`: the one entry point to MoC attention; routes, then dispatches to a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .config import BACKENDS, MoCConfig
+from .kernels import reference_attention, torch_attention
+from .layout import ChunkLayout
+from .routing import MoCRouting, route
+
+__all__ = ["moc_attention", "available_backends", "resolve_backend"]
+
+Backend = Callable[..., torch.Tensor]
+
+
+def _load_triton() -> Backend:
+    try:
+        from .kernels.triton_moc import triton_attention  # noqa: PLC0415  (optional extra, imported lazily)
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' is not available: {e}") from e
+    return triton_attention
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "reference": lambda: reference_attention,
+    "torch": lambda: torch_attention,
+    "triton": _load_triton,
+}
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        _load_triton()
+    except RuntimeError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device`, fastest first."""
+    device = torch.device(device)
+    names = ["triton"] if _triton_usable(device) else []
+    return names + ["torch", "reference"]
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The concrete backend `name` stands for on `device` (`"auto"` picks the fastest available)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoC backend {name!r}; choose one of {list(BACKENDS)}")
+    return available_backends(device)[0] if name == "auto" else name
+
+
+def moc_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: ChunkLayout,
+    config: MoCConfig | None = None,
+    *,
+    scale: float | None = None,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    routing: MoCRouting | None = None,
+    return_routing: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, MoCRouting]:
+    r"""
+    Mixture-of-Contexts attention (`MOC_SPEC.md`): each query attends to its mandatory anchors plus the `top_k`
+    chunks whose mean-pooled keys score highest.
+
+    Args:
+        query, key, value (`torch.Tensor` of shape `(B, L, H, D)`):
+            As diffusers' `dispatch_attention_fn` takes them (after QK-norm and RoPE).
+        layout (`ChunkLayout`): the chunks of the sequence; must cover exactly `L` tokens.
+        config (`MoCConfig`, *optional*): routing settings and backend (defaults to `MoCConfig()`).
+        scale (`float`, *optional*): softmax scale, `1 / sqrt(D)` by default.
+        training (`bool`, defaults to `False`): apply context drop-off / drop-in.
+        generator (`torch.Generator`, *optional*): random source for drop-off / drop-in.
+        routing (`MoCRouting`, *optional*): a routing computed before (skips routing).
+        return_routing (`bool`, defaults to `False`): also return the [`MoCRouting`].
+
+    Returns:
+        `torch.Tensor` of shape `(B, L, H, D)` in the dtype of `query` (and the routing if asked).
+    """
+    config = MoCConfig() if config is None else config
+    if query.ndim != 4 or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
+        raise ValueError(
+            "query, key and value must be shaped (B, L, H, D) with equal B, L, H; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if routing is None:
+        routing = route(query, key, layout, config, training=training, generator=generator)
+    elif routing.layout != layout:
+        raise ValueError("the routing passed was computed for another layout")
+    backend = _LOADERS[resolve_backend(config.backend, query.device)]()
+    out = backend(query, key, value, routing, scale)
+    return (out, routing) if return_routing else out

@@ -1,0 +1,164 @@
+"""MoC self-attention processor for Wan-family transformers (Wan 2.1/2.2, Wan VACE, SkyReels-V2, Wan I2V)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from ..attention import moc_attention
+from ..config import MoCConfig
+from ..context import current_moc_context
+from ..layout import ChunkLayout
+
+__all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
+
+
+def _first_change(x: torch.Tensor) -> int:
+    """Index of the first row of `x` (L, d) that differs from row 0, or L when none does."""
+    diff = (x != x[:1]).any(-1)
+    diff[0] = False
+    return int(torch.argmax(diff.to(torch.uint8)).item()) if bool(diff.any()) else x.shape[0]
+
+
+def video_grid_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
+    r"""
+    The latent grid `(frames, height, width)` after patchify, read off Wan's 3D RoPE.
+
+    Wan's rotary table `(1, L, 1, D)` is the concatenation of a time, a height and a width part
+    (`D - 4 * (D // 6)`, `2 * (D // 6)`, `2 * (D // 6)` columns), each constant along the other two axes. Tokens are
+    in `(frame, row, column)` order, so the first token whose time part differs from token 0 starts frame 1, and the
+    first whose height part differs starts row 1.
+    """
+    cos, sin = rotary_emb
+    if cos.ndim != 4 or cos.shape[0] != 1 or cos.shape[2] != 1:
+        raise ValueError(f"expected Wan rotary embeddings shaped (1, L, 1, D), got {tuple(cos.shape)}")
+    table = torch.cat([cos[0, :, 0], sin[0, :, 0]], dim=-1)
+    L, D = cos.shape[1], cos.shape[-1]
+    hw = 2 * (D // 6)
+    t = D - 2 * hw
+    time_part = torch.cat([table[:, :t], table[:, D : D + t]], dim=-1)
+    height_part = torch.cat([table[:, t : t + hw], table[:, D + t : D + t + hw]], dim=-1)
+    per_frame = _first_change(time_part)
+    width = _first_change(height_part[:per_frame])
+    if L % per_frame or per_frame % width:
+        raise ValueError(f"could not read a (frames, height, width) grid from rotary embeddings of {L} tokens")
+    frames = L // per_frame
+    # Every frame must repeat frame 0's spatial pattern; a mismatch means this is not Wan's RoPE layout.
+    grid = time_part.view(frames, per_frame, -1)
+    if not bool((grid == grid[:, :1]).all()):
+        raise ValueError("rotary embeddings are not laid out as Wan's (frame, row, column) grid")
+    return frames, per_frame // width, width
+
+
+@lru_cache(maxsize=64)
+def _video_layout(
+    frames: int, tokens_per_frame: int, shot_frames: tuple[int, ...] | None, chunk_tokens: int | None
+) -> ChunkLayout:
+    if shot_frames is not None and sum(shot_frames) != frames:
+        raise ValueError(
+            f"the MoC context says the shots have {list(shot_frames)} latent frames (sum {sum(shot_frames)}), but the "
+            f"transformer input has {frames} latent frames; set `moc_context(shot_frames=...)` to match"
+        )
+    return ChunkLayout.for_video(frames, tokens_per_frame, shot_frames, chunk_tokens)
+
+
+class MoCWanAttnProcessor:
+    r"""
+    Attention processor for `WanAttention` that computes self-attention with Mixture of Contexts.
+
+    Cross-attention (text, and image keys of Wan I2V) is left to diffusers' `WanAttnProcessor`, so the same instance
+    can be set on every attention module: `transformer.set_attn_processor(MoCWanAttnProcessor(config))`.
+
+    The layout is one chunk per latent frame (or `config.chunk_tokens`), found from the rotary embeddings the model
+    passes in; shots come from [`moc_context`] (default: one shot).
+
+    Args:
+        config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, config: MoCConfig | None = None):
+        self.config = MoCConfig() if config is None else config
+        self._dense = WanAttnProcessor()
+        self._generators: dict[str, torch.Generator] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.config.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[key]
+
+    def layout_for(self, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, num_tokens: int) -> ChunkLayout:
+        """The chunk layout of a self-attention call with these rotary embeddings."""
+        if rotary_emb is None:
+            raise ValueError(
+                "MoCWanAttnProcessor needs the rotary embeddings of a Wan self-attention call to find the frame grid"
+            )
+        frames, height, width = video_grid_from_rotary(rotary_emb)
+        if frames * height * width != num_tokens:
+            raise ValueError(
+                f"rotary embeddings describe {frames}x{height}x{width} tokens but the sequence has {num_tokens}"
+            )
+        shots = current_moc_context().shot_frames
+        return _video_layout(frames, height * width, shots, self.config.chunk_tokens)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            # Cross-attention is not routed: delegate to the stock processor with this processor's settings.
+            self._dense._attention_backend = self._attention_backend
+            self._dense._parallel_config = self._parallel_config
+            return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attention_mask is not None:
+            raise NotImplementedError(
+                "MoC self-attention does not take an explicit attention mask (e.g. SkyReels-V2 diffusion forcing with "
+                "num_frame_per_block > 1); use causal=True routing instead"
+            )
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+
+        layout = self.layout_for(rotary_emb, query.shape[1])
+        hidden_states = moc_attention(
+            query,
+            key,
+            value,
+            layout,
+            self.config,
+            training=attn.training,
+            generator=self._generator(query.device) if attn.training else None,
+        )
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved-pair rotation, as in diffusers' WanAttnProcessor.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)

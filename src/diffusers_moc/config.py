@@ -1,0 +1,172 @@
+"""`MoCConfig`: the settings of Mixture-of-Contexts routing, validated on construction and saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS"]
+
+CONFIG_NAME = "moc_config.json"
+#: Attention backends `moc_attention` knows; "auto" picks the fastest available one.
+BACKENDS = ("auto", "reference", "torch", "triton")
+ROUTE_BY = ("token", "block")
+TEXT_ANCHORS = ("all", "shot")
+
+
+@dataclass(frozen=True)
+class MoCConfig:
+    r"""
+    Settings of Mixture-of-Contexts sparse attention (see `MOC_SPEC.md`).
+
+    Args:
+        top_k (`int`, defaults to 5):
+            Routed chunks per query token and head, on top of the mandatory anchors. `0` keeps only the anchors.
+        local_window (`int`, defaults to 1):
+            Nearest video chunks of the same shot before and after the query's chunk that are always attended.
+        anchor_own_shot (`bool`, defaults to `False`):
+            Always attend every chunk of the query's own shot (intra-shot links; the paper's multi-shot setting).
+            Off by default: on a single shot it makes attention dense.
+        text_anchors (`str`, defaults to `"all"`):
+            `"all"`: every text chunk in the sequence is an anchor (the paper's rule); `"shot"`: only the global
+            caption and the caption of the query's own shot.
+        causal (`bool`, defaults to `True`):
+            Only chunks strictly before the query's chunk can be routed to, so the routing graph is a DAG.
+        route_by (`str`, defaults to `"token"`):
+            `"token"`: every query token routes on its own (the paper's rule, exact). `"block"`: tiles of
+            `block_size` consecutive tokens of one chunk share the selection of their mean query (an approximation).
+        block_size (`int`, defaults to 64): query tile size for `route_by="block"`.
+        chunk_tokens (`int`, *optional*):
+            Chunk size used when a processor builds the layout: `None` is one chunk per latent frame; see
+            [`ChunkLayout.for_video`].
+        drop_off (`float`, defaults to 0.2):
+            Training only. Context drop-off: each query drops `floor(p * top_k)` routed chunks, `p ~ U(0, drop_off)`.
+            The paper does not publish its value; 0.2 is our default.
+        drop_in (`float`, defaults to 0.1):
+            Training only. Context drop-in: each query adds `m ~ Poisson(drop_in)` random candidates.
+            The paper does not publish its value; 0.1 is our default.
+        seed (`int`, *optional*): seed of the generator used by drop-off / drop-in (random when `None`).
+        backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"triton"`.
+    """
+
+    top_k: int = 5
+    local_window: int = 1
+    anchor_own_shot: bool = False
+    text_anchors: str = "all"
+    causal: bool = True
+    route_by: str = "token"
+    block_size: int = 64
+    chunk_tokens: int | None = None
+    drop_off: float = 0.2
+    drop_in: float = 0.1
+    seed: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        def check_int(name, minimum, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"MoCConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+        def check_bool(name):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoCConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+        def check_choice(name, choices):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"MoCConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+        check_int("top_k", 0)
+        check_int("local_window", 0)
+        check_int("block_size", 1)
+        check_int("chunk_tokens", 1, allow_none=True)
+        check_int("seed", 0, allow_none=True)
+        check_bool("anchor_own_shot")
+        check_bool("causal")
+        check_choice("text_anchors", TEXT_ANCHORS)
+        check_choice("route_by", ROUTE_BY)
+        check_choice("backend", BACKENDS)
+        if (
+            isinstance(self.drop_off, bool)
+            or not isinstance(self.drop_off, (int, float))
+            or not 0 <= self.drop_off <= 1
+        ):
+            raise ValueError(f"MoCConfig.drop_off must be a number in [0, 1], got {self.drop_off!r}")
+        if isinstance(self.drop_in, bool) or not isinstance(self.drop_in, (int, float)) or self.drop_in < 0:
+            raise ValueError(f"MoCConfig.drop_in must be a number >= 0, got {self.drop_in!r}")
+
+    # ------------------------------------------------------------------ convenience
+    def replace(self, **changes: Any) -> MoCConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_training_regularised(self) -> bool:
+        return self.drop_off > 0 or self.drop_in > 0
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoCConfig:
+        r"""Build a config from a dict; unknown keys raise a `ValueError` naming them."""
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoCConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        data = {"_class_name": type(self).__name__, **self.to_dict()}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        r"""
+        Write the config to `save_directory/moc_config.json` (the directory is created if needed).
+
+        Returns:
+            `str`: the path of the written file.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; MoCConfig.save_pretrained needs a folder")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **hub_kwargs: Any,
+    ) -> MoCConfig:
+        r"""
+        Load `moc_config.json` from a local folder or a Hub repository.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or a Hub repo id.
+            subfolder (`str`, *optional*): subfolder inside the folder or repo.
+            hub_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
+        """
+        root = os.fspath(pretrained_model_name_or_path)
+        local = os.path.join(root, subfolder or "", CONFIG_NAME)
+        if os.path.isdir(root):
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.join(root, subfolder or '')}")
+            path = local
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(root, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return cls.from_dict(data)
