@@ -34,12 +34,13 @@ class MoCContext:
             object.__setattr__(self, "shot_frames", frames)
 
 
-_CURRENT: contextvars.ContextVar[MoCContext] = contextvars.ContextVar("diffusers_moc_context", default=MoCContext())
+_DEFAULT = MoCContext()
+_CURRENT: contextvars.ContextVar[MoCContext | None] = contextvars.ContextVar("diffusers_moc_context", default=None)
 
 
 def current_moc_context() -> MoCContext:
     """The context MoC processors see now (default: one shot)."""
-    return _CURRENT.get()
+    return _CURRENT.get() or _DEFAULT
 
 
 @contextmanager
