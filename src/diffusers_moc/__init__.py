@@ -1,6 +1,6 @@
 """diffusers-moc: Mixture of Contexts sparse attention routing for Hugging Face diffusers video transformers."""
 
-from .apply import apply_moc, get_moc_config, remove_moc, supported_models
+from .apply import apply_moc, get_moc_config, remove_moc, supported_models, update_moc_config
 from .attention import available_backends, moc_attention, resolve_backend
 from .attention_processors import MoCWanAttnProcessor
 from .config import MoCConfig
@@ -28,4 +28,5 @@ __all__ = [
     "resolve_backend",
     "route",
     "supported_models",
+    "update_moc_config",
 ]

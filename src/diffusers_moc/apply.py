@@ -7,7 +7,7 @@ import torch
 from .attention_processors import MoCWanAttnProcessor
 from .config import MoCConfig
 
-__all__ = ["apply_moc", "remove_moc", "get_moc_config", "supported_models"]
+__all__ = ["apply_moc", "remove_moc", "get_moc_config", "update_moc_config", "supported_models"]
 
 
 def _registry() -> dict[type, type]:
@@ -98,3 +98,21 @@ def get_moc_config(transformer: torch.nn.Module) -> MoCConfig | None:
         if isinstance(proc, MoCWanAttnProcessor):
             return proc.config
     return None
+
+
+def update_moc_config(transformer: torch.nn.Module, **changes) -> MoCConfig:
+    r"""
+    Change MoC settings of an applied transformer in place (e.g. `top_k` from a sparsity schedule).
+
+    Returns:
+        The new `MoCConfig` (validated).
+    """
+    config = get_moc_config(transformer)
+    if config is None:
+        raise ValueError("MoC is not applied to this transformer; call apply_moc first")
+    config = config.replace(**changes)
+    for module in transformer.modules():
+        proc = getattr(module, "processor", None)
+        if isinstance(proc, MoCWanAttnProcessor):
+            proc.config = config
+    return config

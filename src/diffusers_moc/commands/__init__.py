@@ -1,0 +1,1 @@
+"""Subcommands of the `diffusers-moc` CLI (see `diffusers_moc.cli`)."""
