@@ -41,7 +41,6 @@ interpreter (`TRITON_INTERPRET=1` set before Triton is imported), which the test
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +56,6 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Bits per bitset word; int64 words keep the kernels' bit test to one load per token and chunk.
 _WORD = 64
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels
@@ -283,6 +278,10 @@ def _dkdv_kernel(
     )
 
 
+#: True when Triton was imported with `TRITON_INTERPRET=1`: the kernels then run on CPU tensors (tests only).
+_INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 # ---------------------------------------------------------------------------------------------------------- planning
 @dataclass
 class MoCTritonPlan:
@@ -496,7 +495,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: MoCRoutin
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got device {q.device}; use backend='torch' on CPU "
             "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
@@ -642,6 +641,10 @@ def triton_attention(
     cfg = _config(max(D, v.shape[-1]), q.device)
     if plan is None:
         plan = build_plan(routing, block_m or cfg.block_m, reorder=reorder)
+    if plan.block_m < 16 or plan.block_m & (plan.block_m - 1):
+        raise ValueError(f"the query tile size must be a power of two >= 16, got block_m={plan.block_m}")
+    if tuple(plan.perm.shape) != (B * H, L) or plan.union.shape[-1] != routing.layout.num_chunks:
+        raise ValueError("the plan passed was built for another routing (shape or number of chunks differ)")
     DV = v.shape[-1]
     # The kernels read keys and values through TMA descriptors: head sizes a power of two (>= 16) and 16-byte
     # aligned strides. Zero-padding q and k leaves the scores unchanged; padded value columns are sliced off.
