@@ -1,0 +1,534 @@
+r"""MoC attention (Triton backend) against dense and sparse peers, on Wan-style multi-shot video sequences.
+
+Rows, per sequence length and input kind (video-like or iid random), forward and forward+backward:
+
+- `moc-triton`: `diffusers_moc` routing + the Triton kernels (time includes routing; its share is reported);
+- `sdpa-dense`: the fastest dense `scaled_dot_product_attention` backend (cuDNN, flash or memory-efficient);
+- `flex`: `torch.nn.attention.flex_attention` (compiled) with a block mask built from the same routing and a
+  `mask_mod` that applies the exact token-level attended set;
+- `vsa`: Video Sparse Attention from the `fastvideo-kernel` package at about the same density (its own routing),
+  where it imports;
+- `moc-torch`: the portable backend, on CPU runs only (a stand-in so the script itself is exercised without CUDA).
+
+Effective TFLOP/s count the attended pairs only (4 * pairs * D forward, 3.5x that forward+backward, as FlashAttention
+counts them). Results go to a table on stdout and to JSON in `benchmarks/results/`.
+
+    python benchmarks/bench_attention.py                  # B=1, H=12, D=128, bf16, L = 32k, 90k, 180k (CUDA)
+    python benchmarks/bench_attention.py --lengths 32k    # one length
+    python benchmarks/bench_attention.py --quick          # tiny smoke run; works on CPU (GPU-only rows skipped)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+try:  # run from a checkout without installing
+    import diffusers_moc  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
+from diffusers_moc.kernels import torch_attention
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
+
+
+def split_shots(num_frames: int, shots: int) -> list[int]:
+    shots = max(1, min(shots, num_frames))
+    base, extra = divmod(num_frames, shots)
+    return [base + 1] * extra + [base] * (shots - extra)
+
+
+def frame_grid(tokens: int) -> tuple[int, int]:
+    """(height, width) of a frame: Wan 480p is 30 x 52 = 1560; otherwise the most square factorisation."""
+    if tokens == 1560:
+        return 30, 52
+    h = int(math.isqrt(tokens))
+    while tokens % h:
+        h -= 1
+    return h, tokens // h
+
+
+def make_layout(length: int, frame_tokens: int, shots: int) -> ChunkLayout:
+    frames = max(1, round(length / frame_tokens))
+    return ChunkLayout.for_video(frames, frame_tokens, shot_frames=split_shots(frames, shots))
+
+
+def top_k_for_density(layout: ChunkLayout, config: MoCConfig, density: float) -> int:
+    """Smallest `top_k` whose attended fraction (anchors + routed, exact for the layout) reaches `density`."""
+    anchors = layout.anchor_mask(config.local_window, config.anchor_own_shot, config.text_anchors)
+    cands = layout.candidate_mask(config.local_window, config.anchor_own_shot, config.text_anchors, config.causal)
+    sizes = layout.chunk_sizes().double()
+    L = layout.num_tokens
+    n_cand = cands.sum(1)
+    for k in range(layout.num_chunks + 1):
+        # Routed chunks are of frame size here (all chunks equal), so the count is exact.
+        att = (anchors.double() @ sizes) + torch.minimum(n_cand, torch.tensor(k)).double() * sizes.mean()
+        if float((att * sizes).sum() / (L * L)) >= density:
+            return k
+    return layout.num_chunks
+
+
+def make_inputs(
+    layout: ChunkLayout, frame_tokens: int, heads: int, head_dim: int, kind: str, dtype, device, seed: int = 0
+) -> list[torch.Tensor]:
+    r"""
+    `q, k, v` `(1, L, H, D)`. `"random"`: iid normal. `"video"`: smooth, low-rank content: every token is its shot's
+    vector, a slow drift over frames, and a few low-frequency spatial patterns (so neighbouring tokens agree on their
+    chunks, as on real video latents), plus a little noise.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    L = layout.num_tokens
+    frames = L // frame_tokens
+    out = []
+    for _ in range(3):
+        if kind == "random":
+            x = torch.randn(1, L, heads, head_dim, generator=g)
+        else:
+            gh, gw = frame_grid(frame_tokens)
+            yy, xx = torch.meshgrid(torch.arange(gh) / gh, torch.arange(gw) / gw, indexing="ij")
+            freqs = [(0, 1), (1, 0), (1, 1), (2, 1)]
+            basis = torch.stack([torch.cos(math.pi * (u * yy + v * xx)).flatten() for u, v in freqs], -1)  # (P, R)
+            shot_of_frame = torch.tensor([layout.shots[f] for f in range(frames)])
+            shot_vec = torch.randn(max(layout.shots) + 1, heads, head_dim, generator=g)[shot_of_frame]
+            drift = torch.randn(frames, heads, head_dim, generator=g).cumsum(0) / math.sqrt(frames)
+            coeff = torch.randn(frames, len(freqs), heads, head_dim, generator=g) * 0.3 + torch.randn(
+                1, len(freqs), heads, head_dim, generator=g
+            )
+            spatial = torch.einsum("pr,frhd->fphd", basis, coeff)
+            x = (shot_vec + 0.5 * drift)[:, None] + spatial
+            x = x + 0.1 * torch.randn(x.shape, generator=g)
+            x = (x / x.std()).reshape(1, L, heads, head_dim)
+        out.append(x.to(device=device, dtype=dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
+    """Median wall time in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mib(fn: Callable[[], object], device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], q, k, v, grad):
+    def run():
+        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+        fn(qq, kk, vv).backward(grad)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- peers
+def sdpa_runner(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
+        return out.transpose(1, 2)
+
+    return run
+
+
+def flex_block_mask(routing: MoCRouting, block: int = 128):
+    r"""
+    A FlexAttention `BlockMask` for exactly the attended set of a routing: per (query block, key block) the block is
+    *full* when every query of the block attends every key of it, *partial* when some do (then `mask_mod` decides
+    per token), skipped otherwise. Built from chunk-level facts; no `L x L` tensor.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = routing.layout
+    device = routing.selected.device
+    B, H, L, _ = routing.selected.shape
+    C = layout.num_chunks
+    attend = routing.chunk_mask()  # (B, H, L, C) bool: L x C per head
+    nq = nk = math.ceil(L / block)
+    q_block = torch.arange(L, device=device) // block
+    counts = torch.zeros(B, H, nq, C, device=device, dtype=torch.float32)
+    counts.index_add_(2, q_block, attend.float())
+    rows = torch.bincount(q_block, minlength=nq).float()
+    union = counts > 0
+    inter = counts == rows[:, None]
+    # Chunks overlapped by each key block.
+    tok_chunk = layout.token_chunks(device)
+    cover = torch.zeros(nk, C, device=device)
+    cover.index_put_((q_block, tok_chunk), torch.ones(L, device=device), accumulate=True)
+    cover = (cover > 0).float()
+    any_blk = (union.float() @ cover.T) > 0
+    full_blk = ((~inter).float() @ cover.T) == 0
+    partial = any_blk & ~full_blk
+
+    def pack(mask):
+        num = mask.sum(-1).to(torch.int32)
+        idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = pack(partial)
+    full_num, full_idx = pack(full_blk)
+    attend_c = attend.contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return attend_c[b, h, q_idx, tok_chunk[kv_idx]]
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(L, L))  # fmt: skip
+    return mask
+
+
+def vsa_runner(density: float):
+    import inspect
+
+    from fastvideo_kernel import video_sparse_attn  # noqa: PLC0415  (optional peer)
+
+    params = inspect.signature(video_sparse_attn).parameters
+
+    def run(q, k, v):
+        L = q.shape[1]
+        pad = (-L) % 64
+        qh, kh, vh = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2).contiguous() for x in (q, k, v))
+        nb = qh.shape[2] // 64
+        sizes = torch.full((nb,), 64, dtype=torch.int32, device=q.device)
+        sizes[-1] = 64 - pad
+        kwargs = dict(variable_block_sizes=sizes, topk=max(1, round(density * nb)), block_size=64)
+        if "q_variable_block_sizes" in params:
+            kwargs["q_variable_block_sizes"] = sizes
+        return video_sparse_attn(qh, kh, vh, **kwargs)[:, :, :L].transpose(1, 2)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def _row(name, length, kind, mode, ms, pairs, head_dim, **extra):
+    flops = 4.0 * pairs * head_dim * (3.5 if mode == "fwd+bwd" else 1.0)
+    row = dict(method=name, tokens=length, inputs=kind, mode=mode, ms=ms, tflops=None, **extra)
+    if ms is not None:
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+    return row
+
+
+def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict]:
+    layout = make_layout(length, args.frame_tokens, args.shots)
+    L = layout.num_tokens
+    base = MoCConfig(top_k=1, local_window=args.local_window, causal=True, text_anchors="all")
+    config = base.replace(top_k=top_k_for_density(layout, base, args.density))
+    q, k, v = make_inputs(layout, args.frame_tokens, args.heads, args.head_dim, kind, dtype, device, seed=args.seed)
+    grad = torch.randn_like(q)
+    H, D = args.heads, args.head_dim
+    warm, iters = args.warmup, args.iters
+    rows = []
+
+    routing = route(q, k, layout, config)
+    pairs = int(routing.attended_tokens().sum().item())
+    density = pairs / (H * L * L)
+    dense_pairs = H * L * L
+    common = dict(density=density, top_k=config.top_k, chunks=layout.num_chunks)
+    t_route = time_fn(lambda: route(q, k, layout, config), device, warm, iters)
+
+    # ---- MoC, Triton backend
+    tm = _triton_backend(device, skipped)
+    if tm is not None:
+        plan = tm.build_plan(routing, block_m=tm._config(D, device).block_m)
+        t_plan = time_fn(lambda: tm.build_plan(routing, block_m=plan.block_m), device, warm, iters)
+        t_kernel = time_fn(lambda: tm.triton_attention(q, k, v, routing, plan=plan), device, warm, iters)
+        t_fb_kernel = time_fn(
+            fwd_bwd(lambda a, b, c: tm.triton_attention(a, b, c, routing, plan=plan), q, k, v, grad),
+            device,
+            warm,
+            iters,
+        )
+        overfetch = plan.overfetch()
+        for mode, t_k in (("fwd", t_kernel), ("fwd+bwd", t_fb_kernel)):
+            total = t_route + t_plan + t_k
+            mem = peak_mib(
+                (lambda: tm.triton_attention(q, k, v, route(q, k, layout, config)))
+                if mode == "fwd"
+                else fwd_bwd(lambda a, b, c: tm.triton_attention(a, b, c, route(a, b, layout, config)), q, k, v, grad),
+                device,
+            )
+            rows.append(
+                _row("moc-triton", L, kind, mode, total, pairs, D, route_ms=t_route, plan_ms=t_plan, kernel_ms=t_k,
+                     routing_share=(t_route + t_plan) / total, overfetch=overfetch, peak_mib=mem, **common)
+            )  # fmt: skip
+
+    # ---- MoC, portable torch backend (CPU smoke runs only: on CUDA the Triton row is the one that matters)
+    if device.type == "cpu":
+        t_fwd = time_fn(lambda: torch_attention(q, k, v, routing), device, warm, iters)
+        t_fb = time_fn(fwd_bwd(lambda a, b, c: torch_attention(a, b, c, routing), q, k, v, grad), device, warm, iters)
+        for mode, t in (("fwd", t_fwd), ("fwd+bwd", t_fb)):
+            rows.append(_row("moc-torch", L, kind, mode, t + t_route, pairs, D, route_ms=t_route, **common))
+
+    # ---- dense SDPA: the fastest backend that runs
+    from torch.nn.attention import SDPBackend
+
+    candidates = (
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        if device.type == "cuda"
+        else [SDPBackend.MATH]
+    )
+    for mode in ("fwd", "fwd+bwd"):
+        best = None
+        for backend in candidates:
+            fn = sdpa_runner(backend)
+            run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, grad)
+            try:
+                t = time_fn(run, device, warm, iters)
+            except RuntimeError as e:  # backend not available for this shape / device
+                skipped.append(f"sdpa {backend.name} {mode} L={L}: {str(e).splitlines()[0][:100]}")
+                continue
+            if best is None or t < best[0]:
+                best = (t, backend.name, run)
+        if best is not None:
+            rows.append(
+                _row("sdpa-dense", L, kind, mode, best[0], dense_pairs, D, backend=best[1],
+                     peak_mib=peak_mib(best[2], device), density=1.0)
+            )  # fmt: skip
+
+    # ---- FlexAttention with the same attended set
+    if device.type != "cuda":
+        skipped.append("flex: compiled FlexAttention kernels need CUDA (row skipped)")
+    elif "flex" in args.peers:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        t0 = time.perf_counter()
+        block_mask = flex_block_mask(routing)
+        _sync(device)
+        mask_ms = (time.perf_counter() - t0) * 1e3
+
+        def flex_run(a, b, c):
+            return flex(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), block_mask=block_mask).transpose(1, 2)
+
+        for mode in ("fwd", "fwd+bwd"):
+            run = (lambda: flex_run(q, k, v)) if mode == "fwd" else fwd_bwd(flex_run, q, k, v, grad)
+            try:
+                t = time_fn(run, device, warm, iters)
+                rows.append(
+                    _row("flex", L, kind, mode, t, pairs, D, block_mask_ms=mask_ms, peak_mib=peak_mib(run, device),
+                         **common)
+                )  # fmt: skip
+            except Exception as e:  # noqa: BLE001  (report, do not abort the whole benchmark)
+                skipped.append(f"flex {mode} L={L}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+    # ---- VSA (fastvideo-kernel), at about the same density with its own block routing
+    if "vsa" in args.peers:
+        if device.type != "cuda":
+            skipped.append("vsa: fastvideo-kernel needs CUDA (row skipped)")
+        else:
+            try:
+                vsa = vsa_runner(density)
+            except ImportError as e:
+                skipped.append(f"vsa: fastvideo-kernel does not import ({e}); row skipped")
+            else:
+                for mode in ("fwd", "fwd+bwd"):
+                    run = (lambda: vsa(q, k, v)) if mode == "fwd" else fwd_bwd(vsa, q, k, v, grad)
+                    try:
+                        t = time_fn(run, device, warm, iters)
+                        rows.append(_row("vsa", L, kind, mode, t, pairs, D, peak_mib=peak_mib(run, device), **common))
+                    except Exception as e:  # noqa: BLE001
+                        skipped.append(f"vsa {mode} L={L}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return rows
+
+
+def _triton_backend(device, skipped: list[str]):
+    try:
+        from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
+    except ImportError as e:
+        skipped.append(f"moc-triton: triton does not import ({e}); row skipped")
+        return None
+    if device.type != "cuda" and not tm._INTERPRETED:
+        skipped.append("moc-triton: needs CUDA (or TRITON_INTERPRET=1 set before Triton is imported); row skipped")
+        return None
+    return tm
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """`speedup_vs_dense` and `speedup_vs_flex` on every MoC row (same length, inputs and mode)."""
+    index = {(r["method"], r["tokens"], r["inputs"], r["mode"]): r for r in rows}
+    for r in rows:
+        if not r["method"].startswith("moc") or r["ms"] is None:
+            continue
+        for peer, key in (("sdpa-dense", "speedup_vs_dense"), ("flex", "speedup_vs_flex")):
+            other = index.get((peer, r["tokens"], r["inputs"], r["mode"]))
+            if other is not None and other["ms"]:
+                r[key] = other["ms"] / r["ms"]
+
+
+COLUMNS = [
+    ("method", "{}"),
+    ("tokens", "{}"),
+    ("inputs", "{}"),
+    ("mode", "{}"),
+    ("density", "{:.3f}"),
+    ("ms", "{:.2f}"),
+    ("tflops", "{:.1f}"),
+    ("routing_share", "{:.1%}"),
+    ("overfetch", "{:.2f}"),
+    ("speedup_vs_dense", "{:.2f}x"),
+    ("speedup_vs_flex", "{:.2f}x"),
+    ("peak_mib", "{:.0f}"),
+    ("backend", "{}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[name for name, _ in COLUMNS]]
+    for r in rows:
+        cells.append([fmt.format(r[name]) if r.get(name) is not None else "-" for name, fmt in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(result: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    device = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in result["device"]["name"])
+    path = os.path.join(out_dir, f"bench_attention_{device}_{stamp}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", default="32k,90k,180k", help="sequence lengths, rounded to whole frames (e.g. 32k)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--frame-tokens", type=int, default=1560, help="tokens per latent frame (Wan 480p: 30 x 52)")
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--density", type=float, default=0.15, help="target attended fraction; sets top_k")
+    p.add_argument("--local-window", type=int, default=1)
+    p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
+    p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON results")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 iteration: a smoke run (CPU is fine)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        args.lengths, args.frame_tokens, args.shots = "96", 16, 2
+        args.heads, args.head_dim, args.warmup, args.iters = 2, 32, 0, 1
+        if device.type == "cpu":
+            args.dtype = "fp32"
+    dtype = DTYPES[args.dtype]
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        dtype = torch.float32
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    kinds = [x.strip() for x in args.inputs.split(",") if x.strip()]
+    for kind in kinds:
+        if kind not in ("video", "random"):
+            raise SystemExit(f"--inputs: unknown input kind {kind!r}; choose from video, random")
+
+    skipped: list[str] = []
+    if device.type != "cuda":
+        skipped.append("no CUDA device: GPU-only rows are skipped and CPU timings say nothing about GPU speed")
+    rows = []
+    for length in lengths:
+        for kind in kinds:
+            rows.extend(run_case(args, length, kind, device, dtype, skipped))
+    add_speedups(rows)
+    skipped = list(dict.fromkeys(skipped))  # each reason once
+
+    try:
+        import triton  # noqa: PLC0415
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    result = {
+        "device": {
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}",
+            "type": device.type,
+        },
+        "versions": {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()},
+        "settings": {
+            "lengths": lengths,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "dtype": str(dtype).replace("torch.", ""),
+            "frame_tokens": args.frame_tokens,
+            "shots": args.shots,
+            "density_target": args.density,
+            "local_window": args.local_window,
+            "inputs": kinds,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "quick": args.quick,
+        },
+        "rows": rows,
+        "skipped": skipped,
+    }
+    print(f"device: {result['device']['name']}  torch {torch.__version__}  triton {triton_version}")
+    print(format_table(rows))
+    for line in skipped:
+        print(f"skipped: {line}")
+    path = write_json(result, args.out)
+    print(f"wrote {path}")
+    result["path"] = path
+    return result
+
+
+if __name__ == "__main__":
+    main()
