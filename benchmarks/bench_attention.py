@@ -261,6 +261,7 @@ def _row(name, length, kind, mode, ms, pairs, head_dim, **extra):
 def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict]:
     layout = make_layout(length, args.frame_tokens, args.shots)
     L = layout.num_tokens
+    args.current_kind = kind
     base = MoCConfig(top_k=1, local_window=args.local_window, causal=True, text_anchors="all")
     config = base.replace(top_k=top_k_for_density(layout, base, args.density))
     q, k, v = make_inputs(layout, args.frame_tokens, args.heads, args.head_dim, kind, dtype, device, seed=args.seed)
@@ -276,31 +277,10 @@ def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict
     common = dict(density=density, top_k=config.top_k, chunks=layout.num_chunks)
     t_route = time_fn(lambda: route(q, k, layout, config), device, warm, iters)
 
-    # ---- MoC, Triton backend
+    # ---- MoC, Triton backend (one row pair per query tile size)
     tm = _triton_backend(device, skipped)
-    if tm is not None:
-        plan = tm.build_plan(routing, block_m=tm._config(D, device).block_m)
-        t_plan = time_fn(lambda: tm.build_plan(routing, block_m=plan.block_m), device, warm, iters)
-        t_kernel = time_fn(lambda: tm.triton_attention(q, k, v, routing, plan=plan), device, warm, iters)
-        t_fb_kernel = time_fn(
-            fwd_bwd(lambda a, b, c: tm.triton_attention(a, b, c, routing, plan=plan), q, k, v, grad),
-            device,
-            warm,
-            iters,
-        )
-        overfetch = plan.overfetch()
-        for mode, t_k in (("fwd", t_kernel), ("fwd+bwd", t_fb_kernel)):
-            total = t_route + t_plan + t_k
-            mem = peak_mib(
-                (lambda: tm.triton_attention(q, k, v, route(q, k, layout, config)))
-                if mode == "fwd"
-                else fwd_bwd(lambda a, b, c: tm.triton_attention(a, b, c, route(a, b, layout, config)), q, k, v, grad),
-                device,
-            )
-            rows.append(
-                _row("moc-triton", L, kind, mode, total, pairs, D, route_ms=t_route, plan_ms=t_plan, kernel_ms=t_k,
-                     routing_share=(t_route + t_plan) / total, overfetch=overfetch, peak_mib=mem, **common)
-            )  # fmt: skip
+    for block_m in args.block_m if tm is not None else []:
+        rows.extend(_moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, t_route, pairs, common))
 
     # ---- MoC, portable torch backend (CPU smoke runs only: on CUDA the Triton row is the one that matters)
     if device.type == "cpu":
@@ -381,6 +361,51 @@ def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict
     return rows
 
 
+def _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
+    device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
+    L, kind = layout.num_tokens, args.current_kind
+    plan = tm.build_plan(routing, block_m=block_m)
+    cfg = tm._config(D, device)
+    t_plan = time_fn(lambda: tm.build_plan(routing, block_m=block_m), device, warm, iters)
+    # The backward builds its transposed lists inside the backward call: timed apart to report routing's share.
+    t_transposed = time_fn(lambda: plan.transposed(cfg.block_n_kv, layout.offsets), device, warm, iters)
+
+    def moc(a, b, c):
+        return tm.triton_attention(a, b, c, routing, plan=plan)
+
+    def moc_routed(a, b, c):  # routing included, for peak memory
+        return tm.triton_attention(a, b, c, route(a, b, layout, config), block_m=block_m)
+
+    t_kernel = time_fn(lambda: moc(q, k, v), device, warm, iters)
+    t_fb_kernel = time_fn(fwd_bwd(moc, q, k, v, grad), device, warm, iters)
+    check = _check_against_torch(moc, q, k, v, grad, routing) if args.check else {}
+    overfetch = plan.overfetch()
+    rows = []
+    for mode, t_k, t_extra in (("fwd", t_kernel, 0.0), ("fwd+bwd", t_fb_kernel, t_transposed)):
+        total = t_route + t_plan + t_k
+        mem = peak_mib((lambda: moc_routed(q, k, v)) if mode == "fwd" else fwd_bwd(moc_routed, q, k, v, grad), device)
+        rows.append(
+            _row("moc-triton", L, kind, mode, total, pairs, D, block_m=block_m, route_ms=t_route, plan_ms=t_plan,
+                 kernel_ms=t_k, routing_share=(t_route + t_plan + t_extra) / total, overfetch=overfetch,
+                 peak_mib=mem, **check, **common)
+        )  # fmt: skip
+    return rows
+
+
+def _check_against_torch(moc, q, k, v, grad, routing) -> dict:
+    """Largest absolute difference to the portable torch backend (output and gradients), for `--check`."""
+    ref = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    got = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out_ref = torch_attention(*ref, routing)
+    out_ref.backward(grad)
+    out = moc(*got)
+    out.backward(grad)
+    err = {"max_err_out": (out.float() - out_ref.float()).abs().max().item()}
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        err[f"max_err_{name}"] = (a.grad.float() - b.grad.float()).abs().max().item()
+    return err
+
+
 def _triton_backend(device, skipped: list[str]):
     try:
         from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
@@ -415,6 +440,8 @@ COLUMNS = [
     ("tflops", "{:.1f}"),
     ("routing_share", "{:.1%}"),
     ("overfetch", "{:.2f}"),
+    ("block_m", "{}"),
+    ("max_err_out", "{:.1e}"),
     ("speedup_vs_dense", "{:.2f}x"),
     ("speedup_vs_flex", "{:.2f}x"),
     ("peak_mib", "{:.0f}"),
@@ -454,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=1)
     p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
+    p.add_argument("--block-m", default="128", help="comma list of MoC query tile sizes to run (powers of two)")
+    p.add_argument("--check", action="store_true", help="also compare MoC outputs and gradients to backend='torch'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -467,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
-        args.lengths, args.frame_tokens, args.shots = "96", 16, 2
+        # 8 frames of 16 tokens in 2 shots; no local window so that top_k routing has something to choose.
+        args.lengths, args.frame_tokens, args.shots, args.local_window, args.density = "128", 16, 2, 0, 0.25
         args.heads, args.head_dim, args.warmup, args.iters = 2, 32, 0, 1
         if device.type == "cpu":
             args.dtype = "fp32"
@@ -475,6 +505,9 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.block_m = [int(x) for x in str(args.block_m).split(",")]
+    if args.quick and device.type == "cpu":
+        args.block_m = [16]  # the interpreter's tile size
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     kinds = [x.strip() for x in args.inputs.split(",") if x.strip()]
     for kind in kinds:
@@ -516,6 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
             "iters": args.iters,
             "quick": args.quick,
+            "block_m": args.block_m,
+            "moc_config": {"local_window": args.local_window, "causal": True, "route_by": "token"},
         },
         "rows": rows,
         "skipped": skipped,

@@ -26,7 +26,7 @@ def bench():
 
 
 def test_quick_run_prints_table_and_writes_json(bench, tmp_path, capsys):
-    result = bench.main(["--quick", "--inputs", "video", "--out", str(tmp_path), "--device", "cpu"])
+    result = bench.main(["--quick", "--check", "--inputs", "random", "--out", str(tmp_path), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "method" in printed and "speedup_vs_dense" in printed and "sdpa-dense" in printed
     assert "skipped: flex: compiled FlexAttention kernels need CUDA" in printed
@@ -39,12 +39,16 @@ def test_quick_run_prints_table_and_writes_json(bench, tmp_path, capsys):
     assert {("sdpa-dense", "fwd"), ("sdpa-dense", "fwd+bwd"), ("moc-torch", "fwd")} <= methods
     if any("moc-triton" in s for s in saved["skipped"]):
         assert ("moc-triton", "fwd") not in methods
-    else:  # the Triton interpreter ran the real kernels
+    else:  # the Triton interpreter ran the real kernels; --check compared them to the torch backend
         assert {("moc-triton", "fwd"), ("moc-triton", "fwd+bwd")} <= methods
+        triton_rows = [r for r in saved["rows"] if r["method"] == "moc-triton"]
+        for row in triton_rows:
+            assert max(row[f"max_err_{n}"] for n in ("out", "dq", "dk", "dv")) < 1e-4
+            assert 0 < row["routing_share"] < 1 and row["overfetch"] >= 1
     for row in saved["rows"]:
         assert row["ms"] > 0
         if row["method"].startswith("moc"):
-            assert 0 < row["density"] < 1 and row["speedup_vs_dense"] > 0
+            assert 0 < row["density"] < 1 and row["top_k"] >= 1 and row["speedup_vs_dense"] > 0
     assert result["path"] == str(tmp_path / files[0])
 
 
