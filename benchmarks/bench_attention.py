@@ -365,7 +365,7 @@ def _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, 
     device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
     L, kind = layout.num_tokens, args.current_kind
     plan = tm.build_plan(routing, block_m=block_m)
-    cfg = tm._config(D, device)
+    cfg = tm._config(D, device, q.dtype)
     t_plan = time_fn(lambda: tm.build_plan(routing, block_m=block_m), device, warm, iters)
     # The backward builds its transposed lists inside the backward call: timed apart to report routing's share.
     t_transposed = time_fn(lambda: plan.transposed(cfg.block_n_kv, layout.offsets), device, warm, iters)
