@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=1)
     p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
-    p.add_argument("--block-m", default="128", help="comma list of MoC query tile sizes to run (powers of two)")
+    p.add_argument("--block-m", default="64,128", help="comma list of MoC query tile sizes to run (powers of two)")
     p.add_argument("--check", action="store_true", help="also compare MoC outputs and gradients to backend='torch'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)

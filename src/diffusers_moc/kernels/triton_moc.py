@@ -22,16 +22,21 @@ Programs are launched heaviest first (longest processing time order) because cau
 more candidates than early ones.
 
 Why this scheme (and not MoBA's queries-gathered-per-key-chunk with a log-sum-exp merge): it needs no per
-`(query, chunk)` partial outputs (at 180k tokens, 12 heads and ~17 attended chunks per token those would be ~9-18
-GB), no merge pass and no atomics, and one kernel launch does the whole forward. On video, neighbouring tokens pick
-nearly the same chunks, so the union of a tile is close to each token's own set and the work is close to the
+`(query, chunk)` partial outputs (at 180k tokens, 12 heads, D=128 and ~19 attended chunks per token those would be
+~10 GB in bf16), no merge pass and no atomics, and one kernel launch does the whole forward. On video, neighbouring
+tokens pick nearly the same chunks, so the union of a tile is close to each token's own set and the work is close to the
 attended pairs. The reordering makes this hold also when the tokens of a region disagree but fall into a few groups
 (e.g. foreground vs background): tokens with equal sets land in the same tiles.
 
-Worst case: iid random inputs. Then every token of a tile picks different chunks, the union of a tile approaches
-all `min(C, BLOCK_M * top_k)` candidates, and the work approaches that of (chunk-causal) dense attention while the
-useful pairs stay at the routed density: correct, but not faster than dense. `MoCTritonPlan.overfetch()` reports
-the ratio of computed to attended pairs so a benchmark can show it.
+Cost, measured on the plan alone (no GPU needed; `MoCTritonPlan.overfetch()` = computed / attended pairs), Wan-style
+frames of 1560 tokens in 8 shots, ~15% density (`top_k=16` at 180k tokens), 128-token tiles: video-like inputs
+(smooth, low-rank content; `benchmarks/bench_attention.py`) 1.2 at 32k tokens and 1.6 at 180k (1.4 with 64-token
+tiles; 2.0 without the reordering). **Worst case: iid random inputs**: every token of a tile picks different
+chunks, the union of a tile approaches all `min(C, BLOCK_M * top_k)` candidates and the work approaches that of
+chunk-causal dense attention (overfetch 3.2 at 180k): still exact, but no faster than dense. Fixing that needs the
+rare (tile, chunk) pairs to be computed on compacted query rows (MoBA-style, merged by log-sum-exp); not done yet.
+
+fp32 runs with exact fp32 products (no tensor cores): correct everywhere, slow on GPU; use bf16 or fp16 there.
 
 `triton` is imported here, at module import; `diffusers_moc` itself imports this module lazily (backend
 `"triton"`), so the package works without Triton installed. On CPU the kernels run only under the Triton
@@ -513,6 +518,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: MoCRoutin
         raise ValueError(f"backend='triton' supports head sizes up to 256, got {q.shape[-1]} / {v.shape[-1]}")
 
 
+def _warps(warps: int, block_m: int) -> int:
+    # One warpgroup (4 warps) per 64 query rows: a 64-row tile with 8 warps would split rows too thin.
+    return min(warps, max(1, block_m // 16))
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -543,7 +553,7 @@ def _forward(q, k, v, plan: MoCTritonPlan, scale: float, cfg: _Config):
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, L, T, plan.bits.shape[-1], scale * _LOG2E, D=D, DV=DV,
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block(D), BLOCK_DV=_block(DV),
-        PRECISION=_precision(q.dtype), IDX=_index_type(q, k, v, out), num_warps=cfg.fwd[0],
+        PRECISION=_precision(q.dtype), IDX=_index_type(q, k, v, out), num_warps=_warps(cfg.fwd[0], plan.block_m),
         num_stages=cfg.fwd[1],
     )  # fmt: skip
     return out, lse
@@ -578,7 +588,8 @@ def _backward(q, k, v, out, lse, grad_out, plan: MoCTritonPlan, offsets: tuple[i
         plan.chunks, plan.offsets, plan.order, q.stride(0), q.stride(1), q.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         H, L, T, plan.bits.shape[-1], scale * _LOG2E, scale, D=D, DV=DV,
-        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.dq[0], num_stages=cfg.dq[1],
+        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, **common, num_warps=_warps(cfg.dq[0], plan.block_m),
+        num_stages=cfg.dq[1],
     )  # fmt: skip
     cu_t, tiles, kb_start, kb_end, kb_chunk, order = plan.transposed(cfg.block_n_kv, offsets)
     NKB = kb_start.numel()
