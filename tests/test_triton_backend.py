@@ -123,6 +123,7 @@ def test_reorder_groups_tokens_with_equal_sets():
     computed, attended = 4 * 16 * 32 + 4 * 16 * 96, 4 * 16 * 32 + 4 * 16 * 64
     assert tm.build_plan(routing, block_m=16, reorder=False).overfetch() == pytest.approx(computed / attended)
     assert tm.build_plan(routing, block_m=16, reorder=True).overfetch() == 1.0
+    assert tm.build_plan(routing, block_m=16).overfetch() == 1.0  # "auto" picks the grouped order here
     q, k, v = _inputs(layout, H=1)
     torch.testing.assert_close(
         tm.triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
@@ -186,10 +187,14 @@ def test_training_routing_and_block_routing():
     torch.testing.assert_close(
         tm.triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
     )
-    block = route(q, k, layout, MoCConfig(top_k=2, route_by="block", block_size=8))
-    torch.testing.assert_close(
-        tm.triton_attention(q, k, v, block), reference_attention(q, k, v, block), atol=1e-5, rtol=1e-5
-    )
+    for block_size in (8, 16):
+        block = route(q, k, layout, MoCConfig(top_k=2, route_by="block", block_size=block_size))
+        torch.testing.assert_close(
+            tm.triton_attention(q, k, v, block), reference_attention(q, k, v, block), atol=1e-5, rtol=1e-5
+        )
+    # Blocks of the tile size: every tile is pure, so "auto" keeps token order and computes only attended pairs.
+    plan = tm.build_plan(block, block_m=16)
+    assert plan.overfetch() == 1.0 and torch.equal(plan.perm.long(), torch.arange(layout.num_tokens).expand(2, -1))
 
 
 def test_log_sum_exp_and_odd_head_sizes():
@@ -225,6 +230,8 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         tm.triton_attention(q, k.half(), v, routing)
     with pytest.raises(ValueError, match="power of two"):
         tm.triton_attention(q, k, v, routing, block_m=24)
+    with pytest.raises(ValueError, match="reorder must be"):
+        tm.build_plan(routing, reorder="sometimes")
     if DEVICE.type == "cpu":
         monkeypatch.setattr(tm, "_INTERPRETED", False)
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):

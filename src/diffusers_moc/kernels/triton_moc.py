@@ -4,8 +4,8 @@ Scheme: **masked union per query tile**.
 
 1. *Plan* (torch ops on the GPU, `build_plan`, nothing of size `L x L`): every query token's attended chunks (its
    mandatory anchors plus its routed `selected` chunks) are packed into a per-token bitset over the chunks, `(B*H, L,
-   ceil(C / 64))` int64. Inside each query chunk the tokens are (optionally) reordered so that tokens with the same
-   bitset sit next to each other (a stable radix sort on the bitset words, then on the chunk id), and the reordered
+   ceil(C / 64))` int64. Inside each query chunk the tokens are reordered, when that helps, so that tokens with the
+   same bitset sit next to each other (a stable radix sort on the bitset words, then on the chunk id), and the
    tokens are cut into tiles of `BLOCK_M` slots that never cross a chunk. For each `(batch*head, tile)` the
    **union** of the chunks its tokens attend is listed in a compact, `cu_seqlens`-style array (`cu`, `chunks`).
 2. *Forward kernel*: one program per `(batch*head, tile)` loads its queries (gathered through the reordering),
@@ -35,6 +35,8 @@ tiles; 2.0 without the reordering). **Worst case: iid random inputs**: every tok
 chunks, the union of a tile approaches all `min(C, BLOCK_M * top_k)` candidates and the work approaches that of
 chunk-causal dense attention (overfetch 3.2 at 180k): still exact, but no faster than dense. Fixing that needs the
 rare (tile, chunk) pairs to be computed on compacted query rows (MoBA-style, merged by log-sum-exp); not done yet.
+The named approximation `route_by="block"` with `block_size` a multiple of the tile size makes every tile pure:
+overfetch exactly 1.0 on any input, random included.
 
 fp32 runs with exact fp32 products (no tensor cores): correct everywhere, slow on GPU; use bf16 or fp16 there.
 
@@ -376,19 +378,24 @@ def _chunk_bits(anchors: torch.Tensor, words: int) -> torch.Tensor:
     return (pad.view(C, words, _WORD) * weights).sum(-1)
 
 
-def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool = True) -> MoCTritonPlan:
+def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool | str = "auto") -> MoCTritonPlan:
     r"""
     Compact per-tile chunk lists from a routing, with torch ops on the routing's device (no `L x L` tensor).
 
     Args:
         routing (`MoCRouting`): the routing (`selected` `(B, H, L, S)` and `anchors` `(C, C)`).
         block_m (`int`, defaults to 128): query slots per tile.
-        reorder (`bool`, defaults to `True`): inside each chunk, put tokens with equal attended sets next to each
-            other before tiling, so that the union of a tile stays small when tokens of a region disagree.
+        reorder (`bool` or `"auto"`, defaults to `"auto"`): `True`: inside each chunk, put tokens with equal attended
+            sets next to each other before tiling, so that the union of a tile stays small when tokens of a region
+            disagree. `False`: tiles of consecutive tokens. `"auto"`: consecutive tokens when their tiles are already
+            pure (every token attends its tile's whole union, e.g. `route_by="block"` with `block_size` a multiple of
+            `block_m`), else whichever order computes fewer pairs.
 
     Returns:
         [`MoCTritonPlan`]
     """
+    if reorder not in (True, False, "auto"):
+        raise ValueError(f"reorder must be True, False or 'auto', got {reorder!r}")
     layout = routing.layout
     sel = routing.selected
     device = sel.device
@@ -397,9 +404,11 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool = True) ->
     words = (C + _WORD - 1) // _WORD
     tok_chunk = layout.token_chunks(device)
     sel = sel.reshape(BH, L, S)
+    anchors = routing.anchors.to(device)
+    sizes = layout.chunk_sizes(device)
 
     # Per-token bitsets: anchors of the token's chunk, or-ed with each routed slot (-1 slots add nothing).
-    bits = _chunk_bits(routing.anchors.to(device), words)[tok_chunk].expand(BH, L, words).contiguous()
+    bits = _chunk_bits(anchors, words)[tok_chunk].expand(BH, L, words).contiguous()
     one = torch.ones((), dtype=torch.long, device=device)
     for s in range(S):
         col = sel[..., s]
@@ -409,18 +418,7 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool = True) ->
         bit = torch.where(valid, torch.bitwise_left_shift(one, colc % _WORD), 0)[..., None]
         bits.scatter_(-1, widx, bits.gather(-1, widx) | bit)
 
-    ar = torch.arange(L, device=device)
-    if reorder:
-        # LSD radix sort with stable sorts: bitset words (least significant first), then the chunk id.
-        perm = ar.expand(BH, L)
-        for w in reversed(range(words)):
-            key = bits[..., w].gather(1, perm)
-            perm = perm.gather(1, torch.argsort(key, dim=1, stable=True))
-        perm = perm.gather(1, torch.argsort(tok_chunk[perm], dim=1, stable=True))
-    else:
-        perm = ar.expand(BH, L)
-
-    # Tiles: runs of block_m slots inside one chunk (slot order keeps chunks contiguous).
+    # Tiles: runs of block_m slots inside one chunk (every slot order used here keeps chunks contiguous).
     starts, ends, t_chunk = [], [], []
     for c in range(C):
         for s in range(layout.offsets[c], layout.offsets[c + 1], block_m):
@@ -431,24 +429,52 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool = True) ->
     tile_start = torch.tensor(starts, dtype=torch.int32, device=device)
     tile_end = torch.tensor(ends, dtype=torch.int32, device=device)
     tile_chunk = torch.tensor(t_chunk, dtype=torch.long, device=device)
+    rows = (tile_end - tile_start).to(torch.float64)
     slot_tile = torch.repeat_interleave(torch.arange(T, device=device), (tile_end - tile_start).long())
-    tile_of_token = torch.empty(BH, L, dtype=torch.long, device=device)
-    tile_of_token.scatter_(1, perm, slot_tile.expand(BH, L))
 
-    # Union per (batch*head, tile): the tile's anchors plus every routed chunk of its tokens.
-    union = routing.anchors.to(device)[tile_chunk].expand(BH, T, C).clone()
-    flat = torch.zeros(BH * T * (C + 1), dtype=torch.bool, device=device)
-    row = (torch.arange(BH, device=device)[:, None] * T + tile_of_token) * (C + 1)
-    for s in range(S):
-        flat[row + sel[..., s] % (C + 1)] = True  # -1 lands in the dropped column C
-    union |= flat.view(BH, T, C + 1)[..., :C]
+    def union_for(perm: torch.Tensor) -> torch.Tensor:
+        """(BH, T, C) bool: the tile's anchors plus every routed chunk of its tokens."""
+        tile_of_token = torch.empty(BH, L, dtype=torch.long, device=device)
+        tile_of_token.scatter_(1, perm, slot_tile.expand(BH, L))
+        flat = torch.zeros(BH * T * (C + 1), dtype=torch.bool, device=device)
+        row = (torch.arange(BH, device=device)[:, None] * T + tile_of_token) * (C + 1)
+        for s in range(S):
+            flat[row + sel[..., s] % (C + 1)] = True  # -1 lands in the dropped column C
+        return anchors[tile_chunk].expand(BH, T, C) | flat.view(BH, T, C + 1)[..., :C]
+
+    def computed(union: torch.Tensor) -> float:
+        return float(((union.to(torch.float64) @ sizes.to(torch.float64)) * rows).sum())
+
+    def sorted_perm() -> torch.Tensor:
+        # LSD radix sort with stable sorts: bitset words (least significant first), then the chunk id.
+        perm = torch.arange(L, device=device).expand(BH, L)
+        for w in reversed(range(words)):
+            perm = perm.gather(1, torch.argsort(bits[..., w].gather(1, perm), dim=1, stable=True))
+        return perm.gather(1, torch.argsort(tok_chunk[perm], dim=1, stable=True))
+
+    perm = torch.arange(L, device=device).expand(BH, L)
+    if reorder is True:
+        perm = sorted_perm()
+        union = union_for(perm)
+    else:
+        union = union_for(perm)
+        if reorder == "auto":
+            attended = float(
+                (anchors.to(torch.float64) @ sizes.to(torch.float64))[tok_chunk].sum() * BH
+                + torch.where(sel >= 0, sizes[sel.clamp(min=0)], 0).sum()
+            )
+            natural = computed(union)
+            if natural > attended:  # some tile is not pure: try grouping equal sets
+                alt_perm = sorted_perm()
+                alt_union = union_for(alt_perm)
+                if computed(alt_union) < natural:
+                    perm, union = alt_perm, alt_union
 
     counts = union.sum(-1).flatten()
     cu = torch.zeros(BH * T + 1, dtype=torch.int32, device=device)
     cu[1:] = counts.cumsum(0)
     chunks = union.nonzero()[:, 2].to(torch.int32)
-    sizes = layout.chunk_sizes(device).to(torch.float32)
-    work = (union.to(torch.float32) @ sizes) * (tile_end - tile_start).to(torch.float32)
+    work = (union.to(torch.float32) @ sizes.to(torch.float32)) * (tile_end - tile_start).to(torch.float32)
     order = torch.argsort(work.flatten(), descending=True, stable=True).to(torch.int32)
     offsets = torch.tensor(layout.offsets, dtype=torch.int32, device=device)
     return MoCTritonPlan(
@@ -628,7 +654,7 @@ def triton_attention(
     *,
     return_lse: bool = False,
     plan: MoCTritonPlan | None = None,
-    reorder: bool = True,
+    reorder: bool | str = "auto",
     block_m: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""
@@ -645,7 +671,8 @@ def triton_attention(
         scale (`float`, *optional*): softmax scale, `1 / sqrt(D)` by default.
         return_lse (`bool`, defaults to `False`): also return the natural-log log-sum-exp, `(B, H, L)` float32.
         plan (`MoCTritonPlan`, *optional*): a plan built before with [`build_plan`] (skips planning).
-        reorder (`bool`, defaults to `True`): see [`build_plan`].
+        reorder (`bool` or `"auto"`, defaults to `"auto"`): token order inside chunks before tiling, see
+            [`build_plan`].
         block_m (`int`, *optional*): query slots per tile (default: 128 on CUDA).
     """
     _check(q, k, v, routing)
