@@ -277,10 +277,23 @@ def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict
     common = dict(density=density, top_k=config.top_k, chunks=layout.num_chunks)
     t_route = time_fn(lambda: route(q, k, layout, config), device, warm, iters)
 
-    # ---- MoC, Triton backend (one row pair per query tile size)
+    # ---- MoC, Triton backend: one row pair per routing granularity and query tile size
     tm = _triton_backend(device, skipped)
-    for block_m in args.block_m if tm is not None else []:
-        rows.extend(_moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, t_route, pairs, common))
+    for route_by in args.route_by if tm is not None else []:
+        if route_by == "token":
+            cfg_r, routing_r, pairs_r, t_route_r = config, routing, pairs, t_route
+        else:  # the named approximation: tiles of `route_block` tokens share one selection
+            cfg_r = config.replace(route_by="block", block_size=args.route_block)
+            routing_r = route(q, k, layout, cfg_r)
+            pairs_r = int(routing_r.attended_tokens().sum().item())
+            t_route_r = time_fn(lambda cfg_r=cfg_r: route(q, k, layout, cfg_r), device, warm, iters)
+        common_r = dict(common, density=pairs_r / dense_pairs, route_by=route_by)
+        for block_m in args.block_m:
+            rows.extend(
+                _moc_triton_rows(
+                    tm, args, block_m, q, k, v, grad, layout, cfg_r, routing_r, t_route_r, pairs_r, common_r
+                )
+            )
 
     # ---- MoC, portable torch backend (CPU smoke runs only: on CUDA the Triton row is the one that matters)
     if device.type == "cpu":
@@ -440,6 +453,7 @@ COLUMNS = [
     ("tflops", "{:.1f}"),
     ("routing_share", "{:.1%}"),
     ("overfetch", "{:.2f}"),
+    ("route_by", "{}"),
     ("block_m", "{}"),
     ("max_err_out", "{:.1e}"),
     ("speedup_vs_dense", "{:.2f}x"),
@@ -482,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
     p.add_argument("--block-m", default="64,128", help="comma list of MoC query tile sizes to run (powers of two)")
+    p.add_argument("--route-by", default="token,block", help="MoC routing granularities to run: token, block")
+    p.add_argument("--route-block", type=int, default=128, help="query block size for --route-by block")
     p.add_argument("--check", action="store_true", help="also compare MoC outputs and gradients to backend='torch'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -506,8 +522,12 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = torch.float32
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     args.block_m = [int(x) for x in str(args.block_m).split(",")]
+    args.route_by = [x.strip() for x in args.route_by.split(",") if x.strip()]
+    for route_by in args.route_by:
+        if route_by not in ("token", "block"):
+            raise SystemExit(f"--route-by: unknown granularity {route_by!r}; choose from token, block")
     if args.quick and device.type == "cpu":
-        args.block_m = [16]  # the interpreter's tile size
+        args.block_m, args.route_block = [16], 16  # the interpreter's tile size
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     kinds = [x.strip() for x in args.inputs.split(",") if x.strip()]
     for kind in kinds:
@@ -550,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
             "iters": args.iters,
             "quick": args.quick,
             "block_m": args.block_m,
+            "route_by": args.route_by,
+            "route_block": args.route_block,
             "moc_config": {"local_window": args.local_window, "causal": True, "route_by": "token"},
         },
         "rows": rows,
