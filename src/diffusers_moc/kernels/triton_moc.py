@@ -459,10 +459,9 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool | str = "a
     else:
         union = union_for(perm)
         if reorder == "auto":
-            attended = float(
-                (anchors.to(torch.float64) @ sizes.to(torch.float64))[tok_chunk].sum() * BH
-                + torch.where(sel >= 0, sizes[sel.clamp(min=0)], 0).sum()
-            )
+            attended = float((anchors.to(torch.float64) @ sizes.to(torch.float64))[tok_chunk].sum() * BH)
+            for s in range(S):  # slot by slot: temporaries stay (B*H, L)
+                attended += float(torch.where(sel[..., s] >= 0, sizes[sel[..., s].clamp(min=0)], 0).sum())
             natural = computed(union)
             if natural > attended:  # some tile is not pure: try grouping equal sets
                 alt_perm = sorted_perm()
