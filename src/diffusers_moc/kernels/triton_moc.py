@@ -672,7 +672,7 @@ def triton_attention(
         plan (`MoCTritonPlan`, *optional*): a plan built before with [`build_plan`] (skips planning).
         reorder (`bool` or `"auto"`, defaults to `"auto"`): token order inside chunks before tiling, see
             [`build_plan`].
-        block_m (`int`, *optional*): query slots per tile (default: 128 on CUDA).
+        block_m (`int`, *optional*): query slots per tile, 16 to 128 (default: 128 on CUDA, 64 for float32).
     """
     _check(q, k, v, routing)
     B, L, H, D = q.shape
@@ -680,8 +680,8 @@ def triton_attention(
     cfg = _config(max(D, v.shape[-1]), q.device, q.dtype)
     if plan is None:
         plan = build_plan(routing, block_m or cfg.block_m, reorder=reorder)
-    if plan.block_m < 16 or plan.block_m & (plan.block_m - 1):
-        raise ValueError(f"the query tile size must be a power of two >= 16, got block_m={plan.block_m}")
+    if plan.block_m not in (16, 32, 64, 128):
+        raise ValueError(f"the query tile size must be 16, 32, 64 or 128 (a power of two), got block_m={plan.block_m}")
     if tuple(plan.perm.shape) != (B * H, L) or plan.union.shape[-1] != routing.layout.num_chunks:
         raise ValueError("the plan passed was built for another routing (shape or number of chunks differ)")
     DV = v.shape[-1]
