@@ -7,7 +7,8 @@ table as Markdown) under `benchmarks/results/`.
     python benchmarks/bench_torch_backend.py                      # 8k, 16k, 32k tokens
     python benchmarks/bench_torch_backend.py --frames 5 --repeats 1   # one quick size
 
-Peak memory is the peak resident set size (CPU) or peak allocated memory (CUDA) above what the inputs use.
+Each measurement runs in a fresh process; peak memory is its peak resident set size (CPU) or peak allocated memory
+(CUDA) above what the inputs use. Times are the best of `--repeats` runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,42 +85,65 @@ def pick_top_k(q, k, layout, base: MoCConfig, target: float) -> tuple[MoCConfig,
     return best
 
 
-def run_case(frames: int, shots: int, heads: int, head_dim: int, dtype, device, repeats: int, target: float) -> dict:
+def make_case(frames: int, shots: int, heads: int, head_dim: int, dtype, device):
     shot_frames = [frames // shots + (1 if s < frames % shots else 0) for s in range(shots)]
     layout = ChunkLayout.for_video(frames, TOKENS_PER_FRAME, shot_frames)
-    L = layout.num_tokens
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, L, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
-    config, density = pick_top_k(q, k, layout, MoCConfig(local_window=0, causal=True, backend="torch"), target)
+    q, k, v = (torch.randn(1, layout.num_tokens, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    return layout, q, k, v
 
-    def dense_fwd():
+
+def case_fn(name: str, layout, q, k, v, config: MoCConfig):
+    """The function timed for one row entry: dense or MoC, forward or forward+backward."""
+    if name.endswith("fwd_bwd"):
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    if name.startswith("dense"):
+
+        def attend():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    else:
+
+        def attend():
+            return moc_attention(q, k, v, layout, config)
+
+    if name.endswith("fwd_bwd"):
+        return lambda: attend().sum().backward()
+
+    def forward():
         with torch.no_grad():
-            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            attend()
 
-    def moc_fwd():
-        with torch.no_grad():
-            moc_attention(q, k, v, layout, config)
+    return forward
 
-    grads = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
 
-    def dense_fwd_bwd():
-        qg, kg, vg = (t.transpose(1, 2) for t in grads)
-        F.scaled_dot_product_attention(qg, kg, vg).sum().backward()
+def worker(args) -> None:
+    """Measure one (size, function) in this fresh process, so peak memory is this case's alone."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    layout, q, k, v = make_case(args.frames[0], args.shots, args.heads, args.head_dim, dtype, device)
+    config = MoCConfig(top_k=args.top_k, local_window=0, causal=True, backend="torch")
+    # Warm up thread pools and kernels on a small input of the same kind, outside the timed and measured run.
+    small = ChunkLayout.for_video(2, 64)
+    case_fn(args.worker, small, *(t[:, : small.num_tokens] for t in (q, k, v)), config.replace(top_k=1))()
+    fn = case_fn(args.worker, layout, q, k, v, config)
+    seconds, mib = measure(fn, device, args.repeats)
+    print(json.dumps({"seconds": seconds, "peak_mib": mib}))
 
-    def moc_fwd_bwd():
-        moc_attention(*grads, layout, config).sum().backward()
 
+def run_case(frames: int, args, device) -> dict:
+    shots = min(args.shots, frames)
+    layout, q, k, _ = make_case(frames, shots, args.heads, args.head_dim, getattr(torch, args.dtype), device)
+    config, density = pick_top_k(q, k, layout, MoCConfig(local_window=0, causal=True), args.density)
+    L = layout.num_tokens
     row = {"tokens": L, "frames": frames, "shots": shots, "chunks": layout.num_chunks, "top_k": config.top_k}
     row["density"] = density
-    for name, fn in [
-        ("dense_fwd", dense_fwd),
-        ("moc_fwd", moc_fwd),
-        ("dense_fwd_bwd", dense_fwd_bwd),
-        ("moc_fwd_bwd", moc_fwd_bwd),
-    ]:
-        seconds, mib = measure(fn, device, repeats)
-        row[f"{name}_s"], row[f"{name}_peak_mib"] = seconds, mib
-        print(f"  {L:>6} tokens  {name:<14} {seconds:8.3f} s  peak +{mib:8.1f} MiB", flush=True)
+    for name in ("dense_fwd", "moc_fwd", "dense_fwd_bwd", "moc_fwd_bwd"):
+        cmd = [sys.executable, __file__, "--worker", name, "--frames", str(frames), "--top-k", str(config.top_k)]
+        cmd += ["--shots", str(shots), "--heads", str(args.heads), "--head-dim", str(args.head_dim)]
+        cmd += ["--dtype", args.dtype, "--repeats", str(args.repeats), "--device", str(device)]
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        row[f"{name}_s"], row[f"{name}_peak_mib"] = res["seconds"], res["peak_mib"]
+        print(f"  {L:>6} tokens  {name:<14} {res['seconds']:8.3f} s  peak +{res['peak_mib']:8.1f} MiB", flush=True)
     row["fwd_speedup"] = row["dense_fwd_s"] / row["moc_fwd_s"]
     row["fwd_bwd_speedup"] = row["dense_fwd_bwd_s"] / row["moc_fwd_bwd_s"]
     return row
@@ -148,15 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.15, help="target attended fraction")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     print(f"MoC torch backend vs dense SDPA on {machine()} ({device}, {args.dtype}, H={args.heads}, D={args.head_dim})")
-    rows = [
-        run_case(f, min(args.shots, f), args.heads, args.head_dim, dtype, device, args.repeats, args.density)
-        for f in args.frames
-    ]
+    rows = [run_case(f, args, device) for f in args.frames]
     result = {
         "benchmark": "torch_backend_vs_dense_sdpa",
         "machine": machine(),

@@ -219,3 +219,11 @@ def test_wan_pipeline_runs_unchanged_with_moc():
     sparse = _pipe_call(pipe)
     assert sparse.shape == stock.shape == (1, 9, 3, 32, 32)
     assert torch.isfinite(sparse).all() and (sparse - stock).abs().max() > 1e-4
+
+
+def test_grid_follows_the_input_size_between_calls():
+    model = apply_moc(tiny_transformer(), SPARSE)
+    for frames, height in [(4, 6), (2, 4), (4, 6)]:
+        x = inputs(frames=frames, height=height)
+        fresh = apply_moc(tiny_transformer(), SPARSE)
+        torch.testing.assert_close(run(model, **x), run(fresh, **x), atol=0, rtol=0)

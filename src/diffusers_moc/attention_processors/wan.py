@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import torch
@@ -85,6 +86,7 @@ class MoCWanAttnProcessor:
         self.config = MoCConfig() if config is None else config
         self._dense = WanAttnProcessor()
         self._generators: dict[str, torch.Generator] = {}
+        self._grid_cache: tuple[weakref.ref, tuple[int, int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -103,7 +105,14 @@ class MoCWanAttnProcessor:
             raise ValueError(
                 "MoCWanAttnProcessor needs the rotary embeddings of a Wan self-attention call to find the frame grid"
             )
-        frames, height, width = video_grid_from_rotary(rotary_emb)
+        # All layers of one forward share the same rotary tensors: read the grid once per forward, not per layer
+        # (each read syncs with the device).
+        cached = self._grid_cache
+        if cached is not None and cached[0]() is rotary_emb[0]:
+            frames, height, width = cached[1]
+        else:
+            frames, height, width = video_grid_from_rotary(rotary_emb)
+            self._grid_cache = (weakref.ref(rotary_emb[0]), (frames, height, width))
         if frames * height * width != num_tokens:
             raise ValueError(
                 f"rotary embeddings describe {frames}x{height}x{width} tokens but the sequence has {num_tokens}"

@@ -93,8 +93,14 @@ def _blocks(attend: torch.Tensor, offsets: tuple[int, ...], budget: int | None):
             yield lo, hi, order[:, t0 : t0 + step], valid[:, t0 : t0 + step]
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Flat row numbers of `x` (BH, L, ...) for per-(b, h) token indices `idx` (BH, T)."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * x.shape[1]).reshape(-1)
+
+
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    # Row gathers through index_select on a flat view run at copy speed; `gather` with an expanded index does not.
+    return x.reshape(-1, x.shape[-1]).index_select(0, _rows(x, idx)).view(*idx.shape, x.shape[-1])
 
 
 class _ChunkedMoCAttention(torch.autograd.Function):
@@ -114,7 +120,7 @@ class _ChunkedMoCAttention(torch.autograd.Function):
             lse_new = torch.logaddexp(lse_old, lse_blk)
             rows = _gather(out, idx) * torch.exp(lse_old - lse_new)[..., None]
             rows += o_blk.to(work) * torch.exp(lse_blk - lse_new)[..., None]
-            out.scatter_(1, idx[..., None].expand(-1, -1, out.shape[-1]), rows)
+            out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
             lse.scatter_(1, idx, lse_new)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, attend, out, lse)
@@ -137,7 +143,7 @@ class _ChunkedMoCAttention(torch.autograd.Function):
             o_g = _gather(out, idx) * keep
             lse_g = lse.gather(1, idx).masked_fill(~ok, float("inf"))
             dq_g, dk_c, dv_c = bwd(do_g, _gather(q, idx), k[:, lo:hi], v[:, lo:hi], o_g, lse_g, ctx.scale)
-            dq.scatter_add_(1, idx[..., None].expand(-1, -1, dq.shape[-1]), dq_g.to(dq.dtype))
+            dq.view(-1, dq.shape[-1]).index_add_(0, _rows(dq, idx), dq_g.reshape(-1, dq.shape[-1]).to(dq.dtype))
             dk[:, lo:hi] += dk_c.to(dk.dtype)
             dv[:, lo:hi] += dv_c.to(dv.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
@@ -162,7 +168,8 @@ def torch_attention(
         return out.transpose(1, 2)
 
     def heads_first(x):
-        return x.permute(0, 2, 1, 3).reshape(B * H, L, x.shape[-1])
+        # contiguous: with B == 1 the reshape is a strided view, and every row gather would copy it whole.
+        return x.permute(0, 2, 1, 3).reshape(B * H, L, x.shape[-1]).contiguous()
 
     out = _ChunkedMoCAttention.apply(
         heads_first(q), heads_first(k), heads_first(v), attend.reshape(B * H, L, -1), routing.layout.offsets, scale
