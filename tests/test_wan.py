@@ -227,3 +227,32 @@ def test_grid_follows_the_input_size_between_calls():
         x = inputs(frames=frames, height=height)
         fresh = apply_moc(tiny_transformer(), SPARSE)
         torch.testing.assert_close(run(model, **x), run(fresh, **x), atol=0, rtol=0)
+
+
+def test_wan_vace_full_density_equals_stock_and_sparse_matches_reference():
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=16,
+        num_layers=2,
+        rope_max_seq_len=32,
+        vace_layers=[0],
+        vace_in_channels=4,
+    ).eval()
+    x = inputs()
+    x["control_hidden_states"] = torch.randn(1, 4, 4, 6, 4)
+    stock = run(model, **x)
+    apply_moc(model, DENSE)
+    torch.testing.assert_close(run(model, **x), stock, atol=1e-6, rtol=1e-6)
+    apply_moc(model, SPARSE.replace(backend="torch"))
+    fast = run(model, **x)
+    apply_moc(model, SPARSE.replace(backend="reference"))
+    torch.testing.assert_close(fast, run(model, **x), atol=1e-5, rtol=1e-5)
