@@ -114,14 +114,15 @@ class _ChunkedMoCAttention(torch.autograd.Function):
         lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
         for lo, hi, idx, ok in _blocks(attend, offsets, budget):
             o_blk, lse_blk = fwd(_gather(q, idx), k[:, lo:hi], v[:, lo:hi], scale)
-            # Padding rows (queries that do not attend this chunk) get weight exp(-inf) = 0 in the merge.
+            # Padding rows (queries that do not attend this chunk) get weight sigmoid(-inf) = 0 in the merge.
             lse_blk = lse_blk.to(work).masked_fill(~ok, float("-inf"))
             lse_old = lse.gather(1, idx)
-            lse_new = torch.logaddexp(lse_old, lse_blk)
-            rows = _gather(out, idx) * torch.exp(lse_old - lse_new)[..., None]
-            rows += o_blk.to(work) * torch.exp(lse_blk - lse_new)[..., None]
+            # The old and new parts' softmax weights sum to one, so the merge is a single lerp with the new
+            # part's weight exp(lse_blk - lse_new) = sigmoid(lse_blk - lse_old).
+            weight = torch.sigmoid(lse_blk - lse_old)[..., None]
+            rows = torch.lerp(_gather(out, idx), o_blk.to(work), weight)
             out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
-            lse.scatter_(1, idx, lse_new)
+            lse.scatter_(1, idx, torch.logaddexp(lse_old, lse_blk))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, attend, out, lse)
         ctx.offsets, ctx.scale = offsets, scale
