@@ -345,10 +345,26 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
         if global_prompt is not None and not global_prompt.strip():
             raise ValueError("global_prompt is empty; pass None for no global caption")
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        patch = self.transformer.config.patch_size
+        multiple = self.vae_scale_factor_spatial * patch[1]
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        # Wan's RoPE tables have rope_max_seq_len positions per axis; past that the model cannot place a token.
+        rope_len = self.transformer.config.rope_max_seq_len
+        total = sum(
+            (s.frames(fps, self.vae_scale_factor_temporal) - 1) // self.vae_scale_factor_temporal + 1 for s in shots
+        )
+        if total // patch[0] > rope_len:
+            raise ValueError(
+                f"the shots have {total} latent frames in total but the transformer's rotary embeddings cover "
+                f"{rope_len} (rope_max_seq_len); use fewer or shorter shots"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value // multiple > rope_len:
+                raise ValueError(
+                    f"{name}={value} is {value // multiple} patches, more than rope_max_seq_len={rope_len}"
+                )
         for name, value in (
             ("num_inference_steps", num_inference_steps),
             ("num_videos_per_prompt", num_videos_per_prompt),
@@ -613,4 +629,3 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return video, shot_starts
         return LongVideoPipelineOutput(frames=video, shot_starts=shot_starts)
-
