@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_moc import MoCConfig, MoCWanAttnProcessor, apply_moc, get_moc_config, moc_context
 from diffusers_moc.pipelines import LongVideoPipeline, LongVideoPipelineOutput, Shot, frames_for_seconds
@@ -229,6 +230,34 @@ def test_vae_decodes_shot_by_shot(pipe, monkeypatch):
     out = run(pipe, [*SHOTS, Shot(LAST, num_frames=5)])
     assert decoded == [2, 3, 2]
     assert out.frames.shape[1] == 19
+
+
+class _SquareTensors(TorchDispatchMode):
+    """Records every op output with two or more dimensions of at least `n` (an `n x n` or bigger attention map)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.found = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and sum(d >= self.n for d in t.shape) >= 2:
+                self.found.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_no_sequence_by_sequence_tensor_anywhere(pipe):
+    """No op of a whole call (text, denoising with CFG, decoding) makes an L x L tensor, L = video tokens."""
+    shots = [Shot("a cat", num_frames=9), Shot("a dog", num_frames=9), Shot("a car", num_frames=9)]
+    num_tokens = 9 * (64 // 16) ** 2  # 9 latent frames of 4x4 patches = 144, larger than every model width here
+    with _SquareTensors(num_tokens) as spy:
+        torch.matmul(torch.ones(num_tokens, 2), torch.ones(2, num_tokens))  # the detector does see an L x L
+    assert spy.found == [("aten.mm.default", (num_tokens, num_tokens))]
+    with _SquareTensors(num_tokens) as spy:
+        out = run(pipe, shots, height=64, width=64)
+    assert out.frames.shape == (1, 27, 64, 64, 3)
+    assert spy.found == []
 
 
 # ------------------------------------------------------------------------------------------------ API
