@@ -117,3 +117,15 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         video_io.write_videos([(tmp_path / "a.mp4", frames), (tmp_path / "b.mp4", frames)], fps=8)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_with_model_folder(board, tmp_path):
+    """`--model` loads a diffusers folder (here the tiny components saved with save_pretrained)."""
+    from diffusers_moc.pipelines import LongVideoPipeline
+    from diffusers_moc.tiny import tiny_wan_components
+
+    LongVideoPipeline(**tiny_wan_components()).save_pretrained(tmp_path / "model")
+    out = tmp_path / "video.mp4"
+    argv = ["generate", str(board), "-o", str(out), "--model", str(tmp_path / "model"), "--quiet"]
+    assert main(argv + ["--height", "32", "--width", "32", "--steps", "1"]) == 0
+    assert read(out).shape == (15, 32, 32, 3)

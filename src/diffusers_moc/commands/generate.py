@@ -85,7 +85,7 @@ def _load_pipeline(args, storyboard, device, dtype):
         pipe = LongVideoPipeline(**tiny_wan_components(rope_max_seq_len=max(32, latent_frames)))
         return pipe.to(device)
     model = args.model or storyboard.model
-    pipe = LongVideoPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = LongVideoPipeline.from_pretrained(model, dtype=dtype)
     pipe.vae.to(torch.float32)  # Wan's VAE is run in float32, as in diffusers' Wan examples
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -43,7 +43,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_moc import MoCConfig
         >>> from diffusers_moc.pipelines import LongVideoPipeline, Shot
 
-        >>> pipe = LongVideoPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe = LongVideoPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16)
         >>> pipe.vae.to(torch.float32)
         >>> pipe.to("cuda")
         >>> out = pipe(
