@@ -192,7 +192,7 @@ def _shot_cross_attention(
     for frames, (s0, s1) in zip(shot_frames, spans):
         end = start + frames * tokens_per_frame
         # Each shot is its own attention call: its output never depends on other shots' captions.
-        if global_span is None:
+        if global_span is None or global_span == (s0, s1):
             k, v = key[:, s0:s1], value[:, s0:s1]
         else:
             g0, g1 = global_span
