@@ -29,7 +29,14 @@ from ..attention_processors import MoCWanAttnProcessor
 from ..config import MoCConfig
 from ..context import moc_context
 
-__all__ = ["LongVideoPipeline", "LongVideoPipelineOutput", "Shot", "frames_for_seconds", "check_shot_frames"]
+__all__ = [
+    "LongVideoPipeline",
+    "LongVideoPipelineOutput",
+    "Shot",
+    "check_shot_frames",
+    "frames_for_seconds",
+    "prepare_moc_transformer",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -176,6 +183,41 @@ class LongVideoPipelineOutput(BaseOutput):
     shot_starts: list[int]
 
 
+def prepare_moc_transformer(transformer: torch.nn.Module, moc_config: MoCConfig | None = None) -> MoCConfig:
+    r"""
+    Make a Wan transformer ready for [`LongVideoPipeline`]: apply MoC (or set `moc_config` on the applied processors
+    when it differs) and put the MoC processor on the cross-attention layers too, for per-shot caption anchors.
+
+    Without caption spans in the [`moc_context`] the MoC processor runs the stock cross-attention, so the extra
+    cross-attention processors change nothing for other callers.
+
+    Args:
+        transformer (`WanTransformer3DModel`): the transformer.
+        moc_config (`MoCConfig`, *optional*): settings; `None` keeps the applied ones (or applies `MoCConfig()`).
+
+    Returns:
+        `MoCConfig`: the config in use.
+    """
+    if moc_config is not None and not isinstance(moc_config, MoCConfig):
+        raise TypeError(f"moc_config must be a MoCConfig, got {type(moc_config).__name__}")
+    current = get_moc_config(transformer)
+    if current is None:
+        apply_moc(transformer, moc_config)
+    elif moc_config is not None and moc_config != current:
+        update_moc_config(transformer, **moc_config.to_dict())
+    processor = next(
+        m.processor
+        for m in transformer.modules()
+        if isinstance(getattr(m, "processor", None), MoCWanAttnProcessor)
+        and not getattr(m, "is_cross_attention", False)
+    )
+    for module in transformer.modules():
+        if getattr(module, "is_cross_attention", False) and hasattr(module, "set_processor"):
+            if not isinstance(module.processor, MoCWanAttnProcessor):
+                module.set_processor(processor)
+    return processor.config
+
+
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
@@ -294,26 +336,7 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------------------------------------ MoC
     def _prepare_moc(self, moc_config: MoCConfig | None) -> MoCConfig:
-        """Apply MoC (or update its config) and put the MoC processor on cross-attention too (caption anchors)."""
-        if moc_config is not None and not isinstance(moc_config, MoCConfig):
-            raise TypeError(f"moc_config must be a MoCConfig, got {type(moc_config).__name__}")
-        current = get_moc_config(self.transformer)
-        if current is None:
-            apply_moc(self.transformer, moc_config)
-        elif moc_config is not None and moc_config != current:
-            update_moc_config(self.transformer, **moc_config.to_dict())
-        processor = None
-        for module in self.transformer.modules():
-            proc = getattr(module, "processor", None)
-            if isinstance(proc, MoCWanAttnProcessor) and not getattr(module, "is_cross_attention", False):
-                processor = proc
-                break
-        for module in self.transformer.modules():
-            if getattr(module, "is_cross_attention", False) and hasattr(module, "set_processor"):
-                if not isinstance(module.processor, MoCWanAttnProcessor):
-                    # Without caption spans this processor runs the stock cross-attention, so this is a no-op then.
-                    module.set_processor(processor)
-        return processor.config
+        return prepare_moc_transformer(self.transformer, moc_config)
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(
