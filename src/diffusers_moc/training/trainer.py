@@ -46,6 +46,7 @@ class TrainResult:
         global_step (`int`): optimizer steps done (including those before a resume).
         losses (`list[float]`): the loss of every optimizer step run in this call.
         densities (`list[float]`): the attended fraction at every optimizer step run in this call.
+        learning_rates (`list[float]`): the learning rate of every optimizer step run in this call.
         final_dir (`str`, *optional*): the exported adapter folder (main process).
         validation_videos (`list[str]`): written validation videos.
     """
@@ -53,6 +54,7 @@ class TrainResult:
     global_step: int
     losses: list[float] = field(default_factory=list)
     densities: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
     final_dir: str | None = None
     validation_videos: list[str] = field(default_factory=list)
 
@@ -186,9 +188,12 @@ class MoCLoRATrainer:
         for module in (transformer, vae, text_encoder):
             module.requires_grad_(False)
         # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
-        vae.to(accelerator.device, dtype=torch.float32).eval()
-        text_encoder.to(accelerator.device, dtype=weight_dtype).eval()
-        transformer.to(accelerator.device, dtype=weight_dtype)
+        for module, dtype in ((vae, torch.float32), (text_encoder, weight_dtype), (transformer, weight_dtype)):
+            module.to(accelerator.device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+        vae.eval()
+        text_encoder.eval()
 
         # MoC drop-off / drop-in draw from the global RNG in training (moc.seed is not used here): that RNG is saved
         # by accelerate (exact resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the
@@ -418,6 +423,7 @@ class MoCLoRATrainer:
             global_step += 1
             state.step = global_step
             loss_value = accelerator.gather(step_loss[None]).mean().item()
+            result.learning_rates.append(lr_scheduler.get_last_lr()[0])
             density = sum(routed_density(layout_of(s), step_config) for s in shots_seen) / len(shots_seen)
             result.losses.append(loss_value)
             result.densities.append(density)
