@@ -498,9 +498,10 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_yaml_config_overrides_and_example(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(f"data:\n  root: {tmp_path}\ntraining:\n  learning_rate: 1e-4\n")
+    path.write_text(f"data:\n  root: {tmp_path}\ntraining:\n  learning_rate: 1e-4\n  mixed_precision: no\n")
     config = load_train_config(path, ["training.max_steps=7", "moc.top_k=2"])
     assert config.training.learning_rate == 1e-4 and config.training.max_steps == 7 and config.moc.top_k == 2
+    assert config.training.mixed_precision == "no"  # YAML reads a bare `no` as false
     with pytest.raises(ConfigError, match="--set"):
         load_train_config(path, ["training.max_steps"])
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "train_lora.yaml")

@@ -291,7 +291,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return out
         return _NO
     if origin is Literal:
-        return value if value in typing.get_args(tp) else _NO
+        # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` means "no".
+        if value is False and "no" in typing.get_args(tp):
+            return "no"
+        return value if not isinstance(value, bool) and value in typing.get_args(tp) else _NO
     if origin is list:
         if isinstance(value, str):  # `report_to: tensorboard` means a one-item list
             value = [value]

@@ -566,7 +566,8 @@ class MoCLoRATrainer:
                 shutil.rmtree(old)
         path = os.path.join(self.config.output_dir, f"{_CHECKPOINT_PREFIX}{global_step}")
         accelerator.save_state(path)
-        logger.info("saved checkpoint %s", path)
+        if accelerator.is_main_process:
+            logger.info("saved checkpoint %s", path)
 
     def _validate(self, accelerator, pipe, model: torch.nn.Module, step: int, trackers: list[str]) -> list[str]:
         """Generate the validation videos with the target MoC settings; write mp4s and log them. No global RNG use."""
