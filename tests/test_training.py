@@ -526,6 +526,21 @@ def test_cli_train(data_root, tmp_path):
             ]
         )
     )
-    assert main(["train", str(path), "--set", "training.max_steps=2", "--set", "data.max_sequence_length=16"]) == 0
-    assert os.path.isfile(tmp_path / "out" / "final" / "moc_config.json")
-    assert MoCConfig.from_pretrained(tmp_path / "out" / "final").top_k == 1
+    args = ["train", str(path), "--set", "training.max_steps=2", "--set", "data.max_sequence_length=16"]
+    args += ["--set", "hub={push: true, repo_id: me/tiny-moc}"]
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        assert main(args) == 0
+    final = tmp_path / "out" / "final"
+    assert MoCConfig.from_pretrained(final).top_k == 1
+    # hub.push uploads the exported folder at the end of training.
+    upload = api_cls.return_value.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "me/tiny-moc" and upload["folder_path"] == str(final)
+    assert 'load_moc_lora(pipe, "me/tiny-moc")' in (final / "README.md").read_text()
+
+
+def test_save_moc_lora_needs_an_adapter(tmp_path):
+    from diffusers_moc.hub import save_moc_lora
+    from diffusers_moc.tiny import tiny_wan_components
+
+    with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
+        save_moc_lora(tiny_wan_components()["transformer"], tmp_path, MoCConfig())

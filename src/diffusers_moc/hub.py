@@ -40,6 +40,7 @@ def save_moc_lora(
     *,
     adapter_name: str = "default",
     base_model: str | None = None,
+    repo_id: str | None = None,
     training_info: dict[str, Any] | None = None,
     pipeline_cls: type | None = None,
 ) -> str:
@@ -55,6 +56,7 @@ def save_moc_lora(
         moc_config (`MoCConfig`): the MoC settings the adapter was trained for (restored by [`load_moc_lora`]).
         adapter_name (`str`, defaults to `"default"`): which adapter to save.
         base_model (`str`, *optional*): the base pipeline repo id, for the model card.
+        repo_id (`str`, *optional*): the repo the folder will be pushed to, for the model card's usage snippet.
         training_info (`dict`, *optional*): training settings listed in the model card.
         pipeline_cls (`type`, *optional*): the diffusers pipeline class whose `save_lora_weights` is used
             (default `WanPipeline`).
@@ -81,9 +83,9 @@ def save_moc_lora(
     )
     moc_config.save_pretrained(save_directory)
     lora_info = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": peft_config.target_modules}
-    moc_model_card(moc_config, base_model=base_model, lora=lora_info, training_info=training_info).save(
-        os.path.join(save_directory, "README.md")
-    )
+    moc_model_card(
+        moc_config, base_model=base_model, repo_id=repo_id, lora=lora_info, training_info=training_info
+    ).save(os.path.join(save_directory, "README.md"))
     return save_directory
 
 

@@ -460,6 +460,7 @@ class MoCLoRATrainer:
                 final_dir,
                 c.moc,
                 base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
+                repo_id=c.hub.repo_id,
                 training_info=self._training_info(global_step, dense_top_k),
             )
             result.final_dir = final_dir
