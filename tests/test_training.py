@@ -162,8 +162,12 @@ def trained(data_root, tmp_path_factory, _one_thread):
         },
         logging={"report_to": ["tensorboard"]},
     )
+    from diffusers_moc import routing
+
     trainer = MoCLoRATrainer(config)
-    result = trainer.train()
+    with mock.patch.object(routing, "_regularise", wraps=routing._regularise) as regularise:
+        result = trainer.train()
+    trainer.regularise_calls = regularise.call_count
     _reset_accelerate()
     return config, trainer, result
 
@@ -179,10 +183,14 @@ def test_training_lowers_the_loss(trained):
 
 def test_training_follows_the_sparsity_schedule(trained):
     config, trainer, result = trained
-    # 5 latent frames = 5 chunks; dense for the 2 warm-up steps, then top_k 5 -> 1 over 8 steps.
-    assert result.densities[:2] == [1.0, 1.0]
+    # 5 latent frames = 5 chunks; dense for the 2 warm-up steps and the anneal's first step (top_k 5), then
+    # top_k 4 -> 1.
+    assert result.densities[:4] == [1.0, 1.0, 1.0, 0.6]
     assert result.densities[-1] == pytest.approx(9 / 25)  # own chunk + 1 routed earlier chunk, causal
     assert all(a >= b for a, b in zip(result.densities, result.densities[1:]))
+    # Context drop-off / drop-in ran in training once routing is sparse (27 steps; the 3 dense steps attend
+    # everything): 2 layers x 2 shot groups per step, and never in the (eval-mode) validation generations.
+    assert trainer.regularise_calls == 2 * 2 * 27
     # After training the model carries the configured (target) MoC settings.
     assert get_moc_config(trainer.pipeline.transformer) == config.moc
 
@@ -353,16 +361,18 @@ def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
         {"file": "short.mp4", "caption": "a"},
         {"caption": "no file"},
         {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"caption": "b", "frames": [10, 17]}]},
+        {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}]},
         {"file": "ok.mp4", "caption": "fine"},
     ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
         dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
-    assert [r.line for r in dataset.records] == [4]
+    assert [r.line for r in dataset.records] == [5]
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "short.mp4" in messages and "needs 17" in messages
     assert "line 2" in messages and "'file'" in messages
     assert "line 3" in messages and "must start where shots[0] ends" in messages
+    assert "line 4" in messages and "9 frames; a sample needs 17" in messages
 
 
 def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
@@ -411,7 +421,7 @@ def test_sparsity_schedule():
     assert [s.top_k(i) for i in range(10)] == [9, 9, 9, 8, 7, 6, 5, 4, 3, 3]
     assert s.is_dense(2) and not s.is_dense(3)
     base = MoCConfig(top_k=3, causal=True)
-    assert s.moc_config(base, 0) == base.replace(top_k=9, causal=False)  # exactly dense
+    assert s.moc_config(base, 0) == base.replace(top_k=9, causal=False, drop_off=0.0, drop_in=0.0)  # exactly dense
     assert s.moc_config(base, 5) == base.replace(top_k=6)
     cos = SparsitySchedule(start_top_k=9, target_top_k=3, anneal_steps=6, shape="cosine")
     assert cos.top_k(0) == 9 and cos.top_k(6) == 3 and cos.top_k(1) > s.top_k(3)

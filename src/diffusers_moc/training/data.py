@@ -131,6 +131,11 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
         if ranges[i - 1][1] != ranges[i][0]:
             raise ValueError(f"shots[{i}] must start where shots[{i - 1}] ends (frame {ranges[i - 1][1]})")
     start = ranges[0][0]
+    if ranges[-1][1] is not None and ranges[-1][1] - start < num_frames:
+        raise ValueError(
+            f"the shots cover frames [{start}, {ranges[-1][1]}), {ranges[-1][1] - start} frames; a sample needs "
+            f"{num_frames} (data.num_frames)"
+        )
     # Shots past the sample window are not seen in training; the last kept shot is cut at the window end.
     starts = [r[0] - start for r in ranges if r[0] - start < num_frames]
     captions = captions[: len(starts)]

@@ -32,7 +32,8 @@ class SparsitySchedule:
         shape (`str`): `"linear"` or `"cosine"` (slow start and end).
         dense_top_k (`int`, *optional*): the number of chunks of the largest training layout. While the scheduled
             `top_k` is at least this, every chunk is selected and causal routing is switched off, so attention is
-            exactly dense (`MOC_SPEC.md`: with `top_k` >= candidates and `causal=False`, MoC equals dense).
+            exactly dense (`MOC_SPEC.md`: with `top_k` >= candidates and `causal=False`, MoC equals dense), and
+            context drop-off / drop-in are off.
     """
 
     start_top_k: int
@@ -65,9 +66,12 @@ class SparsitySchedule:
         return self.dense_top_k is not None and self.top_k(step) >= self.dense_top_k
 
     def moc_config(self, base: MoCConfig, step: int) -> MoCConfig:
-        """`base` with the scheduled `top_k` (and `causal=False` while dense)."""
+        """
+        `base` with the scheduled `top_k`. While dense, also `causal=False` and no drop-off / drop-in: there is no
+        routing to regularise yet, and the model sees exactly the dense attention it was pretrained with.
+        """
         if self.is_dense(step):
-            return base.replace(top_k=self.top_k(step), causal=False)
+            return base.replace(top_k=self.top_k(step), causal=False, drop_off=0.0, drop_in=0.0)
         return base.replace(top_k=self.top_k(step))
 
 
