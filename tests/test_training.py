@@ -294,6 +294,7 @@ def test_resume_is_exact(data_root, tmp_path):
             "lr_scheduler": "cosine",
             "lr_warmup_steps": 2,
             "weighting_scheme": "logit_normal",
+            "caption_dropout": 0.3,
         },
         "checkpointing": {"every": 3},
     }
@@ -487,6 +488,7 @@ def test_config_errors_name_the_field(tmp_path):
         ({"data": {"num_frames": 16}}, "data.num_frames: must be 4n \\+ 1"),
         ({"data": {"root": ""}}, "data.root: is required"),
         ({"lora": {"rank": 0}}, "lora.rank: must be > 0"),
+        ({"training": {"caption_dropout": 1.5}}, "training.caption_dropout: must be in \\[0, 1\\]"),
         ({"lora": {"target_modules": "to_q"}}, None),  # a single string is a one-item list
         ({"moc": {"top_k": -1}}, "moc: MoCConfig.top_k must be an integer >= 0"),
         ({"moc": {"topk": 1}}, "moc: unknown MoCConfig keys \\['topk'\\]"),

@@ -259,6 +259,7 @@ class MoCLoRATrainer:
                     dataset, d.cache_dir or os.path.join(c.output_dir, "cache"), encode_one, tag=tag
                 )
 
+        empty_embeds = encode_prompts([""]) if t.caption_dropout > 0 else None
         frames, tokens_per_frame = self._latent_grid(pipe)
         records = dataset.items if d.cache else dataset.records
         shot_sets = {(r["shot_frames"] if isinstance(r, dict) else r.shot_frames) for r in records}
@@ -346,6 +347,9 @@ class MoCLoRATrainer:
             else:
                 mean, std = encode_videos(batch["video"])
                 prompt_embeds = encode_prompts(batch["prompt"])
+            if empty_embeds is not None:
+                drop = (torch.rand(prompt_embeds.shape[0]) < t.caption_dropout).to(accelerator.device)
+                prompt_embeds = torch.where(drop[:, None, None], empty_embeds.to(prompt_embeds.dtype), prompt_embeds)
             x0 = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior, as latent_dist.sample()
             noise = torch.randn_like(x0)
             bsz = x0.shape[0]
@@ -484,6 +488,7 @@ class MoCLoRATrainer:
             "mixed_precision": t.mixed_precision,
             "weighting_scheme": t.weighting_scheme,
             "flow_shift": t.flow_shift,
+            "caption_dropout": t.caption_dropout,
             "resolution": [c.data.num_frames, c.data.height, c.data.width],
             "sparsity_schedule": {
                 "start_top_k": c.sparsity.start_top_k,
