@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import random_layout
 
 import diffusers_moc.kernels.torch_chunked as torch_chunked
-from diffusers_moc import ChunkLayout, MoCConfig, available_backends, moc_attention, resolve_backend, route
+from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, moc_attention, resolve_backend, route
 from diffusers_moc.kernels import MAX_REFERENCE_TOKENS, reference_attention
 
 CONFIGS = [
@@ -128,3 +128,19 @@ def test_triton_backend_reports_why_it_is_missing(monkeypatch):
     q = torch.randn(1, 6, 2, 4)
     with pytest.raises(RuntimeError, match="backend='triton' is not available"):
         moc_attention(q, q, q, layout, MoCConfig(backend="triton"))
+
+
+def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
+    """Bit-exact: re-routing the last chunk's queries leaves every other query's output unchanged (the DAG property
+    of causal routing relies on it: later shots must not perturb earlier ones, not even in the last bit)."""
+    layout = ChunkLayout.for_video(7, 13, shot_frames=[3, 4])
+    q, k, v = _qkv(layout, B=1, H=2, D=12)
+    routing = route(q, k, layout, MoCConfig(top_k=2, local_window=0))
+    other = MoCRouting(layout, routing.selected.clone(), routing.anchors)
+    last = slice(layout.offsets[-2], layout.offsets[-1])
+    other.selected[:, :, last] = torch.tensor([0, 3])  # different chunks than the router picked
+    assert not torch.equal(other.selected, routing.selected)
+    a = moc_attention(q, k, v, layout, MoCConfig(backend="torch"), routing=routing)
+    b = moc_attention(q, k, v, layout, MoCConfig(backend="torch"), routing=other)
+    assert torch.equal(a[:, : last.start], b[:, : last.start])
+    assert not torch.allclose(a[:, last], b[:, last])

@@ -6,7 +6,7 @@ from diffusers_moc import MoCConfig
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    config = MoCConfig(top_k=3, local_window=2, anchor_own_shot=True, text_anchors="shot", causal=False, seed=7)
+    config = MoCConfig(top_k=3, local_window=2, anchor_own_shot=True, text_anchors="shot", causal=False)
     path = config.save_pretrained(tmp_path / "moc")
     assert path.endswith("moc_config.json")
     data = json.loads((tmp_path / "moc" / "moc_config.json").read_text())

@@ -135,12 +135,13 @@ def test_shots_from_the_context_change_the_layout():
 
 def test_training_mode_drops_and_is_seeded_and_differentiable():
     model, x = tiny_transformer(), inputs()
-    cfg = MoCConfig(top_k=1, drop_off=1.0, drop_in=2.0, seed=0)
+    cfg = MoCConfig(top_k=1, drop_off=1.0, drop_in=2.0)
     apply_moc(model, cfg)
     eval_out = run(model, **x)
     model.train()
+    torch.manual_seed(5)
     a = run(model, **x)
-    apply_moc(model, cfg)  # fresh processors: the seeded generator starts over
+    torch.manual_seed(5)  # drop-off / drop-in follow the global RNG
     b = run(model, **x)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert (a - eval_out).abs().max() > 1e-5

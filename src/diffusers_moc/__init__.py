@@ -10,7 +10,31 @@ from .routing import MoCRouting, chunk_means, dense_mask, route
 
 __version__ = "0.1.0"
 
+# The pipeline and Hub helpers pull in transformers and huggingface_hub: imported on first use, as diffusers does.
+_LAZY = {
+    "LongVideoPipeline": "pipelines",
+    "LongVideoPipelineOutput": "pipelines",
+    "Shot": "pipelines",
+    "Storyboard": "pipelines",
+    "StoryboardError": "pipelines",
+    "load_storyboard": "pipelines",
+    "prepare_moc_transformer": "pipelines",
+    "load_moc_lora": "hub",
+    "moc_model_card": "hub",
+    "push_to_hub": "hub",
+    "save_moc_lora": "hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    *_LAZY,
     "ChunkLayout",
     "MoCConfig",
     "MoCContext",

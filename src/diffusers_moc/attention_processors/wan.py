@@ -86,19 +86,10 @@ class MoCWanAttnProcessor:
     def __init__(self, config: MoCConfig | None = None):
         self.config = MoCConfig() if config is None else config
         self._dense = WanAttnProcessor()
-        self._generators: dict[str, torch.Generator] = {}
         self._grid_cache: tuple[weakref.ref, tuple[int, int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.config.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[key]
 
     def layout_for(self, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, num_tokens: int) -> ChunkLayout:
         """The chunk layout of a self-attention call with these rotary embeddings."""
@@ -152,15 +143,8 @@ class MoCWanAttnProcessor:
             key = _apply_rotary_emb(key, *rotary_emb)
 
         layout = self.layout_for(rotary_emb, query.shape[1])
-        hidden_states = moc_attention(
-            query,
-            key,
-            value,
-            layout,
-            self.config,
-            training=attn.training,
-            generator=self._generator(query.device) if attn.training else None,
-        )
+        # Drop-off / drop-in (train mode only) draw from the global RNG, which activation checkpointing replays.
+        hidden_states = moc_attention(query, key, value, layout, self.config, training=attn.training)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)

@@ -114,15 +114,19 @@ class _ChunkedMoCAttention(torch.autograd.Function):
         lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
         for lo, hi, idx, ok in _blocks(attend, offsets, budget):
             o_blk, lse_blk = fwd(_gather(q, idx), k[:, lo:hi], v[:, lo:hi], scale)
-            # Padding rows (queries that do not attend this chunk) get weight sigmoid(-inf) = 0 in the merge.
+            # Padding rows (queries that do not attend this chunk) get weight exp(-inf) = 0 in the merge.
             lse_blk = lse_blk.to(work).masked_fill(~ok, float("-inf"))
             lse_old = lse.gather(1, idx)
-            # The old and new parts' softmax weights sum to one, so the merge is a single lerp with the new
-            # part's weight exp(lse_blk - lse_new) = sigmoid(lse_blk - lse_old).
-            weight = torch.sigmoid(lse_blk - lse_old)[..., None]
-            rows = torch.lerp(_gather(out, idx), o_blk.to(work), weight)
+            # Only exp, log and single arithmetic ops here: their CPU results do not depend on where a row sits in
+            # the tensor, whereas sigmoid, logaddexp and lerp round differently in the vectorised body and the scalar
+            # tail. So a query's output never depends on which other queries attend the same chunk; causal routing
+            # then keeps earlier shots bit-identical when later shots change.
+            top = torch.maximum(lse_old, lse_blk)
+            w_old, w_blk = torch.exp(lse_old - top), torch.exp(lse_blk - top)
+            total = w_old + w_blk
+            rows = _gather(out, idx) * (w_old / total)[..., None] + o_blk.to(work) * (w_blk / total)[..., None]
             out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
-            lse.scatter_(1, idx, torch.logaddexp(lse_old, lse_blk))
+            lse.scatter_(1, idx, top + torch.log(total))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, attend, out, lse)
         ctx.offsets, ctx.scale = offsets, scale

@@ -195,10 +195,10 @@ class MoCLoRATrainer:
         vae.eval()
         text_encoder.eval()
 
-        # MoC drop-off / drop-in draw from the global RNG in training (moc.seed is not used here): that RNG is saved
-        # by accelerate (exact resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the
-        # very routing of its forward. A private generator would give the recompute a different routing.
-        base_moc = c.moc.replace(seed=None)
+        # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
+        # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
+        # forward.
+        base_moc = c.moc
         apply_moc(transformer, base_moc)
         lora = LoraConfig(
             r=c.lora.rank,
@@ -586,7 +586,7 @@ class MoCLoRATrainer:
         was_training = model.training
         before = get_moc_config(model)
         model.eval()
-        update_moc_config(model, **self.config.moc.replace(seed=None).to_dict())
+        update_moc_config(model, **self.config.moc.to_dict())
         out_dir = os.path.join(self.config.output_dir, "validation")
         os.makedirs(out_dir, exist_ok=True)
         paths, videos = [], []
