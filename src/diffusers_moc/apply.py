@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from .attention_processors import MoCWanAttnProcessor
+from .attention_processors import (
+    MoCAttnProcessorBase,
+    MoCCogVideoXAttnProcessor,
+    MoCHunyuanVideoAttnProcessor,
+    MoCLTXVideoAttnProcessor,
+    MoCWanAttnProcessor,
+)
 from .config import MoCConfig
 
-__all__ = ["apply_moc", "remove_moc", "get_moc_config", "update_moc_config", "supported_models"]
+__all__ = ["apply_moc", "remove_moc", "get_moc_config", "update_moc_config", "supported_models", "MOC_PROCESSORS"]
+
+#: Every MoC processor class; `remove_moc` / `get_moc_config` / `update_moc_config` recognise these.
+MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
+
+# Which attention modules of each model get MoC (module names as in `named_modules()`). Wan: the self-attention
+# `attn1` of each block and VACE block (cross-attention keeps its processor). HunyuanVideo: the joint attention of the dual- and
+# single-stream blocks, not the caption refiner. CogVideoX: the joint `attn1`. LTX-Video: the self-attention `attn1`.
+_WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
+_HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
+_BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
 
 
-def _registry() -> dict[type, type]:
-    # Imported here so that importing diffusers_moc stays cheap; all share WanAttention-style self-attention.
-    from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
+def _registry() -> dict[type, tuple[type, str]]:
+    # Imported here so that importing diffusers_moc stays cheap.
+    from diffusers import (
+        CogVideoXTransformer3DModel,
+        HunyuanVideoTransformer3DModel,
+        LTXVideoTransformer3DModel,
+        SkyReelsV2Transformer3DModel,
+        WanTransformer3DModel,
+        WanVACETransformer3DModel,
+    )
 
     return {
-        WanTransformer3DModel: MoCWanAttnProcessor,
-        WanVACETransformer3DModel: MoCWanAttnProcessor,
-        SkyReelsV2Transformer3DModel: MoCWanAttnProcessor,
+        WanTransformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
+        WanVACETransformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
+        SkyReelsV2Transformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
+        HunyuanVideoTransformer3DModel: (MoCHunyuanVideoAttnProcessor, _HUNYUAN_TARGETS),
+        CogVideoXTransformer3DModel: (MoCCogVideoXAttnProcessor, _BLOCK_ATTN1_TARGETS),
+        LTXVideoTransformer3DModel: (MoCLTXVideoAttnProcessor, _BLOCK_ATTN1_TARGETS),
     }
 
 
@@ -26,20 +54,34 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _registry()]
 
 
-def _processor_class(transformer: torch.nn.Module) -> type:
-    for model_cls, proc_cls in _registry().items():
+def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
+    for model_cls, entry in _registry().items():
         if isinstance(transformer, model_cls):
-            return proc_cls
+            return entry
     raise TypeError(
         f"apply_moc does not support {type(transformer).__name__}; supported transformers: "
         f"{', '.join(supported_models())}"
     )
 
 
-def _self_attention_modules(transformer: torch.nn.Module):
+def _target_modules(transformer: torch.nn.Module, pattern: str):
     for name, module in transformer.named_modules():
-        if hasattr(module, "set_processor") and not getattr(module, "is_cross_attention", True):
+        if re.match(pattern, name) and hasattr(module, "set_processor"):
             yield name, module
+
+
+def _record_grid_hook(transformer: torch.nn.Module, proc_cls: type):
+    # Models whose attention call carries no rotary table to read the frame grid from (CogVideoX without RoPE):
+    # record the post-patchify grid of every forward on the MoC processors. Set on all of them (not a captured
+    # instance) so that processors installed later with `set_attn_processor` see it too.
+    def hook(module, args, kwargs):
+        grid = proc_cls.input_grid(module, args, kwargs)
+        for m in module.modules():
+            proc = getattr(m, "processor", None)
+            if isinstance(proc, MoCAttnProcessorBase):
+                proc._grid = grid
+
+    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> torch.nn.Module:
@@ -69,25 +111,49 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     config = MoCConfig() if config is None else config
     if not isinstance(config, MoCConfig):
         raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
-    proc_cls = _processor_class(transformer)
+    proc_cls, pattern = _processor_class(transformer)
     processor = proc_cls(config)
-    modules = list(_self_attention_modules(transformer))
+    modules = list(_target_modules(transformer, pattern))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
-    # Keep the diffusers attention backend the model was set to (used for the dense cross-attention).
-    processor._attention_backend = getattr(modules[0][1].processor, "_attention_backend", None)
+    # Keep the diffusers attention backend and parallel config the model was set to (for the dense parts).
+    first = modules[0][1].processor
+    processor._attention_backend = getattr(first, "_attention_backend", None)
+    processor._parallel_config = getattr(first, "_parallel_config", None)
     for _, module in modules:
+        if not isinstance(module.processor, MOC_PROCESSORS):
+            module._moc_original_processor = module.processor
         module.set_processor(processor)
+    handle = getattr(transformer, "_moc_grid_hook", None)
+    if handle is not None:
+        handle.remove()
+        transformer._moc_grid_hook = None
+    if hasattr(proc_cls, "input_grid"):
+        transformer._moc_grid_hook = _record_grid_hook(transformer, proc_cls)
     return transformer
 
 
 def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
-    r"""Give every attention layer that runs a MoC processor its model's default (dense) processor back."""
+    r"""
+    Give every attention layer that runs a MoC processor its dense processor back: the one `apply_moc` replaced, or
+    (for processors set with `set_attn_processor`) the model's stock processor.
+    """
     for module in transformer.modules():
-        if isinstance(getattr(module, "processor", None), MoCWanAttnProcessor):
-            backend = module.processor._attention_backend
-            module.set_processor(module._default_processor_cls())
-            module.processor._attention_backend = backend
+        proc = getattr(module, "processor", None)
+        if not isinstance(proc, MOC_PROCESSORS):
+            continue
+        original = module.__dict__.pop("_moc_original_processor", None)
+        if original is None:
+            original = proc.stock_processor(module) if hasattr(proc, "stock_processor") else None
+        if original is None:
+            original = module._default_processor_cls()
+        original._attention_backend = proc._attention_backend
+        original._parallel_config = proc._parallel_config
+        module.set_processor(original)
+    handle = getattr(transformer, "_moc_grid_hook", None)
+    if handle is not None:
+        handle.remove()
+        transformer._moc_grid_hook = None
     return transformer
 
 
@@ -95,7 +161,7 @@ def get_moc_config(transformer: torch.nn.Module) -> MoCConfig | None:
     """The `MoCConfig` the transformer's MoC processors use, or `None` if MoC is not applied."""
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MoCWanAttnProcessor):
+        if isinstance(proc, MOC_PROCESSORS):
             return proc.config
     return None
 
@@ -113,6 +179,6 @@ def update_moc_config(transformer: torch.nn.Module, **changes) -> MoCConfig:
     config = config.replace(**changes)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MoCWanAttnProcessor):
+        if isinstance(proc, MOC_PROCESSORS):
             proc.config = config
     return config
