@@ -54,8 +54,10 @@ def _group_and_size(cp: Any) -> tuple[Any, int]:
 
 def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
     # x is (P, ...) contiguous; slice r goes to rank r, and slice r of the result came from rank r.
+    # Contiguous first: `empty_like` of a permuted view would copy its strides, and the collective assumes none.
+    x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    dist.all_to_all_single(out, x, group=group)
     return out
 
 

@@ -11,6 +11,7 @@ from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import ChunkLayout
+from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
 
@@ -138,6 +139,11 @@ class MoCWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
+        cp = ulysses_config(self._parallel_config)
+        if cp is not None and rotary_emb is not None:
+            # Ulysses context parallelism: this rank holds L/P tokens; route over all tokens for H/P heads instead.
+            query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
+            rotary_emb = tuple(gather_sequence(r, 1, cp) for r in rotary_emb)
         layout = self.layout_for(rotary_emb, query.shape[1])
         hidden_states = moc_attention(
             query,
@@ -148,6 +154,8 @@ class MoCWanAttnProcessor:
             training=attn.training,
             generator=self._generator(query.device) if attn.training else None,
         )
+        if cp is not None and rotary_emb is not None:
+            hidden_states = heads_to_sequence(hidden_states, cp)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
