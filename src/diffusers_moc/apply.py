@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -15,20 +16,46 @@ from .attention_processors import (
 )
 from .config import MoCConfig
 
-__all__ = ["apply_moc", "remove_moc", "get_moc_config", "update_moc_config", "supported_models", "MOC_PROCESSORS"]
+__all__ = [
+    "apply_moc",
+    "remove_moc",
+    "get_moc_config",
+    "update_moc_config",
+    "supported_models",
+    "supported_models_table",
+    "MOC_PROCESSORS",
+]
 
 #: Every MoC processor class; `remove_moc` / `get_moc_config` / `update_moc_config` recognise these.
 MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
 
 # Which attention modules of each model get MoC (module names as in `named_modules()`). Wan: the self-attention
-# `attn1` of each block and VACE block (cross-attention keeps its processor). HunyuanVideo: the joint attention of the dual- and
-# single-stream blocks, not the caption refiner. CogVideoX: the joint `attn1`. LTX-Video: the self-attention `attn1`.
+# `attn1` of each block and VACE block (cross-attention keeps its processor). HunyuanVideo: the joint attention of
+# the dual- and single-stream blocks, not the caption refiner. CogVideoX: the joint `attn1`. LTX-Video: `attn1`
+# and `attn2`; the processor runs the cross-attention `attn2` densely (as diffusers does, but context-parallel safe).
 _WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
 _HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
 _BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
+_LTX_TARGETS = r"^transformer_blocks\.\d+\.attn[12]$"
 
 
-def _registry() -> dict[type, tuple[type, str]]:
+class _Support(NamedTuple):
+    processor: type
+    targets: str  # regex over `named_modules()` names of the attention modules that get MoC
+    pipelines: str
+    captions: str  # where the caption tokens are, as seen by MoC
+    grid: str  # where the processor reads the latent frame grid from
+
+
+_WAN = dict(
+    processor=MoCWanAttnProcessor,
+    targets=_WAN_TARGETS,
+    captions="cross-attention (dense, not routed)",
+    grid="rotary embeddings",
+)
+
+
+def _registry() -> dict[type, _Support]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
@@ -40,13 +67,47 @@ def _registry() -> dict[type, tuple[type, str]]:
     )
 
     return {
-        WanTransformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
-        WanVACETransformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
-        SkyReelsV2Transformer3DModel: (MoCWanAttnProcessor, _WAN_TARGETS),
-        HunyuanVideoTransformer3DModel: (MoCHunyuanVideoAttnProcessor, _HUNYUAN_TARGETS),
-        CogVideoXTransformer3DModel: (MoCCogVideoXAttnProcessor, _BLOCK_ATTN1_TARGETS),
-        LTXVideoTransformer3DModel: (MoCLTXVideoAttnProcessor, _BLOCK_ATTN1_TARGETS),
+        WanTransformer3DModel: _Support(
+            pipelines="WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline", **_WAN
+        ),
+        WanVACETransformer3DModel: _Support(pipelines="WanVACEPipeline", **_WAN),
+        SkyReelsV2Transformer3DModel: _Support(
+            pipelines="SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline", **_WAN
+        ),
+        HunyuanVideoTransformer3DModel: _Support(
+            MoCHunyuanVideoAttnProcessor,
+            _HUNYUAN_TARGETS,
+            "HunyuanVideoPipeline",
+            "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
+            "rotary embeddings",
+        ),
+        CogVideoXTransformer3DModel: _Support(
+            MoCCogVideoXAttnProcessor,
+            _BLOCK_ATTN1_TARGETS,
+            "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
+            "joint: one caption chunk before the video, mandatory anchor",
+            "rotary embeddings, else the input shape (needs `apply_moc`)",
+        ),
+        LTXVideoTransformer3DModel: _Support(
+            MoCLTXVideoAttnProcessor,
+            _LTX_TARGETS,
+            "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
+            "cross-attention (dense, not routed)",
+            "rotary embeddings",
+        ),
     }
+
+
+#: MoC processors that do the Ulysses all-to-all themselves (see `diffusers_moc.parallel`).
+_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
+
+
+def _context_parallel(model_cls: type, support: _Support) -> str:
+    if getattr(model_cls, "_cp_plan", None) is None:
+        return "no (diffusers has no `_cp_plan` for this model)"
+    if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
+        return "no"
+    return "Ulysses"
 
 
 def supported_models() -> list[str]:
@@ -54,10 +115,28 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _registry()]
 
 
+def supported_models_table() -> str:
+    r"""
+    The README's table of supported transformers and features, as markdown (one row per `supported_models()`).
+
+    A test compares it with the table in README.md, so the two cannot drift apart.
+    """
+    rows = [
+        "| Transformer | Pipelines | MoC processor | Caption tokens | Frame grid from | Context parallel |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_cls, sup in _registry().items():
+        rows.append(
+            f"| `{model_cls.__name__}` | {sup.pipelines} | `{sup.processor.__name__}` | {sup.captions} | {sup.grid} "
+            f"| {_context_parallel(model_cls, sup)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
-    for model_cls, entry in _registry().items():
+    for model_cls, sup in _registry().items():
         if isinstance(transformer, model_cls):
-            return entry
+            return sup.processor, sup.targets
     raise TypeError(
         f"apply_moc does not support {type(transformer).__name__}; supported transformers: "
         f"{', '.join(supported_models())}"

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ulysses_config", "sequence_to_heads", "heads_to_sequence", "gather_sequence"]
+__all__ = [
+    "ulysses_config",
+    "sequence_to_heads",
+    "heads_to_sequence",
+    "gather_sequence",
+    "all_gather_sequence",
+]
 
 
 def ulysses_config(parallel_config: Any) -> Any | None:
@@ -86,7 +92,9 @@ class _HeadsToSequence(torch.autograd.Function):
 def _seq_to_heads(x: torch.Tensor, group: Any, world: int) -> torch.Tensor:
     B, L_local, H, D = x.shape
     if H % world:
-        raise ValueError(f"Ulysses context parallelism needs the head count ({H}) divisible by ulysses_degree ({world})")
+        raise ValueError(
+            f"Ulysses context parallelism needs the head count ({H}) divisible by ulysses_degree ({world})"
+        )
     # (P, B, L/P, H/P, D): head group r is sent to rank r; we receive our head group from every sequence shard.
     x = x.reshape(B, L_local, world, H // world, D).permute(2, 0, 1, 3, 4)
     x = _all_to_all(x, group)
@@ -128,3 +136,29 @@ def gather_sequence(x: torch.Tensor, dim: int, cp: Any) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: Any, world: int) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.world = dim, group, world
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank used the whole gathered tensor: this shard's gradient is the sum of all ranks' gradients for it.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.chunk(ctx.world, dim=ctx.dim)[rank], None, None, None
+
+
+def all_gather_sequence(x: torch.Tensor, dim: int, cp: Any) -> torch.Tensor:
+    r"""
+    Differentiable all-gather of sequence shards along `dim` (e.g. caption tokens that the CP plan split, for a
+    cross-attention whose queries stay local). The backward sums every rank's gradient for this rank's shard.
+    """
+    group, world = _group_and_size(cp)
+    return _AllGatherSequence.apply(x, dim, group, world)

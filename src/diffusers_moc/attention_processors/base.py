@@ -114,9 +114,7 @@ class MoCAttnProcessorBase:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[key]
 
-    def layout(
-        self, frames: int, tokens_per_frame: int, text_tokens: int = 0, text_first: bool = False
-    ) -> ChunkLayout:
+    def layout(self, frames: int, tokens_per_frame: int, text_tokens: int = 0, text_first: bool = False) -> ChunkLayout:
         """The layout of a stream of `frames` latent frames (shots from [`moc_context`]) and one caption chunk."""
         shots = current_moc_context().shot_frames
         return video_text_layout(frames, tokens_per_frame, shots, self.config.chunk_tokens, text_tokens, text_first)

@@ -52,7 +52,9 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
-            raise NotImplementedError("MoCCogVideoXAttnProcessor does not take an attention mask (CogVideoX passes none)")
+            raise NotImplementedError(
+                "MoCCogVideoXAttnProcessor does not take an attention mask (CogVideoX passes none)"
+            )
         if ulysses_config(self._parallel_config) is not None:
             raise NotImplementedError(
                 "CogVideoXTransformer3DModel has no context-parallel plan in diffusers; MoC context parallelism is "
@@ -85,9 +87,7 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        encoder_hidden_states, hidden_states = hidden_states.split(
-            [text_len, hidden_states.shape[1] - text_len], dim=1
-        )
+        encoder_hidden_states, hidden_states = hidden_states.split([text_len, hidden_states.shape[1] - text_len], dim=1)
         return hidden_states, encoder_hidden_states
 
     def _video_grid(self, image_rotary_emb, video_len: int) -> tuple[int, int]:

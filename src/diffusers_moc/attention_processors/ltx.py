@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
-from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
+from ..parallel import all_gather_sequence, gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
 from .base import MoCAttnProcessorBase, frames_from_rotary
 
 __all__ = ["MoCLTXVideoAttnProcessor"]
@@ -20,7 +21,9 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
     latent frames, read off LTX's rotary table (the time axis is its column `D % 6`, after the padding columns).
 
     Works under diffusers' Ulysses context parallelism (`ContextParallelConfig(ulysses_degree=N)`): the processor
-    exchanges sequence shards for head shards around MoC and reads the grid off the gathered rotary table.
+    exchanges sequence shards for head shards around MoC and reads the grid off the gathered rotary table. Under context
+    parallelism it also runs the cross-attention itself (caption gathered on every rank, local video queries):
+    diffusers' own LTX processor fails there in 0.42.1 with a caption mask, and in every backward pass.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
@@ -39,6 +42,9 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
+            cp = ulysses_config(self._parallel_config)
+            if cp is not None:
+                return self._cross_attention_parallel(attn, hidden_states, encoder_hidden_states, attention_mask, cp)
             self._dense._attention_backend = self._attention_backend
             self._dense._parallel_config = self._parallel_config
             return self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -65,6 +71,27 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
         if cp is not None:
             hidden_states = heads_to_sequence(hidden_states, cp)
 
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def _cross_attention_parallel(self, attn, hidden_states, encoder_hidden_states, attention_mask, cp):
+        # The LTX plan splits the caption over the ranks like the video. diffusers' LTX processor then runs Ulysses
+        # attention with queries and keys of different lengths, which fails in 0.42.1: with a caption mask in the
+        # forward (the mask, repeated over heads, is never scattered over heads), and in the backward always (the
+        # key gradients are reshaped with the query length). The caption is short: gather it on every rank and
+        # attend from the local video queries, as Wan's unsplit cross-attention does.
+        encoder_hidden_states = all_gather_sequence(encoder_hidden_states, 1, cp)
+        if attention_mask is not None:
+            attention_mask = gather_sequence(attention_mask, attention_mask.ndim - 1, cp)
+            # LTX's caption-padding bias (B, 1, S) is the same for every head and query: broadcast it.
+            attention_mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1).to(hidden_states.dtype)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=None
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
