@@ -104,9 +104,15 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, moc_config: dict
         for model_name, build in MODELS.items():
             for variant, config in (("moc", moc_config), ("dense", DENSE_UNDER_CP[model_name])):
                 model, inputs, grad_param = build()
-                if config is not None:
+                cp_config = ContextParallelConfig(ulysses_degree=world_size)
+                if variant == "moc":
                     apply_moc(model, MoCConfig(**config))
-                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+                    model.enable_parallelism(config=cp_config)
+                else:
+                    # The other order: apply_moc must carry the parallel config over to its processors.
+                    model.enable_parallelism(config=cp_config)
+                    if config is not None:
+                        apply_moc(model, MoCConfig(**config))
                 out, grad = run_model(model, inputs, grad_param)
                 # Each rank's parameter gradient covers its own tokens; an all-reduce (as DDP/FSDP do) makes it whole.
                 dist.all_reduce(grad)

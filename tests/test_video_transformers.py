@@ -268,3 +268,40 @@ def test_shots_from_moc_context_must_match_frames():
         _run(model, inputs)
     with moc_context(shot_frames=[2, 2]), pytest.raises(ValueError, match="latent frames"):
         _run(model, inputs)
+
+
+def test_wan_apply_remove_round_trip_keeps_stock_processors():
+    import os
+    import sys
+
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from diffusers_moc import MoCWanAttnProcessor
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _cp_worker import tiny_wan
+
+    model, inputs, _ = tiny_wan()
+    stock = _run(model, inputs)
+    apply_moc(model, SPARSE)
+    assert isinstance(model.blocks[0].attn1.processor, MoCWanAttnProcessor)
+    assert isinstance(model.blocks[0].attn2.processor, WanAttnProcessor)
+    sparse = _run(model, inputs)
+    assert not torch.allclose(sparse, stock, atol=1e-3)
+    remove_moc(model)
+    assert all(type(p) is WanAttnProcessor for p in model.attn_processors.values())
+    torch.testing.assert_close(_run(model, inputs), stock)
+    model.set_attn_processor(MoCWanAttnProcessor(SPARSE))
+    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-6, rtol=1e-6)
+    remove_moc(model)
+    assert all(type(p) is WanAttnProcessor for p in model.attn_processors.values())
+
+
+def test_cogvideox_no_rope_grid_hook_is_removed_with_moc():
+    model, inputs = _cogvideox(rope=False)
+    apply_moc(model, SPARSE)
+    apply_moc(model, SPARSE)  # applying twice keeps one hook
+    assert len(model._forward_pre_hooks) == 1
+    _run(model, inputs)
+    remove_moc(model)
+    assert len(model._forward_pre_hooks) == 0
