@@ -20,6 +20,7 @@ from diffusers_moc.attention_processors import (  # noqa: E402
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
+    MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
 )
 from diffusers_moc.parallel import ulysses_config  # noqa: E402
@@ -87,7 +88,7 @@ def test_ring_attention_is_refused_inside_the_model(proc_cls):
         model(**inputs)
 
 
-@pytest.mark.parametrize("proc_cls", [MoCHunyuanVideoAttnProcessor, MoCCogVideoXAttnProcessor])
+@pytest.mark.parametrize("proc_cls", [MoCHunyuanVideoAttnProcessor, MoCCogVideoXAttnProcessor, MoCMochiAttnProcessor])
 def test_joint_models_without_cp_plan_refuse_context_parallelism(proc_cls):
     proc = proc_cls(MoCConfig())
     proc._parallel_config = _parallel_config()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    MochiTransformer3DModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0, CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
@@ -16,6 +21,7 @@ from diffusers_moc.attention_processors import (
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
+    MoCMochiAttnProcessor,
     frames_from_rotary,
 )
 
@@ -113,17 +119,44 @@ def _ltx():
     return model, inputs
 
 
+def _mochi():
+    torch.manual_seed(0)
+    # Two blocks: the last one is `context_pre_only` (no caption output projection), the first is not.
+    model = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_embed_dim=16,
+        time_embed_dim=4,
+        max_sequence_length=TEXT,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=g),
+        "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
+        "timestep": torch.tensor([10, 10]),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * TEXT]),
+    }
+    return model, inputs
+
+
 BUILDERS = {
     "hunyuan_video": _hunyuan,
     "cogvideox": _cogvideox,
     "cogvideox_no_rope": lambda: _cogvideox(rope=False),
     "ltx": _ltx,
+    "mochi": _mochi,
 }
 MOC_CLASS = {
     "hunyuan_video": MoCHunyuanVideoAttnProcessor,
     "cogvideox": MoCCogVideoXAttnProcessor,
     "cogvideox_no_rope": MoCCogVideoXAttnProcessor,
     "ltx": MoCLTXVideoAttnProcessor,
+    "mochi": MoCMochiAttnProcessor,
 }
 
 
@@ -165,6 +198,8 @@ def test_apply_sets_the_right_modules_and_remove_restores_stock(name):
     if name == "hunyuan_video":
         # Joint attention of dual- and single-stream blocks; the caption refiner keeps its dense processor.
         assert moc == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
+    elif name == "mochi":
+        assert moc == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
     elif name == "ltx":
         # Self-attention routed; the cross-attention runs densely in the same processor (context-parallel safe).
         assert moc == {"transformer_blocks.0.attn1", "transformer_blocks.0.attn2"}
@@ -196,6 +231,15 @@ def test_set_attn_processor_without_apply_moc(name):
     assert all(isinstance(p, expected_stock) for p in model.attn_processors.values())
 
 
+def test_mochi_needs_apply_moc():
+    model, inputs = _mochi()
+    for module in model.modules():
+        if hasattr(module, "processor"):
+            module.processor = MoCMochiAttnProcessor(SPARSE)
+    with pytest.raises(ValueError, match="apply_moc"):
+        _run(model, inputs)
+
+
 def test_cogvideox_without_rope_needs_apply_moc():
     model, inputs = _cogvideox(rope=False)
     model.set_attn_processor(MoCCogVideoXAttnProcessor(SPARSE))
@@ -203,8 +247,9 @@ def test_cogvideox_without_rope_needs_apply_moc():
         _run(model, inputs)
 
 
-def test_hunyuan_padded_caption_tokens_are_ignored():
-    model, inputs = _hunyuan(pad=True)
+@pytest.mark.parametrize("name", ["hunyuan_video", "mochi"])
+def test_padded_caption_tokens_are_ignored(name):
+    model, inputs = BUILDERS[name]()
     apply_moc(model, SPARSE)
     out = _run(model, inputs)
     # Change what sits in the two padded caption positions of sample 0: the video must not move.
@@ -243,7 +288,12 @@ def test_unsupported_model_gets_a_clear_error():
 
 def test_supported_models_lists_the_new_transformers():
     names = supported_models()
-    for cls in (HunyuanVideoTransformer3DModel, CogVideoXTransformer3DModel, LTXVideoTransformer3DModel):
+    for cls in (
+        HunyuanVideoTransformer3DModel,
+        CogVideoXTransformer3DModel,
+        LTXVideoTransformer3DModel,
+        MochiTransformer3DModel,
+    ):
         assert cls.__name__ in names
 
 

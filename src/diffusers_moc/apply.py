@@ -12,6 +12,7 @@ from .attention_processors import (
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
+    MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
 )
 from .config import MoCConfig
@@ -33,6 +34,7 @@ MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
 # `attn1` of each block and VACE block (cross-attention keeps its processor). HunyuanVideo: the joint attention of
 # the dual- and single-stream blocks, not the caption refiner. CogVideoX: the joint `attn1`. LTX-Video: `attn1`
 # and `attn2`; the processor runs the cross-attention `attn2` densely (as diffusers does, but context-parallel safe).
+# Mochi: the joint `attn1`.
 _WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
 _HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
 _BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
@@ -61,6 +63,7 @@ def _registry() -> dict[type, _Support]:
         CogVideoXTransformer3DModel,
         HunyuanVideoTransformer3DModel,
         LTXVideoTransformer3DModel,
+        MochiTransformer3DModel,
         SkyReelsV2Transformer3DModel,
         WanTransformer3DModel,
         WanVACETransformer3DModel,
@@ -94,6 +97,13 @@ def _registry() -> dict[type, _Support]:
             "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
             "cross-attention (dense, not routed)",
             "rotary embeddings",
+        ),
+        MochiTransformer3DModel: _Support(
+            MoCMochiAttnProcessor,
+            _BLOCK_ATTN1_TARGETS,
+            "MochiPipeline",
+            "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
+            "the input shape (needs `apply_moc`)",
         ),
     }
 
@@ -145,8 +155,16 @@ def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
 
 def _target_modules(transformer: torch.nn.Module, pattern: str):
     for name, module in transformer.named_modules():
-        if re.match(pattern, name) and hasattr(module, "set_processor"):
+        if re.match(pattern, name) and hasattr(module, "processor"):
             yield name, module
+
+
+def _set_processor(module: torch.nn.Module, processor) -> None:
+    # `MochiAttention` has a `processor` but no `set_processor`.
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
 
 
 def _record_grid_hook(transformer: torch.nn.Module, proc_cls: type):
@@ -202,7 +220,7 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     for _, module in modules:
         if not isinstance(module.processor, MOC_PROCESSORS):
             module._moc_original_processor = module.processor
-        module.set_processor(processor)
+        _set_processor(module, processor)
     handle = getattr(transformer, "_moc_grid_hook", None)
     if handle is not None:
         handle.remove()
@@ -228,7 +246,7 @@ def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
             original = module._default_processor_cls()
         original._attention_backend = proc._attention_backend
         original._parallel_config = proc._parallel_config
-        module.set_processor(original)
+        _set_processor(module, original)
     handle = getattr(transformer, "_moc_grid_hook", None)
     if handle is not None:
         handle.remove()

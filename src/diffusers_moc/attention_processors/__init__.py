@@ -4,6 +4,7 @@ from .base import MoCAttnProcessorBase, frames_from_rotary
 from .cogvideox import MoCCogVideoXAttnProcessor
 from .hunyuan_video import MoCHunyuanVideoAttnProcessor
 from .ltx import MoCLTXVideoAttnProcessor
+from .mochi import MoCMochiAttnProcessor
 from .wan import MoCWanAttnProcessor, video_grid_from_rotary
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "MoCCogVideoXAttnProcessor",
     "MoCHunyuanVideoAttnProcessor",
     "MoCLTXVideoAttnProcessor",
+    "MoCMochiAttnProcessor",
     "MoCWanAttnProcessor",
     "frames_from_rotary",
     "video_grid_from_rotary",

@@ -134,3 +134,37 @@ class MoCAttnProcessorBase:
             training=attn.training,
             generator=self._generator(query.device) if attn.training else None,
         )
+
+    def attend_video_then_text(
+        self,
+        attn: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        frames: int,
+        tokens_per_frame: int,
+        valid_text: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        r"""
+        MoC attention of a `[video, caption]` stream whose caption may be padded differently in each sample.
+
+        Args:
+            valid_text (`list`, *optional*): per sample, the indices (into the caption) of its valid caption tokens,
+                or `None` when all are valid. Padded caption tokens are dropped before routing (neither keys nor
+                part of a chunk mean) and get a zero output, as no other token attends to them.
+        """
+        B, N = query.shape[:2]
+        video_len = frames * tokens_per_frame
+        text_len = N - video_len
+        if valid_text is None or all(v is None for v in valid_text):
+            return self.attend(attn, query, key, value, self.layout(frames, tokens_per_frame, text_len))
+        # Valid caption lengths differ per sample: route each sample over its video and valid caption tokens only.
+        outs = []
+        video = torch.arange(video_len, device=query.device)
+        for b, keep in enumerate(valid_text):
+            keep = torch.arange(text_len, device=query.device) if keep is None else keep.to(query.device)
+            idx = torch.cat([video, video_len + keep])
+            q, k, v = (x[b : b + 1, idx] for x in (query, key, value))
+            res = self.attend(attn, q, k, v, self.layout(frames, tokens_per_frame, keep.numel()))
+            outs.append(res.new_zeros((N,) + res.shape[2:]).index_copy(0, idx, res[0]))
+        return torch.stack(outs)

@@ -137,15 +137,4 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
             )
         frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
         valid = self._valid_text(attention_mask, B, video_len, text_len)
-        if all(v is None for v in valid):
-            return self.attend(attn, query, key, value, self.layout(frames, per_frame, text_len))
-
-        # Padded captions differ per sample: route each sample over its video and its valid caption tokens only.
-        outs = []
-        for b, keep in enumerate(valid):
-            idx = torch.arange(text_len, device=query.device) if keep is None else keep.to(query.device)
-            idx = torch.cat([torch.arange(video_len, device=query.device), video_len + idx])
-            q, k, v = (x[b : b + 1, idx] for x in (query, key, value))
-            res = self.attend(attn, q, k, v, self.layout(frames, per_frame, idx.numel() - video_len))
-            outs.append(res.new_zeros((N,) + res.shape[2:]).index_copy(0, idx, res[0]))
-        return torch.stack(outs)
+        return self.attend_video_then_text(attn, query, key, value, frames, per_frame, valid)
