@@ -96,3 +96,35 @@ def test_joint_models_without_cp_plan_refuse_context_parallelism(proc_cls):
     x = torch.zeros(1, 4, 8)
     with pytest.raises(NotImplementedError, match="no context-parallel plan"):
         proc(attn, x, x, None, (torch.zeros(4, 4), torch.zeros(4, 4)))
+
+
+def test_example_script_under_torchrun_equals_single_process(tmp_path):
+    import subprocess
+
+    import numpy as np
+    from diffusers import WanPipeline
+
+    from diffusers_moc.tiny import tiny_wan_components
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "frames.npy"
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={_free_port()}", os.path.join(root, "examples", "context_parallel_wan.py")]
+    cmd += ["--tiny", "--top-k", "0", "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    pipe = WanPipeline(**tiny_wan_components())
+    apply_moc(pipe.transformer, MoCConfig(top_k=0))
+    expected = pipe(
+        "a red car drives along a street at night",
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames[0]
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-4)
