@@ -18,6 +18,7 @@ from _cp_worker import MODELS, run_model, worker  # noqa: E402
 from diffusers_moc import MoCConfig, apply_moc  # noqa: E402
 from diffusers_moc.attention_processors import (  # noqa: E402
     MoCCogVideoXAttnProcessor,
+    MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
@@ -88,7 +89,10 @@ def test_ring_attention_is_refused_inside_the_model(proc_cls):
         model(**inputs)
 
 
-@pytest.mark.parametrize("proc_cls", [MoCHunyuanVideoAttnProcessor, MoCCogVideoXAttnProcessor, MoCMochiAttnProcessor])
+@pytest.mark.parametrize(
+    "proc_cls",
+    [MoCHunyuanVideoAttnProcessor, MoCHunyuanVideo15AttnProcessor, MoCCogVideoXAttnProcessor, MoCMochiAttnProcessor],
+)
 def test_joint_models_without_cp_plan_refuse_context_parallelism(proc_cls):
     proc = proc_cls(MoCConfig())
     proc._parallel_config = _parallel_config()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import (
     CogVideoXTransformer3DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
@@ -13,12 +14,14 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0, CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
 from diffusers_moc import MoCConfig, apply_moc, get_moc_config, remove_moc, update_moc_config
 from diffusers_moc.apply import MOC_PROCESSORS, supported_models
 from diffusers_moc.attention_processors import (
     MoCCogVideoXAttnProcessor,
+    MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
@@ -56,6 +59,36 @@ def _hunyuan(pad: bool = True):
         "encoder_attention_mask": mask,
         "pooled_projections": torch.randn(2, 8, generator=g),
         "guidance": torch.tensor([3.0, 3.0]),
+    }
+    return model, inputs
+
+
+def _hunyuan15():
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=1,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 4, 4),
+        target_size=32,
+        task_type="t2v",
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, FRAMES, HEIGHT, WIDTH, generator=g),
+        "timestep": torch.tensor([500.0, 500.0]),
+        "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * TEXT]),
+        "encoder_hidden_states_2": torch.randn(2, 3, 8, generator=g),
+        "encoder_attention_mask_2": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+        # Text-to-video: the image tokens are all padding.
+        "image_embeds": torch.zeros(2, 2, 8),
     }
     return model, inputs
 
@@ -146,6 +179,7 @@ def _mochi():
 
 BUILDERS = {
     "hunyuan_video": _hunyuan,
+    "hunyuan_video15": _hunyuan15,
     "cogvideox": _cogvideox,
     "cogvideox_no_rope": lambda: _cogvideox(rope=False),
     "ltx": _ltx,
@@ -153,6 +187,7 @@ BUILDERS = {
 }
 MOC_CLASS = {
     "hunyuan_video": MoCHunyuanVideoAttnProcessor,
+    "hunyuan_video15": MoCHunyuanVideo15AttnProcessor,
     "cogvideox": MoCCogVideoXAttnProcessor,
     "cogvideox_no_rope": MoCCogVideoXAttnProcessor,
     "ltx": MoCLTXVideoAttnProcessor,
@@ -198,6 +233,8 @@ def test_apply_sets_the_right_modules_and_remove_restores_stock(name):
     if name == "hunyuan_video":
         # Joint attention of dual- and single-stream blocks; the caption refiner keeps its dense processor.
         assert moc == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
+    elif name == "hunyuan_video15":
+        assert moc == {"transformer_blocks.0.attn"}
     elif name == "mochi":
         assert moc == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
     elif name == "ltx":
@@ -213,7 +250,7 @@ def test_apply_sets_the_right_modules_and_remove_restores_stock(name):
     torch.testing.assert_close(_run(model, inputs), stock)
 
 
-@pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx"])
+@pytest.mark.parametrize("name", ["hunyuan_video", "hunyuan_video15", "cogvideox", "ltx"])
 def test_set_attn_processor_without_apply_moc(name):
     model, inputs = BUILDERS[name]()
     apply_moc(model, SPARSE)
@@ -225,6 +262,7 @@ def test_set_attn_processor_without_apply_moc(name):
     remove_moc(model)
     expected_stock = {
         "hunyuan_video": (HunyuanVideoAttnProcessor2_0, AttnProcessor2_0),
+        "hunyuan_video15": (HunyuanVideo15AttnProcessor2_0, AttnProcessor2_0),
         "cogvideox": (CogVideoXAttnProcessor2_0,),
         "ltx": (LTXVideoAttnProcessor,),
     }[name]
@@ -247,7 +285,7 @@ def test_cogvideox_without_rope_needs_apply_moc():
         _run(model, inputs)
 
 
-@pytest.mark.parametrize("name", ["hunyuan_video", "mochi"])
+@pytest.mark.parametrize("name", ["hunyuan_video", "hunyuan_video15", "mochi"])
 def test_padded_caption_tokens_are_ignored(name):
     model, inputs = BUILDERS[name]()
     apply_moc(model, SPARSE)
@@ -290,6 +328,7 @@ def test_supported_models_lists_the_new_transformers():
     names = supported_models()
     for cls in (
         HunyuanVideoTransformer3DModel,
+        HunyuanVideo15Transformer3DModel,
         CogVideoXTransformer3DModel,
         LTXVideoTransformer3DModel,
         MochiTransformer3DModel,

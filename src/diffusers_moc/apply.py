@@ -10,6 +10,7 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
+    MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
@@ -30,11 +31,11 @@ __all__ = [
 #: Every MoC processor class; `remove_moc` / `get_moc_config` / `update_moc_config` recognise these.
 MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
 
-# Which attention modules of each model get MoC (module names as in `named_modules()`). Wan: the self-attention
-# `attn1` of each block and VACE block (cross-attention keeps its processor). HunyuanVideo: the joint attention of
-# the dual- and single-stream blocks, not the caption refiner. CogVideoX: the joint `attn1`. LTX-Video: `attn1`
-# and `attn2`; the processor runs the cross-attention `attn2` densely (as diffusers does, but context-parallel safe).
-# Mochi: the joint `attn1`.
+# Which attention modules of each model get MoC (module names as in `named_modules()`):
+# - Wan: the self-attention `attn1` of each block and VACE block (cross-attention keeps its processor);
+# - HunyuanVideo / 1.5: the joint attention of the dual- and single-stream blocks, not the caption refiner;
+# - CogVideoX, Mochi: the joint `attn1`;
+# - LTX-Video: `attn1` and `attn2`; the processor runs the cross-attention densely (context-parallel safe).
 _WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
 _HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
 _BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
@@ -61,6 +62,7 @@ def _registry() -> dict[type, _Support]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
+        HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
         LTXVideoTransformer3DModel,
         MochiTransformer3DModel,
@@ -82,6 +84,14 @@ def _registry() -> dict[type, _Support]:
             _HUNYUAN_TARGETS,
             "HunyuanVideoPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
+            "rotary embeddings",
+        ),
+        HunyuanVideo15Transformer3DModel: _Support(
+            MoCHunyuanVideo15AttnProcessor,
+            _HUNYUAN_TARGETS,
+            "HunyuanVideo15Pipeline, HunyuanVideo15ImageToVideoPipeline",
+            "joint: valid condition tokens (image, glyph, caption) as one chunk after the video, mandatory anchor; "
+            "padded tokens dropped",
             "rotary embeddings",
         ),
         CogVideoXTransformer3DModel: _Support(
@@ -185,8 +195,13 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     r"""
     Replace the self-attention of `transformer` by Mixture-of-Contexts attention, in place.
 
-    Cross-attention layers keep their processors. The attention backend set with `set_attention_backend` is kept for
-    them. Call [`remove_moc`] to go back to dense attention.
+    Which layers change depends on the model (see [`supported_models_table`]): the video self-attention of
+    cross-attention models (Wan, LTX-Video), the joint video-caption attention of joint-attention models
+    (HunyuanVideo, CogVideoX, Mochi), where the caption is a mandatory anchor chunk. Caption cross-attention stays
+    dense, with the attention backend set by `set_attention_backend`, and a context-parallel config set by
+    `enable_parallelism` (before or after this call) is kept. For models whose attention calls do not reveal the
+    frame grid (Mochi, CogVideoX without RoPE), a forward pre-hook records it from the transformer input. Call
+    [`remove_moc`] to go back to the processors that were there before.
 
     Args:
         transformer (`torch.nn.Module`): a supported diffusers transformer (see [`supported_models`]).
