@@ -13,6 +13,7 @@ from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import ChunkLayout
+from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
 
@@ -142,9 +143,16 @@ class MoCWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
+        cp = ulysses_config(self._parallel_config)
+        if cp is not None and rotary_emb is not None:
+            # Ulysses context parallelism: this rank holds L/P tokens; route over all tokens for H/P heads instead.
+            query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
+            rotary_emb = tuple(gather_sequence(r, 1, cp) for r in rotary_emb)
         layout = self.layout_for(rotary_emb, query.shape[1])
         # Drop-off / drop-in (train mode only) draw from the global RNG, which activation checkpointing replays.
         hidden_states = moc_attention(query, key, value, layout, self.config, training=attn.training)
+        if cp is not None and rotary_emb is not None:
+            hidden_states = heads_to_sequence(hidden_states, cp)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
