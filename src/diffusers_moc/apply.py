@@ -2,23 +2,132 @@
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import torch
 
-from .attention_processors import MoCWanAttnProcessor
+from .attention_processors import (
+    MoCAttnProcessorBase,
+    MoCCogVideoXAttnProcessor,
+    MoCHunyuanVideo15AttnProcessor,
+    MoCHunyuanVideoAttnProcessor,
+    MoCLTXVideoAttnProcessor,
+    MoCMochiAttnProcessor,
+    MoCWanAttnProcessor,
+)
 from .config import MoCConfig
 
-__all__ = ["apply_moc", "remove_moc", "get_moc_config", "update_moc_config", "supported_models"]
+__all__ = [
+    "apply_moc",
+    "remove_moc",
+    "get_moc_config",
+    "update_moc_config",
+    "supported_models",
+    "supported_models_table",
+    "MOC_PROCESSORS",
+]
+
+#: Every MoC processor class; `remove_moc` / `get_moc_config` / `update_moc_config` recognise these.
+MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
+
+# Which attention modules of each model get MoC (module names as in `named_modules()`):
+# - Wan: the self-attention `attn1` of each block and VACE block (cross-attention keeps its processor);
+# - HunyuanVideo / 1.5: the joint attention of the dual- and single-stream blocks, not the caption refiner;
+# - CogVideoX, Mochi: the joint `attn1`;
+# - LTX-Video: `attn1` and `attn2`; the processor runs the cross-attention densely (context-parallel safe).
+_WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
+_HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
+_BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
+_LTX_TARGETS = r"^transformer_blocks\.\d+\.attn[12]$"
 
 
-def _registry() -> dict[type, type]:
-    # Imported here so that importing diffusers_moc stays cheap; all share WanAttention-style self-attention.
-    from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
+class _Support(NamedTuple):
+    processor: type
+    targets: str  # regex over `named_modules()` names of the attention modules that get MoC
+    pipelines: str
+    captions: str  # where the caption tokens are, as seen by MoC
+    grid: str  # where the processor reads the latent frame grid from
+
+
+_WAN = dict(
+    processor=MoCWanAttnProcessor,
+    targets=_WAN_TARGETS,
+    captions="cross-attention (dense, not routed)",
+    grid="rotary embeddings",
+)
+
+
+def _registry() -> dict[type, _Support]:
+    # Imported here so that importing diffusers_moc stays cheap.
+    from diffusers import (
+        CogVideoXTransformer3DModel,
+        HunyuanVideo15Transformer3DModel,
+        HunyuanVideoTransformer3DModel,
+        LTXVideoTransformer3DModel,
+        MochiTransformer3DModel,
+        SkyReelsV2Transformer3DModel,
+        WanTransformer3DModel,
+        WanVACETransformer3DModel,
+    )
 
     return {
-        WanTransformer3DModel: MoCWanAttnProcessor,
-        WanVACETransformer3DModel: MoCWanAttnProcessor,
-        SkyReelsV2Transformer3DModel: MoCWanAttnProcessor,
+        WanTransformer3DModel: _Support(
+            pipelines="WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline", **_WAN
+        ),
+        WanVACETransformer3DModel: _Support(pipelines="WanVACEPipeline", **_WAN),
+        SkyReelsV2Transformer3DModel: _Support(
+            pipelines="SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline", **_WAN
+        ),
+        HunyuanVideoTransformer3DModel: _Support(
+            MoCHunyuanVideoAttnProcessor,
+            _HUNYUAN_TARGETS,
+            "HunyuanVideoPipeline",
+            "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
+            "rotary embeddings",
+        ),
+        HunyuanVideo15Transformer3DModel: _Support(
+            MoCHunyuanVideo15AttnProcessor,
+            _HUNYUAN_TARGETS,
+            "HunyuanVideo15Pipeline, HunyuanVideo15ImageToVideoPipeline",
+            "joint: valid condition tokens (image, glyph, caption) as one chunk after the video, mandatory anchor; "
+            "padded tokens dropped",
+            "rotary embeddings",
+        ),
+        CogVideoXTransformer3DModel: _Support(
+            MoCCogVideoXAttnProcessor,
+            _BLOCK_ATTN1_TARGETS,
+            "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
+            "joint: one caption chunk before the video, mandatory anchor",
+            "rotary embeddings, else the input shape (needs `apply_moc`)",
+        ),
+        LTXVideoTransformer3DModel: _Support(
+            MoCLTXVideoAttnProcessor,
+            _LTX_TARGETS,
+            "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
+            "cross-attention (dense, not routed)",
+            "rotary embeddings",
+        ),
+        MochiTransformer3DModel: _Support(
+            MoCMochiAttnProcessor,
+            _BLOCK_ATTN1_TARGETS,
+            "MochiPipeline",
+            "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
+            "the input shape (needs `apply_moc`)",
+        ),
     }
+
+
+#: MoC processors that do the Ulysses all-to-all themselves (see `diffusers_moc.parallel`).
+_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
+
+
+def _context_parallel(model_cls: type, support: _Support) -> str:
+    if getattr(model_cls, "_cp_plan", None) is None:
+        return "no (diffusers has no `_cp_plan` for this model)"
+    if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
+        return "no"
+    return "Ulysses"
 
 
 def supported_models() -> list[str]:
@@ -26,28 +135,73 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _registry()]
 
 
-def _processor_class(transformer: torch.nn.Module) -> type:
-    for model_cls, proc_cls in _registry().items():
+def supported_models_table() -> str:
+    r"""
+    The README's table of supported transformers and features, as markdown (one row per `supported_models()`).
+
+    A test compares it with the table in README.md, so the two cannot drift apart.
+    """
+    rows = [
+        "| Transformer | Pipelines | MoC processor | Caption tokens | Frame grid from | Context parallel |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model_cls, sup in _registry().items():
+        rows.append(
+            f"| `{model_cls.__name__}` | {sup.pipelines} | `{sup.processor.__name__}` | {sup.captions} | {sup.grid} "
+            f"| {_context_parallel(model_cls, sup)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
+    for model_cls, sup in _registry().items():
         if isinstance(transformer, model_cls):
-            return proc_cls
+            return sup.processor, sup.targets
     raise TypeError(
         f"apply_moc does not support {type(transformer).__name__}; supported transformers: "
         f"{', '.join(supported_models())}"
     )
 
 
-def _self_attention_modules(transformer: torch.nn.Module):
+def _target_modules(transformer: torch.nn.Module, pattern: str):
     for name, module in transformer.named_modules():
-        if hasattr(module, "set_processor") and not getattr(module, "is_cross_attention", True):
+        if re.match(pattern, name) and hasattr(module, "processor"):
             yield name, module
+
+
+def _set_processor(module: torch.nn.Module, processor) -> None:
+    # `MochiAttention` has a `processor` but no `set_processor`.
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
+def _record_grid_hook(transformer: torch.nn.Module, proc_cls: type):
+    # Models whose attention call carries no rotary table to read the frame grid from (CogVideoX without RoPE):
+    # record the post-patchify grid of every forward on the MoC processors. Set on all of them (not a captured
+    # instance) so that processors installed later with `set_attn_processor` see it too.
+    def hook(module, args, kwargs):
+        grid = proc_cls.input_grid(module, args, kwargs)
+        for m in module.modules():
+            proc = getattr(m, "processor", None)
+            if isinstance(proc, MoCAttnProcessorBase):
+                proc._grid = grid
+
+    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> torch.nn.Module:
     r"""
     Replace the self-attention of `transformer` by Mixture-of-Contexts attention, in place.
 
-    Cross-attention layers keep their processors. The attention backend set with `set_attention_backend` is kept for
-    them. Call [`remove_moc`] to go back to dense attention.
+    Which layers change depends on the model (see [`supported_models_table`]): the video self-attention of
+    cross-attention models (Wan, LTX-Video), the joint video-caption attention of joint-attention models
+    (HunyuanVideo, CogVideoX, Mochi), where the caption is a mandatory anchor chunk. Caption cross-attention stays
+    dense, with the attention backend set by `set_attention_backend`, and a context-parallel config set by
+    `enable_parallelism` (before or after this call) is kept. For models whose attention calls do not reveal the
+    frame grid (Mochi, CogVideoX without RoPE), a forward pre-hook records it from the transformer input. Call
+    [`remove_moc`] to go back to the processors that were there before.
 
     Args:
         transformer (`torch.nn.Module`): a supported diffusers transformer (see [`supported_models`]).
@@ -69,25 +223,49 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     config = MoCConfig() if config is None else config
     if not isinstance(config, MoCConfig):
         raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
-    proc_cls = _processor_class(transformer)
+    proc_cls, pattern = _processor_class(transformer)
     processor = proc_cls(config)
-    modules = list(_self_attention_modules(transformer))
+    modules = list(_target_modules(transformer, pattern))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
-    # Keep the diffusers attention backend the model was set to (used for the dense cross-attention).
-    processor._attention_backend = getattr(modules[0][1].processor, "_attention_backend", None)
+    # Keep the diffusers attention backend and parallel config the model was set to (for the dense parts).
+    first = modules[0][1].processor
+    processor._attention_backend = getattr(first, "_attention_backend", None)
+    processor._parallel_config = getattr(first, "_parallel_config", None)
     for _, module in modules:
-        module.set_processor(processor)
+        if not isinstance(module.processor, MOC_PROCESSORS):
+            module._moc_original_processor = module.processor
+        _set_processor(module, processor)
+    handle = getattr(transformer, "_moc_grid_hook", None)
+    if handle is not None:
+        handle.remove()
+        transformer._moc_grid_hook = None
+    if hasattr(proc_cls, "input_grid"):
+        transformer._moc_grid_hook = _record_grid_hook(transformer, proc_cls)
     return transformer
 
 
 def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
-    r"""Give every attention layer that runs a MoC processor its model's default (dense) processor back."""
+    r"""
+    Give every attention layer that runs a MoC processor its dense processor back: the one `apply_moc` replaced, or
+    (for processors set with `set_attn_processor`) the model's stock processor.
+    """
     for module in transformer.modules():
-        if isinstance(getattr(module, "processor", None), MoCWanAttnProcessor):
-            backend = module.processor._attention_backend
-            module.set_processor(module._default_processor_cls())
-            module.processor._attention_backend = backend
+        proc = getattr(module, "processor", None)
+        if not isinstance(proc, MOC_PROCESSORS):
+            continue
+        original = module.__dict__.pop("_moc_original_processor", None)
+        if original is None:
+            original = proc.stock_processor(module) if hasattr(proc, "stock_processor") else None
+        if original is None:
+            original = module._default_processor_cls()
+        original._attention_backend = proc._attention_backend
+        original._parallel_config = proc._parallel_config
+        _set_processor(module, original)
+    handle = getattr(transformer, "_moc_grid_hook", None)
+    if handle is not None:
+        handle.remove()
+        transformer._moc_grid_hook = None
     return transformer
 
 
@@ -95,7 +273,7 @@ def get_moc_config(transformer: torch.nn.Module) -> MoCConfig | None:
     """The `MoCConfig` the transformer's MoC processors use, or `None` if MoC is not applied."""
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MoCWanAttnProcessor):
+        if isinstance(proc, MOC_PROCESSORS):
             return proc.config
     return None
 
@@ -113,6 +291,6 @@ def update_moc_config(transformer: torch.nn.Module, **changes) -> MoCConfig:
     config = config.replace(**changes)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MoCWanAttnProcessor):
+        if isinstance(proc, MOC_PROCESSORS):
             proc.config = config
     return config

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-_COMMANDS: list[str] = []
+_COMMANDS: list[str] = ["generate", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

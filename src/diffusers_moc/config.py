@@ -47,8 +47,9 @@ class MoCConfig:
             The paper does not publish its value; 0.2 is our default.
         drop_in (`float`, defaults to 0.1):
             Training only. Context drop-in: each query adds `m ~ Poisson(drop_in)` random candidates.
-            The paper does not publish its value; 0.1 is our default.
-        seed (`int`, *optional*): seed of the generator used by drop-off / drop-in (random when `None`).
+            The paper does not publish its value; 0.1 is our default. Processors draw drop-off and drop-in from
+            torch's global RNG (seed it with `torch.manual_seed`), which activation checkpointing saves and replays,
+            so a recomputed block routes exactly as its forward did; `route(..., generator=...)` takes any generator.
         backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"triton"`.
     """
 
@@ -62,7 +63,6 @@ class MoCConfig:
     chunk_tokens: int | None = None
     drop_off: float = 0.2
     drop_in: float = 0.1
-    seed: int | None = None
     backend: str = "auto"
 
     def __post_init__(self):
@@ -85,7 +85,6 @@ class MoCConfig:
         check_int("local_window", 0)
         check_int("block_size", 1)
         check_int("chunk_tokens", 1, allow_none=True)
-        check_int("seed", 0, allow_none=True)
         check_bool("anchor_own_shot")
         check_bool("causal")
         check_choice("text_anchors", TEXT_ANCHORS)

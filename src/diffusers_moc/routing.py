@@ -64,12 +64,13 @@ class MoCRouting:
 
 
 def chunk_means(k: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
-    r"""Mean-pooled keys per chunk: `(B, L, H, D) -> (B, C, H, D)` in float32 (the chunk descriptors)."""
+    r"""Mean-pooled keys per chunk: `(B, L, H, D) -> (B, C, H, D)`, at least float32 (the chunk descriptors)."""
     B, L, H, D = k.shape
     tok_chunk = layout.token_chunks(k.device)
-    sums = torch.zeros(B, layout.num_chunks, H, D, device=k.device, dtype=torch.float32)
-    sums.index_add_(1, tok_chunk, k.float())
-    return sums / layout.chunk_sizes(k.device).to(torch.float32)[None, :, None, None]
+    work = torch.promote_types(k.dtype, torch.float32)
+    sums = torch.zeros(B, layout.num_chunks, H, D, device=k.device, dtype=work)
+    sums.index_add_(1, tok_chunk, k.to(work))
+    return sums / layout.chunk_sizes(k.device).to(work)[None, :, None, None]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, layout: ChunkLayout) -> None:
@@ -123,9 +124,9 @@ def route(
         if config.route_by == "block":
             token_block, block_chunk = layout.token_blocks(config.block_size, device)
             G = block_chunk.numel()
-            q_units = torch.zeros(B, G, H, D, device=device, dtype=torch.float32)
-            q_units.index_add_(1, token_block, q.detach().float())
-            counts = torch.bincount(token_block, minlength=G).to(torch.float32)
+            q_units = torch.zeros(B, G, H, D, device=device, dtype=phi.dtype)
+            q_units.index_add_(1, token_block, q.detach().to(phi.dtype))
+            counts = torch.bincount(token_block, minlength=G).to(phi.dtype)
             q_units /= counts[None, :, None, None]
             unit_chunk = block_chunk
         else:
@@ -135,7 +136,7 @@ def route(
         selected = torch.empty(B, H, U, n_slots, dtype=torch.long, device=device)
         for start in range(0, U, _ROUTE_TILE):
             end = min(start + _ROUTE_TILE, U)
-            scores = torch.einsum("bthd,bchd->bhtc", q_units[:, start:end].float(), phi)
+            scores = torch.einsum("bthd,bchd->bhtc", q_units[:, start:end].to(phi.dtype), phi)
             allowed = cands[unit_chunk[start:end]]
             scores.masked_fill_(~allowed, float("-inf"))
             # Stable descending sort: among equal scores the earlier chunk wins (spec: ties go to the earlier chunk).

@@ -32,11 +32,14 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_wan_components(seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 12) -> dict[str, Any]:
+def tiny_wan_components(
+    seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 12, rope_max_seq_len: int = 32
+) -> dict[str, Any]:
     r"""
     Components of a tiny `WanPipeline` with random weights (`WanPipeline(**tiny_wan_components())`).
 
     The VAE compresses 4x in time and 8x in space, as Wan's does; the transformer has `heads` heads of `head_dim`.
+    `rope_max_seq_len` bounds the latent frames (and patch rows/columns) the transformer can take.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import T5Config, UMT5EncoderModel
@@ -74,7 +77,7 @@ def tiny_wan_components(seed: int = 0, num_layers: int = 2, heads: int = 2, head
         num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=rope_max_seq_len,
     ).eval()  # as from_pretrained returns it: MoC's training-only drop-off/drop-in stay off
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     return {

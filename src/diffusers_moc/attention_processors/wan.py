@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import ChunkLayout
+from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
 
@@ -84,18 +87,10 @@ class MoCWanAttnProcessor:
     def __init__(self, config: MoCConfig | None = None):
         self.config = MoCConfig() if config is None else config
         self._dense = WanAttnProcessor()
-        self._generators: dict[str, torch.Generator] = {}
+        self._grid_cache: tuple[weakref.ref, tuple[int, int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.config.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[key]
 
     def layout_for(self, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, num_tokens: int) -> ChunkLayout:
         """The chunk layout of a self-attention call with these rotary embeddings."""
@@ -103,7 +98,14 @@ class MoCWanAttnProcessor:
             raise ValueError(
                 "MoCWanAttnProcessor needs the rotary embeddings of a Wan self-attention call to find the frame grid"
             )
-        frames, height, width = video_grid_from_rotary(rotary_emb)
+        # All layers of one forward share the same rotary tensors: read the grid once per forward, not per layer
+        # (each read syncs with the device).
+        cached = self._grid_cache
+        if cached is not None and cached[0]() is rotary_emb[0]:
+            frames, height, width = cached[1]
+        else:
+            frames, height, width = video_grid_from_rotary(rotary_emb)
+            self._grid_cache = (weakref.ref(rotary_emb[0]), (frames, height, width))
         if frames * height * width != num_tokens:
             raise ValueError(
                 f"rotary embeddings describe {frames}x{height}x{width} tokens but the sequence has {num_tokens}"
@@ -120,6 +122,9 @@ class MoCWanAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
+            context = current_moc_context()
+            if context.caption_spans is not None:
+                return _shot_cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, context, self)
             # Cross-attention is not routed: delegate to the stock processor with this processor's settings.
             self._dense._attention_backend = self._attention_backend
             self._dense._parallel_config = self._parallel_config
@@ -138,19 +143,69 @@ class MoCWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
+        cp = ulysses_config(self._parallel_config)
+        if cp is not None and rotary_emb is not None:
+            # Ulysses context parallelism: this rank holds L/P tokens; route over all tokens for H/P heads instead.
+            query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
+            rotary_emb = tuple(gather_sequence(r, 1, cp) for r in rotary_emb)
         layout = self.layout_for(rotary_emb, query.shape[1])
-        hidden_states = moc_attention(
-            query,
-            key,
-            value,
-            layout,
-            self.config,
-            training=attn.training,
-            generator=self._generator(query.device) if attn.training else None,
-        )
+        # Drop-off / drop-in (train mode only) draw from the global RNG, which activation checkpointing replays.
+        hidden_states = moc_attention(query, key, value, layout, self.config, training=attn.training)
+        if cp is not None and rotary_emb is not None:
+            hidden_states = heads_to_sequence(hidden_states, cp)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+def _shot_cross_attention(
+    attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, attention_mask, context, processor
+) -> torch.Tensor:
+    """Cross-attention with per-shot caption anchors: shot `s` attends to its caption span plus the global span."""
+    if attn.add_k_proj is not None:
+        raise NotImplementedError(
+            "per-shot caption spans are only supported for text-only cross-attention (Wan T2V); this layer also "
+            "attends to image keys (Wan I2V)"
+        )
+    if attention_mask is not None:
+        raise NotImplementedError("per-shot caption spans do not take an explicit cross-attention mask")
+    shot_frames, spans, global_span = context.shot_frames, context.caption_spans, context.global_caption_span
+    num_frames, num_tokens, num_text = sum(shot_frames), hidden_states.shape[1], encoder_hidden_states.shape[1]
+    # Cross-attention gets no RoPE, so the frame size comes from the shots: tokens are in (frame, row, col) order.
+    if num_tokens % num_frames:
+        raise ValueError(
+            f"the MoC context has {num_frames} latent frames but the cross-attention query has {num_tokens} tokens, "
+            "which is not a whole number of frames"
+        )
+    named = [(f"caption_spans[{i}]", s) for i, s in enumerate(spans)] + [("global_caption_span", global_span)]
+    for name, span in named:
+        if span is not None and span[1] > num_text:
+            raise ValueError(f"{name}={span} lies outside encoder_hidden_states of {num_text} tokens")
+    tokens_per_frame = num_tokens // num_frames
+
+    query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    start = 0
+    for frames, (s0, s1) in zip(shot_frames, spans):
+        end = start + frames * tokens_per_frame
+        # Each shot is its own attention call: its output never depends on other shots' captions.
+        if global_span is None or global_span == (s0, s1):
+            k, v = key[:, s0:s1], value[:, s0:s1]
+        else:
+            g0, g1 = global_span
+            k = torch.cat([key[:, g0:g1], key[:, s0:s1]], dim=1)
+            v = torch.cat([value[:, g0:g1], value[:, s0:s1]], dim=1)
+        out[:, start:end] = dispatch_attention_fn(
+            query[:, start:end], k, v, dropout_p=0.0, is_causal=False, backend=processor._attention_backend
+        )
+        start = end
+    hidden_states = out.flatten(2, 3).type_as(query)
+    hidden_states = attn.to_out[0](hidden_states)
+    return attn.to_out[1](hidden_states)
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

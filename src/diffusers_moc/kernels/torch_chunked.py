@@ -1,10 +1,15 @@
 """The portable `torch` backend: exact MoC attention with memory linear in L, on CPU and CUDA, with autograd.
 
 Work is organised per key chunk, as MoBA does: for chunk `c`, the query tokens that attend to it (per head) are
-gathered, scored against the chunk's keys, and merged into running softmax statistics (online softmax). The work is
-proportional to the attended (query, key) pairs whatever the routing looks like, and the largest temporary is one
-`(B*H, tile, chunk_size)` score block. The backward pass recomputes the scores from the saved log-sum-exp, as
-FlashAttention does, so nothing of size `L x L` (or of the attended pairs) is kept for autograd.
+gathered and attend to the chunk's keys; the partial results are merged with their log-sum-exp (online softmax).
+The work is proportional to the attended (query, key) pairs whatever the routing looks like.
+
+The backward pass recomputes each block from the saved global output and log-sum-exp, as FlashAttention does (a
+block's share of the gradient only needs the global statistics), so nothing of size `L x L`, nor of the attended
+pairs, is kept for autograd.
+
+Each (queries, chunk) block runs through PyTorch's fused CPU flash-attention kernel when the tensors are on the CPU,
+and through plain matmuls elsewhere (on CUDA the `triton` backend is the fast path).
 """
 
 from __future__ import annotations
@@ -15,14 +20,57 @@ import torch
 
 from ..routing import MoCRouting
 
-# Upper bound on the elements of one (B*H, tile, chunk) score block.
+# Upper bound on the elements of one (B*H, tile, chunk) score block in the matmul path.
 _TILE_ELEMS = 1 << 24
-# Running max starts finite so that exp(old - new) is 0, never NaN, on a token's first chunk.
+# Running log-sum-exp starts finite so that exp(old - new) is 0 or 1, never NaN, on a token's first chunk.
 _NEG_BIG = -1.0e30
 
 
+# ---------------------------------------------------------------------------------------------- block attention
+# A block is (gathered queries of B*H rows) x (one chunk of keys): q (BH, T, D), k and v (BH, n, D).
+
+
+def _matmul_fwd(q, k, v, scale):
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = torch.bmm(q.to(work), k.to(work).transpose(1, 2)).mul_(scale)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.bmm(s.sub_(lse[..., None]).exp_(), v.to(work)), lse
+
+
+def _matmul_bwd(do, q, k, v, o, lse, scale):
+    work = lse.dtype
+    q, k, v, do = q.to(work), k.to(work), v.to(work), do.to(work)
+    p = torch.bmm(q, k.transpose(1, 2)).mul_(scale).sub_(lse[..., None]).exp_()
+    dv = torch.bmm(p.transpose(1, 2), do)
+    delta = (do * o.to(work)).sum(-1, keepdim=True)
+    ds = p.mul_(torch.bmm(do, v.transpose(1, 2)).sub_(delta))
+    return torch.bmm(ds, k).mul_(scale), torch.bmm(ds.transpose(1, 2), q).mul_(scale), dv
+
+
+def _cpu_flash_fwd(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], 0.0, False, scale=scale
+    )
+    return out[0], lse[0]
+
+
+def _cpu_flash_bwd(do, q, k, v, o, lse, scale):
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do[None], q[None], k[None], v[None], o[None], lse[None].contiguous(), 0.0, False, scale=scale
+    )
+    return dq[0], dk[0], dv[0]
+
+
+def _block_ops(device: torch.device):
+    """(forward, backward, tile budget) for blocks on `device`; the fused kernel needs no score tiles."""
+    if device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return _cpu_flash_fwd, _cpu_flash_bwd, None
+    return _matmul_fwd, _matmul_bwd, _TILE_ELEMS
+
+
+# ---------------------------------------------------------------------------------------------- chunk loop
 def _chunk_rows(attend_c: torch.Tensor):
-    """For one key chunk: per (b, h) row, the query tokens attending it, packed first; plus validity and count."""
+    """For one key chunk: per (b, h) row, the query tokens attending it packed first; their validity; the width."""
     counts = attend_c.sum(1)
     width = int(counts.max().item())
     if width == 0:
@@ -32,45 +80,54 @@ def _chunk_rows(attend_c: torch.Tensor):
     return order, valid, width
 
 
-def _tiles(width: int, bh: int, chunk: int):
-    step = max(1, _TILE_ELEMS // max(1, bh * chunk))
-    for start in range(0, width, step):
-        yield start, min(width, start + step)
+def _blocks(attend: torch.Tensor, offsets: tuple[int, ...], budget: int | None):
+    """Yield `(lo, hi, idx, valid)` for every key chunk `lo:hi` and tile of the queries that attend to it."""
+    BH = attend.shape[0]
+    for c in range(len(offsets) - 1):
+        order, valid, width = _chunk_rows(attend[:, :, c])
+        if width == 0:
+            continue
+        lo, hi = offsets[c], offsets[c + 1]
+        step = width if budget is None else max(1, budget // (BH * (hi - lo)))
+        for t0 in range(0, width, step):
+            yield lo, hi, order[:, t0 : t0 + step], valid[:, t0 : t0 + step]
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).to(dtype)
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Flat row numbers of `x` (BH, L, ...) for per-(b, h) token indices `idx` (BH, T)."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * x.shape[1]).reshape(-1)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # Row gathers through index_select on a flat view run at copy speed; `gather` with an expanded index does not.
+    return x.reshape(-1, x.shape[-1]).index_select(0, _rows(x, idx)).view(*idx.shape, x.shape[-1])
 
 
 class _ChunkedMoCAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attend, offsets, scale):
         # q, k, v: (BH, L, D); attend: (BH, L, C) bool.
-        BH, L, D = q.shape
-        work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 accumulate in fp32; fp64 stays fp64
-        acc = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
-        row_max = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
-        row_sum = torch.zeros(BH, L, device=q.device, dtype=work)
-        for c in range(len(offsets) - 1):
-            order, valid, width = _chunk_rows(attend[:, :, c])
-            if width == 0:
-                continue
-            k_c = k[:, offsets[c] : offsets[c + 1]].to(work)
-            v_c = v[:, offsets[c] : offsets[c + 1]].to(work)
-            for t0, t1 in _tiles(width, BH, k_c.shape[1]):
-                idx, ok = order[:, t0:t1], valid[:, t0:t1]
-                s = torch.bmm(_gather(q, idx, work), k_c.transpose(1, 2)).mul_(scale)
-                s.masked_fill_(~ok[..., None], float("-inf"))
-                m_old = row_max.gather(1, idx)
-                m_new = torch.maximum(m_old, s.amax(-1))
-                alpha = torch.exp(m_old - m_new)
-                p = torch.exp(s - m_new[..., None])
-                row_sum.scatter_(1, idx, row_sum.gather(1, idx) * alpha + p.sum(-1))
-                rows = _gather(acc, idx, work) * alpha[..., None] + torch.bmm(p, v_c)
-                acc.scatter_(1, idx[..., None].expand(-1, -1, acc.shape[-1]), rows)
-                row_max.scatter_(1, idx, m_new)
-        out = (acc / row_sum[..., None]).to(q.dtype)
-        lse = row_max + torch.log(row_sum)
+        BH, L, _ = q.shape
+        work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 merge in fp32; fp64 stays fp64
+        fwd, _, budget = _block_ops(q.device)
+        out = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
+        lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
+        for lo, hi, idx, ok in _blocks(attend, offsets, budget):
+            o_blk, lse_blk = fwd(_gather(q, idx), k[:, lo:hi], v[:, lo:hi], scale)
+            # Padding rows (queries that do not attend this chunk) get weight exp(-inf) = 0 in the merge.
+            lse_blk = lse_blk.to(work).masked_fill(~ok, float("-inf"))
+            lse_old = lse.gather(1, idx)
+            # Only exp, log and single arithmetic ops here: their CPU results do not depend on where a row sits in
+            # the tensor, whereas sigmoid, logaddexp and lerp round differently in the vectorised body and the scalar
+            # tail. So a query's output never depends on which other queries attend the same chunk; causal routing
+            # then keeps earlier shots bit-identical when later shots change.
+            top = torch.maximum(lse_old, lse_blk)
+            w_old, w_blk = torch.exp(lse_old - top), torch.exp(lse_blk - top)
+            total = w_old + w_blk
+            rows = _gather(out, idx) * (w_old / total)[..., None] + o_blk.to(work) * (w_blk / total)[..., None]
+            out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
+            lse.scatter_(1, idx, top + torch.log(total))
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, attend, out, lse)
         ctx.offsets, ctx.scale = offsets, scale
         return out
@@ -78,30 +135,22 @@ class _ChunkedMoCAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attend, out, lse = ctx.saved_tensors
-        offsets, scale = ctx.offsets, ctx.scale
-        BH, L, D = q.shape
-        work = lse.dtype
-        grad_out = grad_out.to(work)
-        delta = (grad_out * out.to(work)).sum(-1)
-        dq = torch.zeros(BH, L, D, device=q.device, dtype=work)
+        _, bwd, budget = _block_ops(q.device)
+        grad_out = grad_out.contiguous()
+        dq = torch.zeros(q.shape, device=q.device, dtype=lse.dtype)
         dk = torch.zeros_like(dq)
-        dv = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
-        for c in range(len(offsets) - 1):
-            order, valid, width = _chunk_rows(attend[:, :, c])
-            if width == 0:
-                continue
-            lo, hi = offsets[c], offsets[c + 1]
-            k_c, v_c = k[:, lo:hi].to(work), v[:, lo:hi].to(work)
-            for t0, t1 in _tiles(width, BH, hi - lo):
-                idx, ok = order[:, t0:t1], valid[:, t0:t1]
-                q_g, do_g = _gather(q, idx, work), _gather(grad_out, idx, work)
-                s = torch.bmm(q_g, k_c.transpose(1, 2)).mul_(scale)
-                s.masked_fill_(~ok[..., None], float("-inf"))
-                p = torch.exp(s - lse.gather(1, idx)[..., None])
-                dv[:, lo:hi] += torch.bmm(p.transpose(1, 2), do_g)
-                ds = p * (torch.bmm(do_g, v_c.transpose(1, 2)) - delta.gather(1, idx)[..., None])
-                dq.scatter_add_(1, idx[..., None].expand(-1, -1, D), torch.bmm(ds, k_c) * scale)
-                dk[:, lo:hi] += torch.bmm(ds.transpose(1, 2), q_g) * scale
+        dv = torch.zeros(v.shape, device=q.device, dtype=lse.dtype)
+        for lo, hi, idx, ok in _blocks(attend, ctx.offsets, budget):
+            # Padding rows get probabilities exp(s - inf) = 0 and zero upstream gradient, so their share of dq, dk
+            # and dv is exactly zero (a finite lse could overflow exp for a query that never attended this chunk).
+            keep = ok[..., None]
+            do_g = _gather(grad_out, idx) * keep
+            o_g = _gather(out, idx) * keep
+            lse_g = lse.gather(1, idx).masked_fill(~ok, float("inf"))
+            dq_g, dk_c, dv_c = bwd(do_g, _gather(q, idx), k[:, lo:hi], v[:, lo:hi], o_g, lse_g, ctx.scale)
+            dq.view(-1, dq.shape[-1]).index_add_(0, _rows(dq, idx), dq_g.reshape(-1, dq.shape[-1]).to(dq.dtype))
+            dk[:, lo:hi] += dk_c.to(dk.dtype)
+            dv[:, lo:hi] += dv_c.to(dv.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -111,7 +160,7 @@ def torch_attention(
     r"""
     MoC attention with linear memory. `q, k, v` are `(B, L, H, D)`; returns `(B, L, H, D)` in `q.dtype`.
 
-    Accumulates in float32 whatever the input dtype; differentiable with respect to `q`, `k` and `v`.
+    Merges in float32 (float64 inputs stay float64); differentiable with respect to `q`, `k` and `v`.
     """
     B, L, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -124,7 +173,8 @@ def torch_attention(
         return out.transpose(1, 2)
 
     def heads_first(x):
-        return x.permute(0, 2, 1, 3).reshape(B * H, L, x.shape[-1])
+        # contiguous: with B == 1 the reshape is a strided view, and every row gather would copy it whole.
+        return x.permute(0, 2, 1, 3).reshape(B * H, L, x.shape[-1]).contiguous()
 
     out = _ChunkedMoCAttention.apply(
         heads_first(q), heads_first(k), heads_first(v), attend.reshape(B * H, L, -1), routing.layout.offsets, scale

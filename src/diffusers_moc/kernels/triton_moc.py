@@ -60,7 +60,6 @@ from ..routing import MoCRouting
 __all__ = ["triton_attention", "build_plan", "MoCTritonPlan"]
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 # Bits per bitset word; int64 words keep the kernels' bit test to one load per token and chunk.
 _WORD = 64
 

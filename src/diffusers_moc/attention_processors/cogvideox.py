@@ -1,0 +1,106 @@
+"""MoC joint attention for `CogVideoXTransformer3DModel` (caption tokens first, then video, in one sequence)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..parallel import ulysses_config
+from .base import MoCAttnProcessorBase, frames_from_rotary
+
+__all__ = ["MoCCogVideoXAttnProcessor"]
+
+
+class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
+    r"""
+    Drop-in for diffusers' `CogVideoXAttnProcessor2_0` that computes the joint text-video attention with MoC.
+
+    The stream is `[caption tokens, video tokens]`; the caption (all its tokens: CogVideoX attends to its T5 padding
+    too, without a mask) is one text chunk, a mandatory anchor; video chunks are latent frames.
+
+    The frame grid is read off the rotary table when the model uses RoPE (CogVideoX 1.0 5B, CogVideoX 1.5). Without
+    RoPE (CogVideoX-2b) the grid comes from the transformer input, recorded by the pre-hook that [`apply_moc`]
+    registers; so for those checkpoints use `apply_moc`, not `set_attn_processor` alone.
+
+    Args:
+        config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
+    """
+
+    @staticmethod
+    def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+        """Post-patchify `(frames, height, width)` of a `CogVideoXTransformer3DModel.forward` call."""
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden_states is None or hidden_states.ndim != 5:
+            return None
+        _, frames, _, height, width = hidden_states.shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return (frames if p_t is None else frames // p_t), height // p, width // p
+
+    @staticmethod
+    def stock_processor(module: torch.nn.Module):
+        """The dense diffusers processor (for [`remove_moc`])."""
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+        return CogVideoXAttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise NotImplementedError(
+                "MoCCogVideoXAttnProcessor does not take an attention mask (CogVideoX passes none)"
+            )
+        if ulysses_config(self._parallel_config) is not None:
+            raise NotImplementedError(
+                "CogVideoXTransformer3DModel has no context-parallel plan in diffusers; MoC context parallelism is "
+                "supported on Wan and LTX-Video"
+            )
+        text_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            # RoPE on the video part only, as diffusers' CogVideoXAttnProcessor2_0 does.
+            query = torch.cat(
+                [query[:, :text_len], apply_rotary_emb(query[:, text_len:], image_rotary_emb, sequence_dim=1)], 1
+            )
+            if not attn.is_cross_attention:
+                key = torch.cat(
+                    [key[:, :text_len], apply_rotary_emb(key[:, text_len:], image_rotary_emb, sequence_dim=1)], 1
+                )
+
+        frames, per_frame = self._video_grid(image_rotary_emb, query.shape[1] - text_len)
+        layout = self.layout(frames, per_frame, text_tokens=text_len, text_first=True)
+        hidden_states = self.attend(attn, query, key, value, layout)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states, hidden_states = hidden_states.split([text_len, hidden_states.shape[1] - text_len], dim=1)
+        return hidden_states, encoder_hidden_states
+
+    def _video_grid(self, image_rotary_emb, video_len: int) -> tuple[int, int]:
+        if image_rotary_emb is not None:
+            frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
+        elif self._grid is not None:
+            frames, height, width = self._grid
+            per_frame = height * width
+        else:
+            raise ValueError(
+                "MoCCogVideoXAttnProcessor found neither rotary embeddings nor a recorded input grid; for CogVideoX "
+                "models without RoPE install it with `apply_moc(transformer, config)`, which records the grid"
+            )
+        if frames * per_frame != video_len:
+            raise ValueError(f"the video grid has {frames}x{per_frame} tokens but the video stream has {video_len}")
+        return frames, per_frame

@@ -1,0 +1,113 @@
+"""MoC joint attention for `HunyuanVideo15Transformer3DModel` (HunyuanVideo 1.5)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..parallel import ulysses_config
+from .base import MoCAttnProcessorBase, frames_from_rotary
+
+__all__ = ["MoCHunyuanVideo15AttnProcessor"]
+
+
+class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
+    r"""
+    Drop-in for diffusers' `HunyuanVideo15AttnProcessor2_0` that computes the joint attention with MoC.
+
+    The stream is `[video tokens, condition tokens]`; HunyuanVideo 1.5 packs the valid condition tokens (image,
+    ByT5 glyph text, Qwen caption) first and the padding last, and passes their mask. The valid condition tokens
+    form one text chunk, a mandatory anchor; padded ones are dropped before routing (the stock mask hides them as
+    keys and as queries), and their outputs are zero. Video chunks are latent frames, read off the rotary table.
+
+    `transformer.set_attn_processor(MoCHunyuanVideo15AttnProcessor(config))` works: the caption refiner's
+    text-only attention falls back to diffusers' dense `AttnProcessor2_0`.
+
+    Args:
+        config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
+    """
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._refiner = AttnProcessor2_0()
+
+    @staticmethod
+    def stock_processor(module: torch.nn.Module):
+        """The dense diffusers processor of `module` (for [`remove_moc`]): the refiner has no added projections."""
+        from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+        return AttnProcessor2_0() if getattr(module, "add_q_proj", None) is None else HunyuanVideo15AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if image_rotary_emb is None and encoder_hidden_states is None:
+            # The token refiner's text-only self-attention: not part of the video stream.
+            return self._refiner(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if image_rotary_emb is None or encoder_hidden_states is None:
+            raise ValueError(
+                "MoCHunyuanVideo15AttnProcessor needs the rotary embeddings and the condition tokens of a joint "
+                "attention call"
+            )
+        if ulysses_config(self._parallel_config) is not None:
+            raise NotImplementedError(
+                "HunyuanVideo15Transformer3DModel has no context-parallel plan in diffusers; MoC context "
+                "parallelism is supported on Wan and LTX-Video"
+            )
+
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+
+        video_len, text_len = query.shape[1], encoder_query.shape[1]
+        if image_rotary_emb[0].shape[0] != video_len:
+            raise ValueError(
+                f"rotary embeddings cover {image_rotary_emb[0].shape[0]} tokens but the video stream has {video_len}"
+            )
+        frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
+        valid = self._valid_text(attention_mask, query.shape[0], video_len, text_len)
+        query = torch.cat([query, encoder_query], dim=1)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+        hidden_states = self.attend_video_then_text(attn, query, key, value, frames, per_frame, valid)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        hidden_states, encoder_hidden_states = hidden_states[:, :video_len], hidden_states[:, video_len:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+    @staticmethod
+    def _valid_text(attention_mask, batch: int, video_len: int, text_len: int) -> list[torch.Tensor | None]:
+        if attention_mask is None:
+            return [None] * batch
+        # The stock processor left-pads a (B, T) condition mask with True up to the whole sequence; accept both.
+        mask = attention_mask.reshape(attention_mask.shape[0], -1).bool()
+        if mask.shape[-1] == video_len + text_len:
+            if not bool(mask[:, :video_len].all()):
+                raise ValueError("the attention mask hides video tokens; MoC only drops padded condition tokens")
+            mask = mask[:, video_len:]
+        if mask.shape != (batch, text_len):
+            raise ValueError(
+                f"expected a condition mask shaped ({batch}, {text_len}), got {tuple(attention_mask.shape)}"
+            )
+        return [None if bool(m.all()) else torch.nonzero(m).flatten() for m in mask]

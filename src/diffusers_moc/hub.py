@@ -1,0 +1,221 @@
+"""Share MoC-adapted models: a diffusers-format LoRA + `moc_config.json` + a model card, in one folder or Hub repo.
+
+>>> from diffusers import WanPipeline
+>>> from diffusers_moc import load_moc_lora
+
+>>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+>>> load_moc_lora(pipe, "user/wan-moc-lora")  # adapter weights and MoC routing in one call
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .apply import apply_moc
+from .config import CONFIG_NAME, MoCConfig
+
+__all__ = ["save_moc_lora", "load_moc_lora", "push_to_hub", "moc_model_card", "LORA_WEIGHT_NAME"]
+
+#: The file diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MODEL_CARD_TAGS = ["diffusers-moc", "mixture-of-contexts", "lora", "diffusers", "text-to-video", "template:sd-lora"]
+
+
+def _pipeline_cls(pipeline_cls: type | None) -> type:
+    if pipeline_cls is not None:
+        return pipeline_cls
+    from diffusers import WanPipeline
+
+    return WanPipeline
+
+
+def save_moc_lora(
+    transformer: torch.nn.Module,
+    save_directory: str | os.PathLike,
+    moc_config: MoCConfig,
+    *,
+    adapter_name: str = "default",
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    training_info: dict[str, Any] | None = None,
+    pipeline_cls: type | None = None,
+) -> str:
+    r"""
+    Save the LoRA adapter of a PEFT-adapted transformer as a diffusers LoRA, with its MoC settings and a model card.
+
+    The folder holds `pytorch_lora_weights.safetensors` (what `pipe.load_lora_weights` reads, with the adapter's
+    rank / alpha / target modules as metadata), `moc_config.json` and `README.md`.
+
+    Args:
+        transformer (`torch.nn.Module`): the transformer with a PEFT adapter (`transformer.add_adapter(...)`).
+        save_directory (`str` or `os.PathLike`): output folder (created).
+        moc_config (`MoCConfig`): the MoC settings the adapter was trained for (restored by [`load_moc_lora`]).
+        adapter_name (`str`, defaults to `"default"`): which adapter to save.
+        base_model (`str`, *optional*): the base pipeline repo id, for the model card.
+        repo_id (`str`, *optional*): the repo the folder will be pushed to, for the model card's usage snippet.
+        training_info (`dict`, *optional*): training settings listed in the model card.
+        pipeline_cls (`type`, *optional*): the diffusers pipeline class whose `save_lora_weights` is used
+            (default `WanPipeline`).
+
+    Returns:
+        `str`: the folder.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if not isinstance(moc_config, MoCConfig):
+        raise TypeError(f"moc_config must be a MoCConfig, got {type(moc_config).__name__}")
+    peft_config = getattr(transformer, "peft_config", {}).get(adapter_name)
+    if peft_config is None:
+        raise ValueError(f"the transformer has no LoRA adapter named {adapter_name!r}; add one with add_adapter")
+    save_directory = os.fspath(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    _pipeline_cls(pipeline_cls).save_lora_weights(
+        save_directory,
+        transformer_lora_layers=state,
+        # Stores rank, alpha and target modules so that loading rebuilds the same LoRA scale (alpha / rank).
+        transformer_lora_adapter_metadata=peft_config.to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    moc_config.save_pretrained(save_directory)
+    lora_info = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": peft_config.target_modules}
+    moc_model_card(
+        moc_config, base_model=base_model, repo_id=repo_id, lora=lora_info, training_info=training_info
+    ).save(os.path.join(save_directory, "README.md"))
+    return save_directory
+
+
+def moc_model_card(
+    moc_config: MoCConfig,
+    *,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    lora: dict[str, Any] | None = None,
+    training_info: dict[str, Any] | None = None,
+):
+    r"""
+    A `huggingface_hub.ModelCard` for a MoC LoRA: base model, tags, MoC and training settings, and how to load it.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    def jsonable(v: Any) -> Any:
+        return sorted(v) if isinstance(v, set) else v
+
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        tags=list(MODEL_CARD_TAGS),
+        pipeline_tag="text-to-video",
+    )
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        "# Mixture-of-Contexts LoRA" + (f" for {base_model}" if base_model else ""),
+        "",
+        "A LoRA adapter fine-tuned through Mixture of Contexts (MoC) sparse attention routing "
+        "([Cai et al., 2025](https://arxiv.org/abs/2508.21058)) with `diffusers-moc`. "
+        "Load the adapter and the routing settings in one call:",
+        "",
+        "```py",
+        "from diffusers import WanPipeline",
+        "from diffusers_moc import load_moc_lora",
+        "",
+        f'pipe = WanPipeline.from_pretrained("{base_model or "<base model>"}")',
+        f'load_moc_lora(pipe, "{repo_id or "<this repo>"}")',
+        "```",
+        "",
+        "## MoC settings (`moc_config.json`)",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| `{k}` | `{json.dumps(v)}` |" for k, v in moc_config.to_dict().items()],
+    ]
+    if lora:
+        lines += ["", "## LoRA", "", "| setting | value |", "|---|---|"]
+        lines += [f"| `{k}` | `{json.dumps(jsonable(v))}` |" for k, v in lora.items()]
+    if training_info:
+        lines += ["", "## Training settings", "", "```json", json.dumps(training_info, indent=2, default=str), "```"]
+    return ModelCard("\n".join(lines) + "\n")
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload MoC LoRA",
+    revision: str | None = None,
+) -> str:
+    r"""
+    Upload a folder written by [`save_moc_lora`] (LoRA weights, `moc_config.json`, `README.md`) to a model repo.
+
+    The repo is created if needed; exactly the files of `folder` are uploaded.
+
+    Args:
+        folder (`str` or `os.PathLike`): the saved folder.
+        repo_id (`str`): `"user/name"` or `"org/name"`.
+        private (`bool`, defaults to `False`): create the repo private.
+        token (`str`, *optional*): Hub token (default: the logged-in one).
+        commit_message (`str`): commit message of the upload.
+        revision (`str`, *optional*): branch to upload to.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    folder = os.fspath(folder)
+    missing = [name for name in (LORA_WEIGHT_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a saved MoC LoRA: missing {missing}; write it with save_moc_lora")
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True, token=token)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        commit_message=commit_message,
+        revision=revision,
+        token=token,
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+def load_moc_lora(
+    pipe,
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    **kwargs: Any,
+):
+    r"""
+    Load a MoC LoRA onto a pipeline in one call: the adapter weights (`pipe.load_lora_weights`) and the saved
+    `moc_config.json`, applied to `pipe.transformer` with [`apply_moc`].
+
+    Args:
+        pipe (`DiffusionPipeline`): a pipeline with LoRA support and a MoC-supported transformer (e.g. `WanPipeline`).
+        pretrained_model_name_or_path (`str` or `os.PathLike`): a folder from [`save_moc_lora`] or a Hub repo id.
+        adapter_name (`str`, *optional*): adapter name for `load_lora_weights`.
+        kwargs: Hub options passed to both loads (`revision`, `token`, `cache_dir`, `subfolder`, ...).
+
+    Returns:
+        The pipeline (changed in place).
+    """
+    source = os.fspath(pretrained_model_name_or_path)
+    hub_kwargs = {
+        k: kwargs[k] for k in ("revision", "token", "cache_dir", "force_download", "local_files_only") if k in kwargs
+    }
+    # Read the MoC config first: a folder or repo without it is not a MoC LoRA, and nothing is changed then.
+    moc_config = MoCConfig.from_pretrained(source, subfolder=kwargs.get("subfolder"), **hub_kwargs)
+    pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+    apply_moc(pipe.transformer, moc_config)
+    return pipe

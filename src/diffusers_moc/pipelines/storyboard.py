@@ -1,0 +1,277 @@
+"""Storyboard files: a long video described in YAML or JSON (global prompt, shots, settings), validated up front.
+
+Example (YAML)::
+
+    global_prompt: a red car in a small city, cinematic
+    fps: 16
+    height: 480
+    width: 832
+    shots:
+      - prompt: wide shot of the car driving down the street
+        seconds: 5
+      - prompt: close up of the driver smiling
+        num_frames: 81
+    moc:
+      top_k: 5
+      anchor_own_shot: true
+
+Every error names the field it is about (`shots[1].num_frames: ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import MoCConfig
+from .long_video import Shot, check_shot_frames, frames_for_seconds
+
+__all__ = ["Storyboard", "StoryboardError", "load_storyboard", "TOP_LEVEL_KEYS", "SHOT_KEYS"]
+
+#: Keys a storyboard may have, with their defaults (`shots` is required).
+TOP_LEVEL_KEYS: dict[str, Any] = {
+    "model": None,
+    "global_prompt": None,
+    "negative_prompt": None,
+    "shots": None,
+    "fps": 16,
+    "height": 480,
+    "width": 832,
+    "num_inference_steps": 50,
+    "guidance_scale": 5.0,
+    "seed": 0,
+    "max_sequence_length": 512,
+    "moc": None,
+}
+SHOT_KEYS = ("prompt", "num_frames", "seconds")
+#: Pixel multiple of height/width for Wan (8x VAE, 2x2 patches).
+SIZE_MULTIPLE = 16
+
+
+class StoryboardError(ValueError):
+    """A storyboard that cannot be used; the message names the file and the field."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Storyboard:
+    r"""
+    A validated storyboard. Build it with [`Storyboard.from_dict`] or [`load_storyboard`].
+
+    Args:
+        shots (`tuple[Shot]`): the shots, in order.
+        global_prompt (`str`, *optional*): caption attended by every shot.
+        negative_prompt (`str`, *optional*): negative prompt for classifier-free guidance.
+        model (`str`, *optional*): model id or folder to load (the CLI's `--model` overrides it).
+        fps (`float`): frame rate of the video (and of `seconds` -> frames).
+        height (`int`) / width (`int`): size in pixels, multiples of 16.
+        num_inference_steps (`int`), guidance_scale (`float`), seed (`int`, *optional*), max_sequence_length (`int`).
+        moc (`MoCConfig`): MoC settings.
+    """
+
+    shots: tuple[Shot, ...]
+    global_prompt: str | None = None
+    negative_prompt: str | None = None
+    model: str | None = None
+    fps: float = 16
+    height: int = 480
+    width: int = 832
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int | None = 0
+    max_sequence_length: int = 512
+    moc: MoCConfig = field(default_factory=MoCConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "storyboard") -> Storyboard:
+        r"""
+        Validate a parsed storyboard.
+
+        Args:
+            data (`dict`): the parsed file.
+            source (`str`): name used in error messages (the file path).
+
+        Raises:
+            [`StoryboardError`]: naming the first bad field.
+        """
+
+        def fail(where: str, message: str) -> StoryboardError:
+            return StoryboardError(f"{source}: {where}: {message}")
+
+        if not isinstance(data, dict):
+            raise StoryboardError(f"{source}: a storyboard must be a mapping of settings, got {type(data).__name__}")
+        unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise fail(", ".join(unknown), f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
+        values = {**TOP_LEVEL_KEYS, **data}
+
+        for name in ("model", "global_prompt", "negative_prompt"):
+            v = values[name]
+            if v is not None and not isinstance(v, str):
+                raise fail(name, f"must be a string, got {v!r}")
+        if values["global_prompt"] is not None and not values["global_prompt"].strip():
+            raise fail("global_prompt", "is empty; leave it out for no global caption")
+        if values["model"] is not None and not values["model"].strip():
+            raise fail("model", "is empty")
+
+        fps = values["fps"]
+        if not _is_number(fps) or fps <= 0:
+            raise fail("fps", f"must be a positive number, got {fps!r}")
+        for name in ("height", "width"):
+            v = values[name]
+            if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
+                raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {v!r}")
+        for name in ("num_inference_steps", "max_sequence_length"):
+            v = values[name]
+            if not _is_int(v) or v < 1:
+                raise fail(name, f"must be a positive integer, got {v!r}")
+        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
+            raise fail("guidance_scale", f"must be a number >= 0, got {values['guidance_scale']!r}")
+        seed = values["seed"]
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise fail("seed", f"must be a non-negative integer or null, got {seed!r}")
+
+        moc = values["moc"]
+        if moc is None:
+            moc_config = MoCConfig()
+        elif isinstance(moc, dict):
+            try:
+                moc_config = MoCConfig.from_dict(moc)
+            except (TypeError, ValueError) as e:
+                raise fail("moc", str(e)) from None
+        else:
+            raise fail("moc", f"must be a mapping of MoCConfig settings, got {moc!r}")
+
+        shots = values["shots"]
+        if shots is None:
+            raise fail("shots", "missing; a storyboard needs at least one shot")
+        if not isinstance(shots, list):
+            raise fail("shots", f"must be a list of shots, got {type(shots).__name__}")
+        if not shots:
+            raise fail("shots", "is empty; a storyboard needs at least one shot")
+        parsed = tuple(cls._shot(i, s, fps, fail) for i, s in enumerate(shots))
+
+        return cls(
+            shots=parsed,
+            global_prompt=values["global_prompt"],
+            negative_prompt=values["negative_prompt"],
+            model=values["model"],
+            fps=fps,
+            height=values["height"],
+            width=values["width"],
+            num_inference_steps=values["num_inference_steps"],
+            guidance_scale=float(values["guidance_scale"]),
+            seed=seed,
+            max_sequence_length=values["max_sequence_length"],
+            moc=moc_config,
+        )
+
+    @staticmethod
+    def _shot(i: int, shot: Any, fps: float, fail) -> Shot:
+        where = f"shots[{i}]"
+        if not isinstance(shot, dict):
+            raise fail(where, f"must be a mapping with prompt and num_frames or seconds, got {shot!r}")
+        unknown = sorted(set(map(str, shot)) - set(SHOT_KEYS))
+        if unknown:
+            raise fail(f"{where}.{unknown[0]}", f"unknown key; a shot has {list(SHOT_KEYS)}")
+        prompt = shot.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise fail(f"{where}.prompt", f"must be a non-empty string, got {prompt!r}")
+        frames, seconds = shot.get("num_frames"), shot.get("seconds")
+        if frames is None and seconds is None:
+            raise fail(where, "needs num_frames or seconds")
+        if frames is not None and seconds is not None:
+            raise fail(where, "give num_frames or seconds, not both")
+        if frames is not None:
+            if not _is_int(frames):
+                raise fail(f"{where}.num_frames", f"must be an integer, got {frames!r}")
+            if frames <= 0:
+                raise fail(f"{where}.num_frames", f"must be positive (a shot cannot be empty), got {frames}")
+            try:
+                check_shot_frames(frames, "num_frames")
+            except ValueError as e:
+                raise fail(f"{where}.num_frames", str(e).removeprefix("num_frames=")) from None
+            return Shot(prompt, num_frames=frames)
+        if not _is_number(seconds) or seconds <= 0:
+            raise fail(f"{where}.seconds", f"must be a positive number (a shot cannot be empty), got {seconds!r}")
+        frames_for_seconds(seconds, fps)
+        return Shot(prompt, seconds=float(seconds))
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def shot_frames(self) -> list[int]:
+        """Pixel frames of each shot."""
+        return [s.frames(self.fps) for s in self.shots]
+
+    @property
+    def num_frames(self) -> int:
+        """Pixel frames of the whole video."""
+        return sum(self.shot_frames)
+
+    @property
+    def duration(self) -> float:
+        """Length of the video in seconds."""
+        return self.num_frames / self.fps
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        r"""Keyword arguments for [`LongVideoPipeline`] (all but `generator`, which needs a device: see `seed`)."""
+        return {
+            "shots": list(self.shots),
+            "global_prompt": self.global_prompt,
+            "negative_prompt": self.negative_prompt,
+            "height": self.height,
+            "width": self.width,
+            "fps": self.fps,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+            "moc_config": self.moc,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The storyboard as plain data (what `from_dict` reads back)."""
+        shots = [
+            {"prompt": s.prompt, "num_frames": s.num_frames}
+            if s.num_frames is not None
+            else {"prompt": s.prompt, "seconds": s.seconds}
+            for s in self.shots
+        ]
+        out = {k: getattr(self, k) for k in TOP_LEVEL_KEYS if k not in ("shots", "moc")}
+        return {**out, "shots": shots, "moc": self.moc.to_dict()}
+
+
+def load_storyboard(path: str | os.PathLike) -> Storyboard:
+    r"""
+    Read and validate a storyboard file: `.yaml` / `.yml` (PyYAML) or `.json`.
+
+    Raises:
+        [`StoryboardError`]: the file is missing, does not parse, or a field is invalid (the message names it).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StoryboardError(f"{path}: no such storyboard file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".json"):
+        raise StoryboardError(f"{path}: a storyboard must be a .yaml, .yml or .json file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if ext == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001  (any parser error becomes a StoryboardError naming the file)
+        raise StoryboardError(f"{path}: cannot parse: {e}") from None
+    return Storyboard.from_dict(data, source=path)

@@ -1,0 +1,483 @@
+"""`TrainConfig`: the YAML training config of `diffusers-moc train`, validated into nested dataclasses.
+
+Every error names the offending field by its dotted path (e.g. `training.learning_rate`), so a typo in a long YAML
+file is found at start-up, not after the models are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
+
+from ..config import MoCConfig
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "ModelConfig",
+    "LoraSettings",
+    "SparsityConfig",
+    "DataConfig",
+    "OptimConfig",
+    "CheckpointConfig",
+    "ValidationConfig",
+    "LoggingConfig",
+    "HubConfig",
+    "load_train_config",
+]
+
+
+class ConfigError(ValueError):
+    """A training config value is missing, unknown or invalid; the message starts with the field's dotted path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    r"""
+    Args:
+        pretrained (`str`): a diffusers Wan pipeline repo id or folder (e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`), or
+            `"tiny"` for the in-process random tiny model of `diffusers_moc.tiny` (tests, smoke runs).
+        revision (`str`, *optional*), variant (`str`, *optional*): passed to `from_pretrained`.
+        tiny_seed (`int`): seed of the tiny model's random weights.
+    """
+
+    pretrained: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    revision: str | None = None
+    variant: str | None = None
+    tiny_seed: int = 0
+
+
+@dataclass
+class LoraSettings:
+    r"""
+    PEFT `LoraConfig` settings of the adapter added to the transformer.
+
+    Args:
+        rank (`int`): LoRA rank `r`.
+        alpha (`float`, *optional*): `lora_alpha` (scale `alpha / rank`); defaults to `rank`.
+        dropout (`float`): `lora_dropout`.
+        target_modules (`list[str]`): module names (or suffixes) to adapt; the default adapts the attention
+            projections of self- and cross-attention, as diffusers' LoRA training scripts do.
+    """
+
+    rank: int = 32
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SparsityConfig:
+    r"""
+    Sparsity schedule (`MOC_SPEC.md` section 3): `top_k` goes from `start_top_k` to `moc.top_k`.
+
+    Args:
+        start_top_k (`int` or `"dense"`): `"dense"` starts from exactly dense attention (every chunk selected, causal
+            routing off); an integer starts from that `top_k`.
+        warmup_steps (`int`): steps held at `start_top_k` before annealing.
+        anneal_steps (`int`): steps over which `top_k` decreases to the target (0: target from the first step).
+        shape (`str`): `"linear"` or `"cosine"` interpolation.
+    """
+
+    start_top_k: int | str = "dense"
+    warmup_steps: int = 0
+    anneal_steps: int = 1000
+    shape: Literal["linear", "cosine"] = "linear"
+
+
+@dataclass
+class DataConfig:
+    r"""
+    Args:
+        root (`str`): folder with the clips and `metadata.jsonl` (paths in the metadata are relative to it).
+        metadata (`str`): metadata file name inside `root`.
+        num_frames (`int`): pixel frames per training sample, `4n + 1` for Wan's VAE.
+        height, width (`int`): training resolution (clips are resized and center-cropped).
+        max_sequence_length (`int`): text tokens of the prompt embeddings.
+        cache (`bool`): precompute VAE latent distributions and prompt embeddings once, before training.
+        cache_dir (`str`, *optional*): where the cache lives (default `<output_dir>/cache`).
+        validate_clips (`bool`): decode every clip once at start-up so unreadable ones are reported and skipped
+            before training starts.
+        num_workers (`int`): DataLoader workers.
+    """
+
+    root: str = ""
+    metadata: str = "metadata.jsonl"
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    max_sequence_length: int = 512
+    cache: bool = False
+    cache_dir: str | None = None
+    validate_clips: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    r"""
+    Optimisation settings. The loss is diffusers' flow-matching loss: `x_t = (1 - sigma) x_0 + sigma * noise`,
+    target `noise - x_0`, with timesteps drawn by `compute_density_for_timestep_sampling(weighting_scheme, ...)`.
+    `flow_shift` is the shift of the training `FlowMatchEulerDiscreteScheduler` (3.0 suits Wan at 480p).
+    `caption_dropout` is the probability of training a sample on the empty prompt (keeps classifier-free guidance
+    working).
+    """
+
+    max_steps: int = 2000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16"] | None = "bf16"
+    gradient_checkpointing: bool = True
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float = 3.0
+    caption_dropout: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    r"""
+    Args:
+        every (`int`): save `accelerator.save_state` to `<output_dir>/checkpoint-<step>` every this many steps
+            (0: never).
+        total_limit (`int`, *optional*): keep at most this many checkpoints (oldest removed).
+        resume_from (`str`, *optional*): a checkpoint folder, or `"latest"` for the newest in `output_dir`.
+    """
+
+    every: int = 500
+    total_limit: int | None = None
+    resume_from: str | None = None
+
+
+@dataclass
+class ValidationConfig:
+    r"""
+    Periodic validation videos, generated with the model being trained and written to `<output_dir>/validation`.
+
+    Args:
+        every (`int`): generate every this many steps (0: never); also after the last step when non-zero.
+        prompts (`list[str]`): one video per prompt.
+        shot_frames (`list[int]`, *optional*): latent frames per shot for the validation videos.
+    """
+
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 0
+    fps: int = 16
+    shot_frames: list[int] | None = None
+
+
+@dataclass
+class LoggingConfig:
+    r"""
+    Args:
+        report_to (`list[str]`): accelerate trackers: `"tensorboard"`, `"wandb"`, or `"auto"` (TensorBoard, plus
+            W&B when `wandb` is installed); `[]` or `["none"]` for none.
+        project_name (`str`): tracker project / run name.
+        log_every (`int`): log loss, learning rate and density every this many steps.
+    """
+
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project_name: str = "diffusers-moc"
+    log_every: int = 1
+
+
+@dataclass
+class HubConfig:
+    r"""
+    Args:
+        push (`bool`): upload the exported adapter folder at the end of training.
+        repo_id (`str`, *optional*): target repo (required when `push` is true).
+        private (`bool`): create the repo private.
+    """
+
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+
+
+@dataclass
+class TrainConfig:
+    r"""
+    The full `diffusers-moc train` config. Build it with [`load_train_config`] or [`TrainConfig.from_dict`].
+
+    Args:
+        output_dir (`str`): checkpoints, logs, validation videos and the exported adapter (`<output_dir>/final`).
+        seed (`int`): seeds LoRA init, data order, noise, timesteps and MoC drop-off / drop-in.
+        moc (`MoCConfig`): the MoC settings of the fine-tuned model (`moc.top_k` is the schedule's target).
+    """
+
+    output_dir: str = "moc-lora"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    moc: MoCConfig = field(default_factory=lambda: MoCConfig(top_k=3))
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: OptimConfig = field(default_factory=OptimConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build and validate a config from a (YAML-parsed) dict; raises [`ConfigError`] naming the bad field."""
+        config = _build(cls, data, "")
+        _check(config)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML / JSON serialisable), e.g. for tracker hyper-parameters and the model card."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, MoCConfig) else _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` converted to type `tp`, or `_NO`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg, path)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is Literal:
+        # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` means "no".
+        if value is False and "no" in typing.get_args(tp):
+            return "no"
+        return value if not isinstance(value, bool) and value in typing.get_args(tp) else _NO
+    if origin is list:
+        if isinstance(value, str):  # `report_to: tensorboard` means a one-item list
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        (item_tp,) = typing.get_args(tp)
+        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return _NO if any(v is _NO for v in items) else items
+    if tp is type(None):
+        return None if value is None else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, (int, float)):
+            return float(value)
+        # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field; known fields of {where} are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}{name}"
+        tp = hints[name]
+        if tp is MoCConfig:
+            try:
+                kwargs[name] = value if isinstance(value, MoCConfig) else MoCConfig.from_dict(value or {})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(path, str(e)) from None
+        elif dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{path}.")
+        else:
+            out = _coerce(value, tp, path)
+            if out is _NO:
+                raise ConfigError(path, f"must be {_describe(tp)}, got {value!r}")
+            kwargs[name] = out
+    return cls(**kwargs)
+
+
+def _check(c: TrainConfig) -> None:
+    def positive(path: str, value: float, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    if not c.output_dir:
+        raise ConfigError("output_dir", "must be a non-empty path")
+    if not c.model.pretrained:
+        raise ConfigError("model.pretrained", "must be a repo id, a folder or 'tiny'")
+    positive("lora.rank", c.lora.rank)
+    if c.lora.alpha is not None:
+        positive("lora.alpha", c.lora.alpha)
+    if not 0 <= c.lora.dropout < 1:
+        raise ConfigError("lora.dropout", f"must be in [0, 1), got {c.lora.dropout!r}")
+    if not c.lora.target_modules:
+        raise ConfigError("lora.target_modules", "must name at least one module")
+
+    start = c.sparsity.start_top_k
+    if isinstance(start, str) and start != "dense":
+        raise ConfigError("sparsity.start_top_k", f"must be 'dense' or an integer >= moc.top_k, got {start!r}")
+    if isinstance(start, int) and start < c.moc.top_k:
+        raise ConfigError("sparsity.start_top_k", f"must be >= moc.top_k ({c.moc.top_k}), got {start}")
+    positive("sparsity.warmup_steps", c.sparsity.warmup_steps, allow_zero=True)
+    positive("sparsity.anneal_steps", c.sparsity.anneal_steps, allow_zero=True)
+
+    if not c.data.root:
+        raise ConfigError("data.root", "is required: the folder holding the clips and metadata.jsonl")
+    if c.data.num_frames < 1 or (c.data.num_frames - 1) % 4:
+        raise ConfigError("data.num_frames", f"must be 4n + 1 for Wan's VAE (e.g. 17, 49, 81), got {c.data.num_frames}")
+    for name in ("height", "width"):
+        if getattr(c.data, name) <= 0 or getattr(c.data, name) % 16:
+            raise ConfigError(f"data.{name}", f"must be a positive multiple of 16, got {getattr(c.data, name)}")
+    positive("data.max_sequence_length", c.data.max_sequence_length)
+    positive("data.num_workers", c.data.num_workers, allow_zero=True)
+
+    t = c.training
+    positive("training.max_steps", t.max_steps)
+    positive("training.batch_size", t.batch_size)
+    positive("training.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    positive("training.learning_rate", t.learning_rate)
+    positive("training.lr_warmup_steps", t.lr_warmup_steps, allow_zero=True)
+    positive("training.adam_epsilon", t.adam_epsilon)
+    positive("training.weight_decay", t.weight_decay, allow_zero=True)
+    positive("training.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    positive("training.logit_std", t.logit_std)
+    positive("training.flow_shift", t.flow_shift)
+    if not 0 <= t.caption_dropout <= 1:
+        raise ConfigError("training.caption_dropout", f"must be in [0, 1], got {t.caption_dropout!r}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"training.{name}", f"must be in [0, 1), got {getattr(t, name)!r}")
+
+    positive("checkpointing.every", c.checkpointing.every, allow_zero=True)
+    if c.checkpointing.total_limit is not None:
+        positive("checkpointing.total_limit", c.checkpointing.total_limit)
+
+    v = c.validation
+    positive("validation.every", v.every, allow_zero=True)
+    if v.every and not v.prompts:
+        raise ConfigError("validation.prompts", "must list at least one prompt when validation.every > 0")
+    if v.num_frames < 1 or (v.num_frames - 1) % 4:
+        raise ConfigError("validation.num_frames", f"must be 4n + 1, got {v.num_frames}")
+    for name in ("height", "width"):
+        if getattr(v, name) <= 0 or getattr(v, name) % 16:
+            raise ConfigError(f"validation.{name}", f"must be a positive multiple of 16, got {getattr(v, name)}")
+    positive("validation.num_inference_steps", v.num_inference_steps)
+    positive("validation.fps", v.fps)
+    if v.shot_frames is not None and (
+        not v.shot_frames or any(n <= 0 for n in v.shot_frames) or sum(v.shot_frames) != (v.num_frames - 1) // 4 + 1
+    ):
+        raise ConfigError(
+            "validation.shot_frames",
+            f"must be positive latent-frame counts summing to {(v.num_frames - 1) // 4 + 1} "
+            f"(latent frames of validation.num_frames={v.num_frames}), got {v.shot_frames}",
+        )
+
+    allowed = {"tensorboard", "wandb", "auto", "none"}
+    for i, name in enumerate(c.logging.report_to):
+        if name not in allowed:
+            raise ConfigError(f"logging.report_to[{i}]", f"must be one of {sorted(allowed)}, got {name!r}")
+    positive("logging.log_every", c.logging.log_every)
+    if c.hub.push and not c.hub.repo_id:
+        raise ConfigError("hub.repo_id", "is required when hub.push is true")
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    r"""
+    Read a YAML training config and validate it.
+
+    Args:
+        path (`str` or `os.PathLike`): the YAML file.
+        overrides (`list[str]`, *optional*): `dotted.key=value` strings applied on top (values parsed as YAML), as
+            given to `diffusers-moc train --set`.
+
+    Returns:
+        [`TrainConfig`]
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training config {os.fspath(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"{os.fspath(path)} is not valid YAML: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{os.fspath(path)} must hold a mapping at the top level")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,123 @@
+"""Worker of `test_context_parallel.py`: one rank of a 2-process gloo run of tiny transformers with MoC."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def tiny_wan():
+    """A tiny Wan transformer (as in `diffusers_moc.tiny`, built alone) and inputs: 4 latent frames of 2x2 patches."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()  # no dropout, no MoC drop-off/drop-in: deterministic, gradients still flow
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        # 16 tokens, split 8 + 8 over two ranks.
+        "hidden_states": torch.randn(1, 4, 4, 4, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+        "timestep": torch.tensor([500]),
+    }
+    return model, inputs, "blocks.0.attn1.to_q.weight"
+
+
+def tiny_ltx():
+    """A tiny LTX-Video transformer and inputs: 4 latent frames of 2x2 tokens, a 6-token caption (2 padded)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=1,
+        caption_channels=16,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+        "num_frames": 4,
+        "height": 2,
+        "width": 2,
+        "rope_interpolation_scale": (8 / 25, 32, 32),
+    }
+    return model, inputs, "transformer_blocks.0.attn1.to_q.weight"
+
+
+#: Transformer class name -> builder; the models whose MoC context parallelism is tested.
+MODELS = {"WanTransformer3DModel": tiny_wan, "LTXVideoTransformer3DModel": tiny_ltx}
+#: MoC at full density equals the stock model (tested in test_video_transformers.py).
+FULL_DENSITY = {"top_k": 1000, "causal": False, "backend": "torch"}
+#: The dense control run under CP: diffusers' stock processors, except for LTX-Video, whose stock cross-attention
+#: fails under Ulysses with a caption mask in diffusers 0.42.1 (see MoCLTXVideoAttnProcessor): MoC at full density.
+DENSE_UNDER_CP = {"WanTransformer3DModel": None, "LTXVideoTransformer3DModel": FULL_DENSITY}
+
+
+def run_model(model, inputs: dict, grad_param: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and the gradient of `grad_param` for the loss `sum(out ** 2)`."""
+    model.zero_grad()
+    # return_dict=False as the pipelines call it: diffusers' CP hook on the model cannot pass a ModelOutput through.
+    out = model(**inputs, return_dict=False)[0]
+    out.square().sum().backward()
+    # diffusers' output gather may leave a lazy `AsyncCollectiveTensor`; make it a plain tensor (also for saving).
+    out = out.wait() if hasattr(out, "wait") else out
+    return out.detach().clone(), model.get_parameter(grad_param).grad.detach().clone()
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, moc_config: dict) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        # diffusers 0.42.1 `ModelMixin._resolve_parallel_config` picks the device as
+        # `rank % torch.accelerator.device_count()`, which divides by zero on a machine without an accelerator.
+        # The rank's device is irrelevant on CPU, so pretend there is one.
+        torch.accelerator.device_count = lambda: 1
+
+        from diffusers import ContextParallelConfig
+
+        from diffusers_moc import MoCConfig, apply_moc
+
+        results = {}
+        for model_name, build in MODELS.items():
+            for variant, config in (("moc", moc_config), ("dense", DENSE_UNDER_CP[model_name])):
+                model, inputs, grad_param = build()
+                cp_config = ContextParallelConfig(ulysses_degree=world_size)
+                if variant == "moc":
+                    apply_moc(model, MoCConfig(**config))
+                    model.enable_parallelism(config=cp_config)
+                else:
+                    # The other order: apply_moc must carry the parallel config over to its processors.
+                    model.enable_parallelism(config=cp_config)
+                    if config is not None:
+                        apply_moc(model, MoCConfig(**config))
+                out, grad = run_model(model, inputs, grad_param)
+                # Each rank's parameter gradient covers its own tokens; an all-reduce (as DDP/FSDP do) makes it whole.
+                dist.all_reduce(grad)
+                results[model_name, variant] = (out, grad)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "cp_results.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,146 @@
+"""Backends against the reference backend; the reference against dense attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_layout
+
+import diffusers_moc.kernels.torch_chunked as torch_chunked
+from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, moc_attention, resolve_backend, route
+from diffusers_moc.kernels import MAX_REFERENCE_TOKENS, reference_attention
+
+CONFIGS = [
+    MoCConfig(top_k=2),
+    MoCConfig(top_k=1, local_window=0, causal=False),
+    MoCConfig(top_k=3, anchor_own_shot=True, text_anchors="shot"),
+    MoCConfig(top_k=50),  # more than the candidates
+    MoCConfig(top_k=2, route_by="block", block_size=2),
+]
+
+
+@pytest.fixture(params=["fused-cpu", "matmul"])
+def block_path(request, monkeypatch):
+    """Run the torch backend through both block implementations (the matmul one is what CUDA uses)."""
+    if request.param == "matmul":
+        monkeypatch.setattr(
+            torch_chunked, "_block_ops", lambda device: (torch_chunked._matmul_fwd, torch_chunked._matmul_bwd, 64)
+        )
+    return request.param
+
+
+def _qkv(layout, B=2, H=3, D=8, dtype=torch.float32, grad=False):
+    return [torch.randn(B, layout.num_tokens, H, D, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"k{c.top_k}-{c.route_by}-causal{c.causal}")
+def test_torch_backend_equals_reference_fp32_with_gradients(rng, cfg, block_path):
+    for _ in range(5):
+        layout = random_layout(rng)
+        q, k, v = _qkv(layout, grad=True)
+        ref = moc_attention(q, k, v, layout, cfg.replace(backend="reference"))
+        out = moc_attention(q, k, v, layout, cfg.replace(backend="torch"))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_low_precision_close_to_reference(rng, dtype, block_path):
+    layout = random_layout(rng, text=True)
+    q, k, v = _qkv(layout, dtype=dtype, grad=True)
+    cfg = MoCConfig(top_k=2)
+    routing = route(q, k, layout, cfg)
+    ref = reference_attention(*(t.double() for t in (q, k, v)), routing)
+    out = moc_attention(q, k, v, layout, cfg.replace(backend="torch"), routing=routing)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_full_density_equals_dense_attention(rng):
+    layout = random_layout(rng)
+    q, k, v = _qkv(layout)
+    dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    cfg = MoCConfig(top_k=layout.num_chunks, causal=False)
+    for backend in ("reference", "torch"):
+        torch.testing.assert_close(moc_attention(q, k, v, layout, cfg.replace(backend=backend)), dense)
+
+
+def test_sparse_differs_from_dense():
+    layout = ChunkLayout.for_video(6, 4)
+    q, k, v = _qkv(layout)
+    dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    out = moc_attention(q, k, v, layout, MoCConfig(top_k=1, backend="torch"))
+    assert (out - dense).abs().max() > 1e-3
+
+
+def test_custom_scale_and_routing_reuse(rng):
+    layout = random_layout(rng)
+    q, k, v = _qkv(layout)
+    cfg = MoCConfig(top_k=1)
+    out, routing = moc_attention(q, k, v, layout, cfg, scale=0.3, return_routing=True)
+    ref = moc_attention(q, k, v, layout, cfg.replace(backend="reference"), scale=0.3, routing=routing)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_torch():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert available_backends("cpu")[-1] == "reference"
+    with pytest.raises(ValueError, match="unknown MoC backend"):
+        resolve_backend("cuda", "cpu")
+
+
+def test_reference_refuses_long_sequences():
+    layout = ChunkLayout.for_video(2, MAX_REFERENCE_TOKENS // 2 + 1)
+    q = torch.zeros(1, layout.num_tokens, 1, 2)
+    with pytest.raises(ValueError, match="reference backend materialises an L x L mask"):
+        moc_attention(q, q, q, layout, MoCConfig(backend="reference"))
+
+
+def test_shape_and_layout_errors():
+    layout = ChunkLayout.for_video(2, 3)
+    q = torch.randn(1, 6, 2, 4)
+    with pytest.raises(ValueError, match=r"shaped \(B, L, H, D\)"):
+        moc_attention(q, q, torch.randn(1, 6, 3, 4), layout)
+    with pytest.raises(ValueError, match="covers 6 tokens but the sequence has 5"):
+        moc_attention(q[:, :5], q[:, :5], q[:, :5], layout)
+    routing = route(q, q, layout, MoCConfig())
+    with pytest.raises(ValueError, match="another layout"):
+        moc_attention(q, q, q, ChunkLayout.for_video(3, 2), routing=routing)
+
+
+def test_triton_backend_reports_why_it_is_missing(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton.") or name.endswith("triton_moc"):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    layout = ChunkLayout.for_video(2, 3)
+    q = torch.randn(1, 6, 2, 4)
+    with pytest.raises(RuntimeError, match="backend='triton' is not available"):
+        moc_attention(q, q, q, layout, MoCConfig(backend="triton"))
+
+
+def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
+    """Bit-exact: re-routing the last chunk's queries leaves every other query's output unchanged (the DAG property
+    of causal routing relies on it: later shots must not perturb earlier ones, not even in the last bit)."""
+    layout = ChunkLayout.for_video(7, 13, shot_frames=[3, 4])
+    q, k, v = _qkv(layout, B=1, H=2, D=12)
+    routing = route(q, k, layout, MoCConfig(top_k=2, local_window=0))
+    other = MoCRouting(layout, routing.selected.clone(), routing.anchors)
+    last = slice(layout.offsets[-2], layout.offsets[-1])
+    other.selected[:, :, last] = torch.tensor([0, 3])  # different chunks than the router picked
+    assert not torch.equal(other.selected, routing.selected)
+    a = moc_attention(q, k, v, layout, MoCConfig(backend="torch"), routing=routing)
+    b = moc_attention(q, k, v, layout, MoCConfig(backend="torch"), routing=other)
+    assert torch.equal(a[:, : last.start], b[:, : last.start])
+    assert not torch.allclose(a[:, last], b[:, last])

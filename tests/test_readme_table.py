@@ -1,0 +1,55 @@
+"""The README's table of supported models is the one `supported_models_table()` generates, and its claims are tested."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+
+from diffusers_moc.apply import _registry, supported_models, supported_models_table
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _cp_worker import MODELS as CONTEXT_PARALLEL_TESTED  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- models-table:start -->", "<!-- models-table:end -->"
+
+
+def _rows(table: str) -> list[list[str]]:
+    lines = [line for line in table.strip().splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_readme_table_is_the_generated_table():
+    text = README.read_text(encoding="utf-8") if README.is_file() else ""
+    if START not in text or END not in text:
+        pytest.fail(
+            f"README.md has no models table between {START} and {END}; paste "
+            "`python -c 'from diffusers_moc.apply import supported_models_table as t; print(t())'` there"
+        )
+    readme_table = text.split(START, 1)[1].split(END, 1)[0].strip()
+    assert readme_table == supported_models_table().strip(), (
+        "README.md's models table is out of date; regenerate it with diffusers_moc.apply.supported_models_table()"
+    )
+
+
+def test_table_has_one_row_per_supported_model_with_its_processor():
+    rows = _rows(supported_models_table())
+    assert [row[0].strip("`") for row in rows] == supported_models()
+    by_name = {cls.__name__: sup.processor.__name__ for cls, sup in _registry().items()}
+    assert all(row[2].strip("`") == by_name[row[0].strip("`")] for row in rows)
+
+
+def test_table_pipelines_exist_in_diffusers():
+    for row in _rows(supported_models_table()):
+        for pipeline in re.split(r",\s*", row[1]):
+            assert hasattr(diffusers, pipeline), f"{pipeline} (row {row[0]}) is not a diffusers pipeline"
+
+
+def test_context_parallel_column_claims_only_tested_models():
+    claimed = {row[0].strip("`") for row in _rows(supported_models_table()) if row[5] == "Ulysses"}
+    assert claimed == set(CONTEXT_PARALLEL_TESTED)

@@ -1,0 +1,127 @@
+"""Storyboard files: parsing YAML/JSON, defaults, and validation errors that name the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusers_moc import MoCConfig
+from diffusers_moc.pipelines import Shot, Storyboard, StoryboardError, load_storyboard
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "storyboard.yaml"
+
+VALID = {
+    "global_prompt": "a red car in a small city",
+    "negative_prompt": "blurry",
+    "fps": 16,
+    "height": 32,
+    "width": 48,
+    "num_inference_steps": 2,
+    "seed": 7,
+    "moc": {"top_k": 3, "anchor_own_shot": True},
+    "shots": [
+        {"prompt": "the car drives down the street", "seconds": 5},
+        {"prompt": "close up of the driver", "num_frames": 9},
+    ],
+}
+
+
+def write(tmp_path, data, name="board.yaml"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["board.yaml", "board.yml", "board.json"])
+def test_load_yaml_and_json(tmp_path, name):
+    board = load_storyboard(write(tmp_path, VALID, name))
+    assert board.shots == (Shot("the car drives down the street", seconds=5.0), Shot("close up of the driver", 9))
+    assert board.shot_frames == [81, 9]
+    assert board.num_frames == 90
+    assert board.moc == MoCConfig(top_k=3, anchor_own_shot=True)
+    assert (board.height, board.width, board.seed, board.guidance_scale) == (32, 48, 7, 5.0)
+    kwargs = board.pipeline_kwargs()
+    assert kwargs["global_prompt"] == "a red car in a small city" and kwargs["moc_config"] == board.moc
+    assert Storyboard.from_dict(board.to_dict()) == board
+
+
+def test_defaults():
+    board = Storyboard.from_dict({"shots": [{"prompt": "a cat", "num_frames": 81}]})
+    assert (board.fps, board.height, board.width, board.num_inference_steps) == (16, 480, 832, 50)
+    assert board.global_prompt is None and board.model is None and board.moc == MoCConfig()
+
+
+def test_example_storyboard_is_valid():
+    board = load_storyboard(EXAMPLE)
+    assert len(board.shots) == 3
+    assert all((f - 1) % 4 == 0 for f in board.shot_frames)
+
+
+def _with(**changes):
+    data = json.loads(json.dumps(VALID))
+    for key, value in changes.items():
+        if value is _DROP:
+            data.pop(key)
+        else:
+            data[key] = value
+    return data
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (_with(shots=_DROP), r"shots: missing"),
+        (_with(shots=[]), r"shots: is empty"),
+        (_with(shots={"prompt": "a"}), r"shots: must be a list"),
+        (_with(shots=[{"prompt": "a", "num_frames": 0}]), r"shots\[0\]\.num_frames: must be positive"),
+        (_with(shots=[{"prompt": "a", "seconds": 0}]), r"shots\[0\]\.seconds: must be a positive number"),
+        (_with(shots=[{"prompt": "a", "num_frames": 80}]), r"shots\[0\]\.num_frames: 80 cannot be decoded .*4n\+1"),
+        (_with(shots=[{"prompt": "a", "num_frames": 8.5}]), r"shots\[0\]\.num_frames: must be an integer"),
+        (_with(shots=[{"prompt": "a"}]), r"shots\[0\]: needs num_frames or seconds"),
+        (_with(shots=[{"prompt": "a", "num_frames": 5, "seconds": 1}]), r"shots\[0\]: give num_frames or seconds"),
+        (_with(shots=[{"prompt": "", "num_frames": 5}]), r"shots\[0\]\.prompt: must be a non-empty string"),
+        (_with(shots=[{"prompt": "a", "frames": 5}]), r"shots\[0\]\.frames: unknown key"),
+        (_with(shots=["a cat"]), r"shots\[0\]: must be a mapping"),
+        (_with(resolution=480), r"resolution: unknown key"),
+        (_with(height=500), r"height: must be a positive multiple of 16"),
+        (_with(width=True), r"width: must be a positive multiple of 16"),
+        (_with(fps=0), r"fps: must be a positive number"),
+        (_with(num_inference_steps=0), r"num_inference_steps: must be a positive integer"),
+        (_with(guidance_scale="high"), r"guidance_scale: must be a number"),
+        (_with(seed=-1), r"seed: must be a non-negative integer"),
+        (_with(global_prompt=""), r"global_prompt: is empty"),
+        (_with(negative_prompt=3), r"negative_prompt: must be a string"),
+        (_with(moc={"top_k": -1}), r"moc: MoCConfig\.top_k must be an integer >= 0"),
+        (_with(moc={"topk": 3}), r"moc: unknown MoCConfig keys \['topk'\]"),
+        (_with(moc=5), r"moc: must be a mapping"),
+        ([1, 2], r"must be a mapping of settings"),
+    ],
+)
+def test_validation_errors_name_the_field(tmp_path, data, match):
+    path = write(tmp_path, data)
+    with pytest.raises(StoryboardError, match=match) as info:
+        load_storyboard(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(StoryboardError, match="no such storyboard file"):
+        load_storyboard(tmp_path / "missing.yaml")
+    txt = tmp_path / "board.txt"
+    txt.write_text("shots: []")
+    with pytest.raises(StoryboardError, match=r"\.yaml, \.yml or \.json"):
+        load_storyboard(txt)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shots: [unclosed\n")
+    with pytest.raises(StoryboardError, match="cannot parse"):
+        load_storyboard(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(StoryboardError, match="must be a mapping"):
+        load_storyboard(empty)

@@ -1,0 +1,558 @@
+"""LoRA fine-tuning through MoC (`diffusers-moc train`), data, schedule and sharing, on the tiny Wan model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_moc import MoCConfig, get_moc_config
+from diffusers_moc.hub import LORA_WEIGHT_NAME, load_moc_lora, push_to_hub
+from diffusers_moc.layout import ChunkLayout
+from diffusers_moc.training import (
+    ConfigError,
+    MoCLoRATrainer,
+    SparsitySchedule,
+    StepBatchSampler,
+    TrainConfig,
+    VideoClipDataset,
+    latent_shot_frames,
+    load_train_config,
+    routed_density,
+)
+
+iio = pytest.importorskip("imageio.v3")
+
+NUM_FRAMES = 17  # 5 latent frames of 2x2 patch tokens at 32x32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: thread start-up dominates, and the test machine's cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reset_accelerate():
+    # accelerate keeps process-wide singletons; every training run in this file starts from a clean state.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _write_clip(path: str, seed: int, frames: int = NUM_FRAMES, size: int = 32) -> None:
+    # Smooth moving colour blobs: easy to learn, and survive H.264 compression.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    colour = rng.uniform(0.2, 1.0, size=3)
+    video = []
+    for f in range(frames):
+        cx, cy = 0.3 + 0.4 * f / frames, 0.5 + 0.2 * np.sin(f / 3 + seed)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.05)
+        video.append(np.stack([blob * c for c in colour], -1))
+    iio.imwrite(path, (np.stack(video) * 255).astype(np.uint8), plugin="pyav", fps=8, codec="libx264")
+
+
+def _make_dataset(root, n: int = 2, corrupt: bool = False) -> str:
+    root = str(root)
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    lines = []
+    for i in range(n):
+        _write_clip(os.path.join(root, "clips", f"{i}.mp4"), seed=i)
+        if i % 2 == 0:
+            lines.append({"file": f"clips/{i}.mp4", "caption": "a red car drives in the city"})
+        else:
+            lines.append(
+                {
+                    "file": f"clips/{i}.mp4",
+                    "caption": "a dog",
+                    "shots": [
+                        {"caption": "runs on the beach", "frames": [0, 9]},
+                        {"caption": "sits", "frames": [9, 17]},
+                    ],
+                }
+            )
+    if corrupt:
+        with open(os.path.join(root, "clips", "broken.mp4"), "wb") as f:
+            f.write(b"\x00not a video" * 50)
+        lines.append({"file": "clips/broken.mp4", "caption": "a cat"})
+    with open(os.path.join(root, "metadata.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def _config(data_root, out, **sections) -> TrainConfig:
+    base = {
+        "output_dir": str(out),
+        "seed": 0,
+        "model": {"pretrained": "tiny"},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "moc": {"top_k": 1, "local_window": 0, "causal": True, "drop_off": 0.5, "drop_in": 0.5, "backend": "torch"},
+        "sparsity": {"start_top_k": "dense", "warmup_steps": 1, "anneal_steps": 2},
+        "data": {
+            "root": str(data_root),
+            "num_frames": NUM_FRAMES,
+            "height": 32,
+            "width": 32,
+            "max_sequence_length": 16,
+        },
+        "training": {
+            "max_steps": 6,
+            "learning_rate": 1e-3,
+            "mixed_precision": "no",
+            "gradient_checkpointing": True,
+            "lr_scheduler": "constant",
+        },
+        "checkpointing": {"every": 0},
+        "logging": {"report_to": []},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(name, {}).update(values)
+        else:
+            base[name] = values
+    return TrainConfig.from_dict(base)
+
+
+def _lora_state(trainer: MoCLoRATrainer) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.pipeline.transformer).items()}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return _make_dataset(tmp_path_factory.mktemp("clips"), n=2)
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory, _one_thread):
+    """30 steps with cached latents, sparsifying from dense, validation videos and TensorBoard logging."""
+    _reset_accelerate()
+    out = tmp_path_factory.mktemp("trained")
+    config = _config(
+        data_root,
+        out,
+        sparsity={"start_top_k": "dense", "warmup_steps": 2, "anneal_steps": 8},
+        data={"cache": True},
+        training={"max_steps": 30, "batch_size": 2, "learning_rate": 1e-2, "gradient_checkpointing": False},
+        validation={
+            "every": 15,
+            "prompts": ["a red car drives in the city"],
+            "num_frames": 9,
+            "height": 32,
+            "width": 32,
+            "num_inference_steps": 2,
+            "fps": 8,
+        },
+        logging={"report_to": ["tensorboard"]},
+    )
+    from diffusers_moc import routing
+
+    trainer = MoCLoRATrainer(config)
+    with mock.patch.object(routing, "_regularise", wraps=routing._regularise) as regularise:
+        result = trainer.train()
+    trainer.regularise_calls = regularise.call_count
+    _reset_accelerate()
+    return config, trainer, result
+
+
+# ---------------------------------------------------------------------- training
+def test_training_lowers_the_loss(trained):
+    config, _, result = trained
+    assert result.global_step == 30 and len(result.losses) == 30
+    print("losses", [round(x, 4) for x in result.losses])
+    first, last = np.mean(result.losses[:8]), np.mean(result.losses[-8:])
+    assert last < 0.9 * first, (first, last)
+
+
+def test_training_follows_the_sparsity_schedule(trained):
+    config, trainer, result = trained
+    # 5 latent frames = 5 chunks; dense for the 2 warm-up steps and the anneal's first step (top_k 5), then
+    # top_k 4 -> 1.
+    assert result.densities[:4] == [1.0, 1.0, 1.0, 0.6]
+    assert result.densities[-1] == pytest.approx(9 / 25)  # own chunk + 1 routed earlier chunk, causal
+    assert all(a >= b for a, b in zip(result.densities, result.densities[1:]))
+    # Context drop-off / drop-in ran in training once routing is sparse (27 steps; the 3 dense steps attend
+    # everything): 2 layers x 2 shot groups per step, and never in the (eval-mode) validation generations.
+    assert trainer.regularise_calls == 2 * 2 * 27
+    # After training the model carries the configured (target) MoC settings.
+    assert get_moc_config(trainer.pipeline.transformer) == config.moc
+
+
+def test_validation_videos_and_tensorboard_logs(trained):
+    config, _, result = trained
+    assert [os.path.basename(p) for p in result.validation_videos] == ["step-000015-0.mp4", "step-000030-0.mp4"]
+    for path in result.validation_videos:
+        assert iio.imread(path, plugin="pyav").shape == (9, 32, 32, 3)
+    logs = [f for _, _, files in os.walk(os.path.join(config.output_dir, "logs")) for f in files]
+    assert any(f.startswith("events.out.tfevents") for f in logs), logs
+
+
+def test_latent_cache_is_written_and_reused(trained, tmp_path):
+    config, _, _ = trained
+    cache = os.path.join(config.output_dir, "cache")
+    assert len([f for f in os.listdir(cache) if f.endswith(".safetensors")]) == 2
+
+
+# ---------------------------------------------------------------------- sharing
+def _generate(pipe, seed: int = 0) -> np.ndarray:
+    return pipe(
+        prompt="a dog runs on the beach",
+        height=32,
+        width=32,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).frames[0]
+
+
+def test_saved_lora_loads_back_with_identical_outputs(trained):
+    from diffusers import WanPipeline
+
+    from diffusers_moc.tiny import tiny_wan_components
+
+    config, trainer, result = trained
+    assert sorted(os.listdir(result.final_dir)) == ["README.md", "moc_config.json", LORA_WEIGHT_NAME]
+    expected = _generate(trainer.pipeline)
+
+    pipe = WanPipeline(**tiny_wan_components())
+    pipe.set_progress_bar_config(disable=True)
+    base = _generate(pipe)
+    load_moc_lora(pipe, result.final_dir)  # one call: adapter + MoC routing
+    assert get_moc_config(pipe.transformer) == config.moc
+    loaded = _generate(pipe)
+    assert not np.array_equal(base, expected)  # the adapter changes the model, so the check below means something
+    np.testing.assert_array_equal(loaded, expected)
+
+
+def test_model_card_names_base_tags_and_settings(trained):
+    _, _, result = trained
+    card = open(os.path.join(result.final_dir, "README.md")).read()
+    for text in ("diffusers-moc", "mixture-of-contexts", "lora", "`top_k`", "load_moc_lora", "sparsity_schedule"):
+        assert text in card, text
+
+
+def test_push_to_hub_uploads_the_folder(trained):
+    _, _, result = trained
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        api = api_cls.return_value
+        api.upload_folder.return_value = mock.Mock(commit_url="https://hf.co/user/moc/commit/1")
+        url = push_to_hub(result.final_dir, "user/wan-moc-lora", private=True, token="hf_x")
+    assert url == "https://hf.co/user/moc/commit/1"
+    api_cls.assert_called_once_with(token="hf_x")
+    api.create_repo.assert_called_once()
+    assert api.create_repo.call_args.kwargs["repo_id"] == "user/wan-moc-lora"
+    assert api.create_repo.call_args.kwargs["private"] is True
+    upload = api.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "user/wan-moc-lora" and upload["folder_path"] == result.final_dir
+    assert sorted(os.listdir(upload["folder_path"])) == ["README.md", "moc_config.json", LORA_WEIGHT_NAME]
+
+
+def test_push_to_hub_refuses_a_folder_that_is_not_a_moc_lora(tmp_path):
+    (tmp_path / "moc_config.json").write_text("{}")
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        with pytest.raises(FileNotFoundError, match=LORA_WEIGHT_NAME):
+            push_to_hub(tmp_path, "user/x")
+    api_cls.return_value.upload_folder.assert_not_called()
+
+
+def test_load_moc_lora_needs_a_moc_config(trained, tmp_path):
+    from diffusers import WanPipeline
+
+    from diffusers_moc.tiny import tiny_wan_components
+
+    with pytest.raises(FileNotFoundError, match="moc_config.json"):
+        load_moc_lora(WanPipeline(**tiny_wan_components()), tmp_path)
+
+
+# ---------------------------------------------------------------------- resume
+def test_resume_is_exact(data_root, tmp_path):
+    sections = {
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},
+        "training": {
+            "max_steps": 6,
+            "gradient_accumulation_steps": 2,
+            "lr_scheduler": "cosine",
+            "lr_warmup_steps": 2,
+            "weighting_scheme": "logit_normal",
+            "caption_dropout": 0.3,
+        },
+        "checkpointing": {"every": 3},
+    }
+    straight = MoCLoRATrainer(_config(data_root, tmp_path / "a", **sections))
+    full = straight.train()
+    assert os.path.isdir(tmp_path / "a" / "checkpoint-3") and os.path.isdir(tmp_path / "a" / "checkpoint-6")
+    # Checkpoints hold the adapter in diffusers' LoRA format, not the frozen base weights.
+    assert LORA_WEIGHT_NAME in os.listdir(tmp_path / "a" / "checkpoint-3")
+    assert not any(f.startswith("model") for f in os.listdir(tmp_path / "a" / "checkpoint-3"))
+    _reset_accelerate()
+
+    # Resume the same run from its step-3 checkpoint (same config: same LR schedule) in a fresh process state.
+    checkpoint = str(tmp_path / "a" / "checkpoint-3")
+    resumed = MoCLoRATrainer(
+        _config(data_root, tmp_path / "b", **{**sections, "checkpointing": {"every": 3, "resume_from": checkpoint}})
+    )
+    rest = resumed.train()
+    assert rest.global_step == 6 and len(rest.losses) == 3
+    assert rest.losses == full.losses[3:] and rest.learning_rates == full.learning_rates[3:]
+    a, b = _lora_state(straight), _lora_state(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------- data
+def test_corrupt_clip_is_skipped_with_a_warning(tmp_path, caplog):
+    root = _make_dataset(tmp_path, n=2, corrupt=True)
+    broken = os.path.join(root, "clips", "broken.mp4")
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        dataset = VideoClipDataset(root, NUM_FRAMES, 32, 32)
+    assert len(dataset) == 2 and dataset.num_skipped == 1
+    assert any(broken in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert all(broken != r.path for r in dataset.records)
+
+
+def test_clip_failing_mid_run_is_reported_and_replaced(tmp_path, caplog):
+    root = _make_dataset(tmp_path, n=2, corrupt=True)
+    dataset = VideoClipDataset(root, NUM_FRAMES, 32, 32, validate=False)  # only missing files are caught up front
+    assert len(dataset) == 3
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        sample = dataset[2]  # the broken clip
+    assert sample["path"] == dataset.records[0].path and sample["video"].shape == (3, NUM_FRAMES, 32, 32)
+    assert any("broken.mp4" in r.getMessage() for r in caplog.records)
+
+
+def test_all_clips_bad_is_a_clear_error(tmp_path, caplog):
+    (tmp_path / "a.mp4").write_bytes(b"junk")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file": "a.mp4", "caption": "x"})
+        + "\n"
+        + json.dumps({"file": "missing.mp4", "caption": "y"})
+        + "\n"
+    )
+    with pytest.raises(ValueError, match="no usable clips .* all 2 entries were skipped"):
+        VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        VideoClipDataset(str(tmp_path / "nowhere"), NUM_FRAMES, 32, 32)
+
+
+def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
+    _write_clip(str(tmp_path / "short.mp4"), seed=0, frames=9)
+    _write_clip(str(tmp_path / "ok.mp4"), seed=1)
+    lines = [
+        {"file": "short.mp4", "caption": "a"},
+        {"caption": "no file"},
+        {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"caption": "b", "frames": [10, 17]}]},
+        {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}]},
+        {"file": "ok.mp4", "caption": "fine"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
+    assert [r.line for r in dataset.records] == [5]
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "short.mp4" in messages and "needs 17" in messages
+    assert "line 2" in messages and "'file'" in messages
+    assert "line 3" in messages and "must start where shots[0] ends" in messages
+    assert "line 4" in messages and "9 frames; a sample needs 17" in messages
+
+
+def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
+    dataset = VideoClipDataset(data_root, NUM_FRAMES, 32, 32, validate=False)
+    by_file = {os.path.basename(r.path): r for r in dataset.records}
+    assert by_file["0.mp4"].shot_frames is None and by_file["0.mp4"].prompt == "a red car drives in the city"
+    # Shots of 9 + 8 pixel frames -> 3 + 2 latent frames (4n + 1 -> n + 1).
+    assert by_file["1.mp4"].shot_frames == (3, 2)
+    assert by_file["1.mp4"].prompt == "a dog runs on the beach sits"
+    sample = dataset[0]
+    assert (
+        sample["video"].shape == (3, NUM_FRAMES, 32, 32) and -1 <= sample["video"].min() <= sample["video"].max() <= 1
+    )
+
+
+def test_latent_shot_frames():
+    assert latent_shot_frames([0], 17) == (5,)
+    assert latent_shot_frames([0, 9], 17) == (3, 2)  # aligned start 4m + 1
+    assert latent_shot_frames([0, 5, 9, 13], 17) == (2, 1, 1, 1)
+    assert latent_shot_frames([0, 8], 17) == (3, 2)  # latent frame 2 (pixels 5-8) is mostly shot 0
+    assert latent_shot_frames([0, 6], 17) == (2, 3)  # latent frame 2 (pixels 5-8) is mostly shot 1
+    with pytest.raises(ValueError, match="without a latent frame"):
+        latent_shot_frames([0, 3, 4], 17)  # the 1-frame shot at pixel 3 falls inside latent frame 1 (pixels 1-4)
+    with pytest.raises(ValueError, match="4n \\+ 1"):
+        latent_shot_frames([0], 16)
+
+
+def test_step_batch_sampler_resumes_and_shards():
+    full = StepBatchSampler(5, 2, seed=3)
+    it = iter(full)
+    batches = [next(it) for _ in range(7)]
+    resumed = iter(StepBatchSampler(5, 2, seed=3, start=4))
+    assert [next(resumed) for _ in range(3)] == batches[4:]
+    for epoch in range(3):  # every epoch is a permutation; the odd item out is dropped
+        items = batches[2 * epoch] + batches[2 * epoch + 1]
+        assert len(set(items)) == 4
+    ranks = [StepBatchSampler(6, 1, seed=0, rank=r, world_size=3).batch(0) for r in range(3)]
+    assert sorted(sum(ranks, [])) == sorted(set(sum(ranks, [])))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatchSampler(3, 2, seed=0, world_size=2)
+
+
+# ---------------------------------------------------------------------- schedule and density
+def test_sparsity_schedule():
+    s = SparsitySchedule(start_top_k=9, target_top_k=3, warmup_steps=2, anneal_steps=6, dense_top_k=9)
+    assert [s.top_k(i) for i in range(10)] == [9, 9, 9, 8, 7, 6, 5, 4, 3, 3]
+    assert s.is_dense(2) and not s.is_dense(3)
+    base = MoCConfig(top_k=3, causal=True)
+    assert s.moc_config(base, 0) == base.replace(top_k=9, causal=False, drop_off=0.0, drop_in=0.0)  # exactly dense
+    assert s.moc_config(base, 5) == base.replace(top_k=6)
+    cos = SparsitySchedule(start_top_k=9, target_top_k=3, anneal_steps=6, shape="cosine")
+    assert cos.top_k(0) == 9 and cos.top_k(6) == 3 and cos.top_k(1) > s.top_k(3)
+    assert SparsitySchedule(5, 2).top_k(0) == 2  # no anneal: target from the start
+    with pytest.raises(ValueError, match="start_top_k"):
+        SparsitySchedule(start_top_k=1, target_top_k=3)
+
+
+@pytest.mark.parametrize(
+    "shots, config",
+    [
+        (None, MoCConfig(top_k=2, local_window=1)),
+        (None, MoCConfig(top_k=1, local_window=0, causal=False)),
+        ((3, 3), MoCConfig(top_k=1, local_window=1, anchor_own_shot=True)),
+        ((2, 4), MoCConfig(top_k=3, local_window=0)),
+        (None, MoCConfig(top_k=6, causal=False)),
+    ],
+)
+def test_routed_density_matches_routing(shots, config):
+    from diffusers_moc import route
+
+    layout = ChunkLayout.for_video(6, 5, shots)
+    q, k = torch.randn(2, 2, layout.num_tokens, 2, 8).unbind(0)
+    assert routed_density(layout, config) == pytest.approx(route(q, k, layout, config).density(), abs=1e-12)
+    assert routed_density(layout, MoCConfig(top_k=6, causal=False)) == 1.0
+
+
+def test_gradient_checkpointing_replays_the_routing_of_multi_shot_training():
+    # The trainer relies on this: drop-off / drop-in from the global RNG and backward inside moc_context give the
+    # recomputed forward of a checkpointed block the very routing of the original forward.
+    from diffusers_moc import apply_moc, moc_context
+    from diffusers_moc.tiny import tiny_wan_components
+
+    grads = []
+    for checkpointing in (False, True):
+        transformer = tiny_wan_components()["transformer"]
+        apply_moc(transformer, MoCConfig(top_k=1, local_window=0, drop_off=0.9, drop_in=1.0, backend="torch"))
+        transformer.train()
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        torch.manual_seed(0)
+        x = torch.randn(1, 16, 5, 4, 4)
+        with moc_context(shot_frames=[3, 2]):
+            out = transformer(x, torch.tensor([500.0]), torch.randn(1, 16, 32), return_dict=False)[0]
+            out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- config
+def test_config_errors_name_the_field(tmp_path):
+    ok = {"data": {"root": str(tmp_path)}}
+    TrainConfig.from_dict(ok)
+    cases = [
+        ({"trainig": {}}, "trainig: unknown field"),
+        ({"training": {"learning_rat": 1}}, "training.learning_rat: unknown field"),
+        ({"training": {"learning_rate": -1}}, "training.learning_rate: must be > 0"),
+        ({"training": {"max_steps": "ten"}}, "training.max_steps: must be an integer"),
+        ({"training": {"mixed_precision": "fp8"}}, "training.mixed_precision: must be one of 'no', 'bf16'"),
+        ({"training": {"gradient_checkpointing": "yes"}}, "training.gradient_checkpointing: must be true or false"),
+        ({"data": {"num_frames": 16}}, "data.num_frames: must be 4n \\+ 1"),
+        ({"data": {"root": ""}}, "data.root: is required"),
+        ({"lora": {"rank": 0}}, "lora.rank: must be > 0"),
+        ({"training": {"caption_dropout": 1.5}}, "training.caption_dropout: must be in \\[0, 1\\]"),
+        ({"lora": {"target_modules": "to_q"}}, None),  # a single string is a one-item list
+        ({"moc": {"top_k": -1}}, "moc: MoCConfig.top_k must be an integer >= 0"),
+        ({"moc": {"topk": 1}}, "moc: unknown MoCConfig keys \\['topk'\\]"),
+        ({"sparsity": {"start_top_k": "sparse"}}, "sparsity.start_top_k: must be 'dense' or an integer"),
+        ({"sparsity": {"start_top_k": 1}, "moc": {"top_k": 3}}, "sparsity.start_top_k: must be >= moc.top_k"),
+        ({"validation": {"every": 10}}, "validation.prompts: must list at least one prompt"),
+        ({"logging": {"report_to": ["mlflow"]}}, "logging.report_to\\[0\\]: must be one of"),
+        ({"hub": {"push": True}}, "hub.repo_id: is required"),
+        ({"model": "tiny"}, "model: must be a mapping"),
+    ]
+    for changes, message in cases:
+        data = {**ok, **changes, "data": {**ok["data"], **changes.get("data", {})}}
+        if message is None:
+            TrainConfig.from_dict(data)
+            continue
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict(data)
+
+
+def test_yaml_config_overrides_and_example(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path}\ntraining:\n  learning_rate: 1e-4\n  mixed_precision: no\n")
+    config = load_train_config(path, ["training.max_steps=7", "moc.top_k=2"])
+    assert config.training.learning_rate == 1e-4 and config.training.max_steps == 7 and config.moc.top_k == 2
+    assert config.training.mixed_precision == "no"  # YAML reads a bare `no` as false
+    with pytest.raises(ConfigError, match="--set"):
+        load_train_config(path, ["training.max_steps"])
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "train_lora.yaml")
+    config = load_train_config(example)
+    assert config.model.pretrained.startswith("Wan-AI/") and config.lora.rank > 0
+
+
+def test_cli_train(data_root, tmp_path):
+    from diffusers_moc.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "\n".join(
+            [
+                f"output_dir: {tmp_path / 'out'}",
+                "model: {pretrained: tiny}",
+                "moc: {top_k: 1, local_window: 0, backend: torch}",
+                "sparsity: {anneal_steps: 0}",
+                f"data: {{root: {data_root}, num_frames: {NUM_FRAMES}, height: 32, width: 32}}",
+                "training: {max_steps: 1, mixed_precision: 'no'}",
+                "logging: {report_to: none}",
+            ]
+        )
+    )
+    args = ["train", str(path), "--set", "training.max_steps=2", "--set", "data.max_sequence_length=16"]
+    args += ["--set", "hub={push: true, repo_id: me/tiny-moc}"]
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        assert main(args) == 0
+    final = tmp_path / "out" / "final"
+    assert MoCConfig.from_pretrained(final).top_k == 1
+    # hub.push uploads the exported folder at the end of training.
+    upload = api_cls.return_value.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "me/tiny-moc" and upload["folder_path"] == str(final)
+    assert 'load_moc_lora(pipe, "me/tiny-moc")' in (final / "README.md").read_text()
+
+
+def test_save_moc_lora_needs_an_adapter(tmp_path):
+    from diffusers_moc.hub import save_moc_lora
+    from diffusers_moc.tiny import tiny_wan_components
+
+    with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
+        save_moc_lora(tiny_wan_components()["transformer"], tmp_path, MoCConfig())
