@@ -18,6 +18,8 @@ import torch
 
 pytest.importorskip("triton", reason="backend='triton' needs the optional `triton` package")
 
+from conftest import random_layout  # noqa: E402
+
 from diffusers_moc import ChunkLayout, MoCConfig, moc_attention  # noqa: E402
 from diffusers_moc.kernels import reference_attention  # noqa: E402
 from diffusers_moc.routing import MoCRouting, expand_routing, route  # noqa: E402
@@ -82,6 +84,29 @@ def test_forward_backward_fp32_match_reference(name):
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
     for got, want in zip(out[1:], ref[1:]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_random_layouts_match_reference(rng):
+    # Random layouts from conftest: chunks of 1-6 tokens (several chunks per query tile), captions first or last,
+    # one-frame shots; random routing settings, top_k sometimes above the candidates.
+    for trial in range(6):
+        layout = random_layout(rng)
+        config = MoCConfig(
+            top_k=rng.randint(0, 6),
+            local_window=rng.randint(0, 2),
+            anchor_own_shot=rng.random() < 0.3,
+            text_anchors=rng.choice(["all", "shot"]),
+            causal=rng.random() < 0.5,
+        )
+        q, k, v = _inputs(layout, seed=trial)
+        routing = route(q, k, layout, config)
+        grad_out = torch.randn_like(q)
+        ref = _grads(reference_attention, q, k, v, routing, grad_out)
+        out = _grads(tm.triton_attention, q, k, v, routing, grad_out)
+        where = f"{layout} {config}"
+        torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
+        for got, want in zip(out[1:], ref[1:]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_dense_when_everything_routed():
