@@ -28,7 +28,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODULE = "diffusers_moc.kernels.triton_moc"
 
 
-tm = importlib.import_module(MODULE)
+try:
+    tm = importlib.import_module(MODULE)
+except ImportError as e:  # e.g. a Triton without host tensor descriptors (needs triton>=3.4)
+    pytest.skip(f"the Triton backend does not import: {e}", allow_module_level=True)
 if DEVICE.type == "cpu" and not tm._INTERPRETED:
     pytest.skip(
         "no GPU and Triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it before collection; "
