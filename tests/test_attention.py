@@ -144,3 +144,12 @@ def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
     b = moc_attention(q, k, v, layout, MoCConfig(backend="torch"), routing=other)
     assert torch.equal(a[:, : last.start], b[:, : last.start])
     assert not torch.allclose(a[:, last], b[:, last])
+
+
+def test_auto_stays_on_the_verified_backend_even_where_triton_could_run(monkeypatch):
+    import diffusers_moc.attention as attention
+
+    monkeypatch.setattr(attention, "_triton_usable", lambda device: True)
+    assert attention.available_backends("cuda")[0] == "triton"
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("triton", "cuda") == "triton"

@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS"]
 
 CONFIG_NAME = "moc_config.json"
-#: Attention backends `moc_attention` knows; "auto" picks the fastest available one.
+#: Attention backends `moc_attention` knows; "auto" picks the best backend verified on the device (see attention.py).
 BACKENDS = ("auto", "reference", "torch", "triton")
 ROUTE_BY = ("token", "block")
 TEXT_ANCHORS = ("all", "shot")
@@ -50,7 +50,8 @@ class MoCConfig:
             The paper does not publish its value; 0.1 is our default. Processors draw drop-off and drop-in from
             torch's global RNG (seed it with `torch.manual_seed`), which activation checkpointing saves and replays,
             so a recomputed block routes exactly as its forward did; `route(..., generator=...)` takes any generator.
-        backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"triton"`.
+        backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"triton"`. `"auto"` is
+            `"torch"` until the Triton kernels have been verified on a GPU.
     """
 
     top_k: int = 5
