@@ -10,14 +10,28 @@ from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
+from ..parallel import ulysses_config
 
 __all__ = ["MoCAttnProcessorBase", "frames_from_rotary", "video_text_layout"]
 
 
-def _first_change(x: torch.Tensor) -> int:
+def first_change(x: torch.Tensor) -> int:
     """Index of the first row of `x` (L, d) that differs from row 0, or L when none does."""
     diff = (x != x[:1]).any(-1)
     return int(torch.argmax(diff.to(torch.uint8)).item()) if bool(diff.any()) else x.shape[0]
+
+
+def qkv_heads(
+    attn: torch.nn.Module,
+    x: torch.Tensor,
+    projections: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
+    norms: tuple[str, str] = ("norm_q", "norm_k"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of `x` through the named projections of `attn`, as `(B, L, H, D)`, with the per-head
+    QK-norms the module has (as diffusers' HunyuanVideo, CogVideoX and Mochi processors apply them)."""
+    q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
 def frames_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor], time_column: int = 0) -> tuple[int, int]:
@@ -41,7 +55,7 @@ def frames_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor], time_colum
         raise ValueError(f"expected rotary cosines and sines shaped (L, D), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     col = torch.stack([cos[:, time_column], sin[:, time_column]], dim=-1)
     L = col.shape[0]
-    per_frame = _first_change(col)
+    per_frame = first_change(col)
     if L % per_frame:
         raise ValueError(
             f"could not read a frame grid from rotary embeddings of {L} tokens: the time axis first changes after "
@@ -104,6 +118,14 @@ class MoCAttnProcessorBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+    def refuse_context_parallel(self, model: str) -> None:
+        """Raise when diffusers' context parallelism is on: `model` has no context-parallel plan in diffusers."""
+        if ulysses_config(self._parallel_config) is not None:
+            raise NotImplementedError(
+                f"{model} has no context-parallel plan in diffusers; MoC context parallelism is supported on Wan and "
+                "LTX-Video"
+            )
 
     def layout(self, frames: int, tokens_per_frame: int, text_tokens: int = 0, text_first: bool = False) -> ChunkLayout:
         """The layout of a stream of `frames` latent frames (shots from [`moc_context`]) and one caption chunk."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..parallel import ulysses_config
-from .base import MoCAttnProcessorBase, frames_from_rotary
+from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
 
 __all__ = ["MoCCogVideoXAttnProcessor"]
 
@@ -55,21 +54,11 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
             raise NotImplementedError(
                 "MoCCogVideoXAttnProcessor does not take an attention mask (CogVideoX passes none)"
             )
-        if ulysses_config(self._parallel_config) is not None:
-            raise NotImplementedError(
-                "CogVideoXTransformer3DModel has no context-parallel plan in diffusers; MoC context parallelism is "
-                "supported on Wan and LTX-Video"
-            )
+        self.refuse_context_parallel("CogVideoXTransformer3DModel")
         text_len = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = qkv_heads(attn, hidden_states)
         if image_rotary_emb is not None:
             # RoPE on the video part only, as diffusers' CogVideoXAttnProcessor2_0 does.
             query = torch.cat(

@@ -6,10 +6,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..parallel import ulysses_config
-from .base import MoCAttnProcessorBase, frames_from_rotary
+from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
 
 __all__ = ["MoCHunyuanVideoAttnProcessor"]
+
+
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
+_ADDED_NORMS = ("norm_added_q", "norm_added_k")
 
 
 class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
@@ -53,24 +56,14 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
             return self._refiner(attn, hidden_states, encoder_hidden_states, attention_mask)
         if image_rotary_emb is None:
             raise ValueError("MoCHunyuanVideoAttnProcessor needs the rotary embeddings to find the video frame grid")
-        if ulysses_config(self._parallel_config) is not None:
-            raise NotImplementedError(
-                "HunyuanVideoTransformer3DModel has no context-parallel plan in diffusers; MoC context parallelism "
-                "is supported on Wan and LTX-Video"
-            )
+        self.refuse_context_parallel("HunyuanVideoTransformer3DModel")
 
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
         # 1-3. Projections, QK-norm and RoPE on the video part, as in diffusers' HunyuanVideoAttnProcessor2_0.
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = qkv_heads(attn, hidden_states)
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             query = torch.cat(
                 [apply_rotary_emb(query[:, :-text_len], image_rotary_emb, sequence_dim=1), query[:, -text_len:]], 1
@@ -84,13 +77,7 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
 
         # 4. Caption stream
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = qkv_heads(attn, encoder_hidden_states, _ADDED, _ADDED_NORMS)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)

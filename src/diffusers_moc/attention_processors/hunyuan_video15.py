@@ -6,10 +6,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..parallel import ulysses_config
-from .base import MoCAttnProcessorBase, frames_from_rotary
+from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
 
 __all__ = ["MoCHunyuanVideo15AttnProcessor"]
+
+
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
+_ADDED_NORMS = ("norm_added_q", "norm_added_k")
 
 
 class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
@@ -55,25 +58,13 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
                 "MoCHunyuanVideo15AttnProcessor needs the rotary embeddings and the condition tokens of a joint "
                 "attention call"
             )
-        if ulysses_config(self._parallel_config) is not None:
-            raise NotImplementedError(
-                "HunyuanVideo15Transformer3DModel has no context-parallel plan in diffusers; MoC context "
-                "parallelism is supported on Wan and LTX-Video"
-            )
+        self.refuse_context_parallel("HunyuanVideo15Transformer3DModel")
 
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = qkv_heads(attn, hidden_states)
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = qkv_heads(attn, encoder_hidden_states, _ADDED, _ADDED_NORMS)
 
         video_len, text_len = query.shape[1], encoder_query.shape[1]
         if image_rotary_emb[0].shape[0] != video_len:

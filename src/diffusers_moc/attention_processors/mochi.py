@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..parallel import ulysses_config
-from .base import MoCAttnProcessorBase
+from .base import MoCAttnProcessorBase, qkv_heads
 
 __all__ = ["MoCMochiAttnProcessor"]
 
@@ -17,6 +16,10 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
     sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
     return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
+_ADDED_NORMS = ("norm_added_q", "norm_added_k")
 
 
 class MoCMochiAttnProcessor(MoCAttnProcessorBase):
@@ -60,26 +63,10 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
         attention_mask: torch.Tensor,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if ulysses_config(self._parallel_config) is not None:
-            raise NotImplementedError(
-                "MochiTransformer3DModel has no context-parallel plan in diffusers; MoC context parallelism is "
-                "supported on Wan and LTX-Video"
-            )
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        self.refuse_context_parallel("MochiTransformer3DModel")
+        query, key, value = qkv_heads(attn, hidden_states)
 
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = qkv_heads(attn, encoder_hidden_states, _ADDED, _ADDED_NORMS)
 
         if image_rotary_emb is not None:
             query = _apply_rotary_emb(query, *image_rotary_emb)

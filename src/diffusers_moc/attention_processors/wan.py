@@ -14,15 +14,9 @@ from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import ChunkLayout
 from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
+from .base import first_change
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
-
-
-def _first_change(x: torch.Tensor) -> int:
-    """Index of the first row of `x` (L, d) that differs from row 0, or L when none does."""
-    diff = (x != x[:1]).any(-1)
-    diff[0] = False
-    return int(torch.argmax(diff.to(torch.uint8)).item()) if bool(diff.any()) else x.shape[0]
 
 
 def video_grid_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int, int]:
@@ -43,8 +37,8 @@ def video_grid_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> tup
     t = D - 2 * hw
     time_part = torch.cat([table[:, :t], table[:, D : D + t]], dim=-1)
     height_part = torch.cat([table[:, t : t + hw], table[:, D + t : D + t + hw]], dim=-1)
-    per_frame = _first_change(time_part)
-    width = _first_change(height_part[:per_frame])
+    per_frame = first_change(time_part)
+    width = first_change(height_part[:per_frame])
     if L % per_frame or per_frame % width:
         raise ValueError(f"could not read a (frames, height, width) grid from rotary embeddings of {L} tokens")
     frames = L // per_frame
