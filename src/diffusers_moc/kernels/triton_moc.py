@@ -28,10 +28,10 @@ tokens pick nearly the same chunks, so the union of a tile is close to each toke
 attended pairs. The reordering makes this hold also when the tokens of a region disagree but fall into a few groups
 (e.g. foreground vs background): tokens with equal sets land in the same tiles.
 
-Cost, measured on the plan alone (no GPU needed; `MoCTritonPlan.overfetch()` = computed / attended pairs), Wan-style
-frames of 1560 tokens in 8 shots, ~15% density (`top_k=16` at 180k tokens), 128-token tiles: video-like inputs
-(smooth, low-rank content; `benchmarks/bench_plan_overfetch.py`, results in `benchmarks/results/`) 1.2 at 32k tokens and 1.6 at 180k (1.4 with 64-token
-tiles; 2.0 without the reordering). **Worst case: iid random inputs**: every token of a tile picks different
+Cost, measured on the plan alone (no GPU needed; `MoCTritonPlan.overfetch()` = computed / attended pairs;
+`benchmarks/bench_plan_overfetch.py`, results in `benchmarks/results/`), Wan-style frames of 1560 tokens in 8 shots,
+~15% density (`top_k=16` at 180k tokens), 128-token tiles: video-like inputs (smooth, low-rank content) 1.2 at 32k
+tokens and 1.6 at 180k (1.4 with 64-token tiles; 2.0 without the reordering). **Worst case: iid random inputs**: every token of a tile picks different
 chunks, the union of a tile approaches all `min(C, BLOCK_M * top_k)` candidates and the work approaches that of
 chunk-causal dense attention (overfetch 3.2 at 180k): still exact, but no faster than dense. Fixing that needs the
 rare (tile, chunk) pairs to be computed on compacted query rows (MoBA-style, merged by log-sum-exp); not done yet.
