@@ -31,12 +31,12 @@ attended pairs. The reordering makes this hold also when the tokens of a region 
 Cost, measured on the plan alone (no GPU needed; `MoCTritonPlan.overfetch()` = computed / attended pairs;
 `benchmarks/bench_plan_overfetch.py`, results in `benchmarks/results/`), Wan-style frames of 1560 tokens in 8 shots,
 ~15% density (`top_k=16` at 180k tokens), 128-token tiles: video-like inputs (smooth, low-rank content) 1.2 at 32k
-tokens and 1.6 at 180k (1.4 with 64-token tiles; 2.0 without the reordering). **Worst case: iid random inputs**:
-every token of a tile picks different chunks, the union of a tile approaches all `min(C, BLOCK_M * top_k)` candidates and the work approaches that of
-chunk-causal dense attention (overfetch 3.2 at 180k): still exact, but no faster than dense. Fixing that needs the
-rare (tile, chunk) pairs to be computed on compacted query rows (MoBA-style, merged by log-sum-exp); not done yet.
-The named approximation `route_by="block"` with `block_size` a multiple of the tile size makes every tile pure:
-overfetch exactly 1.0 on any input, random included.
+tokens and 1.6 at 180k (1.4 with 64-token tiles; 2.0 without the reordering). **Worst case: iid random inputs**: every
+token of a tile picks different chunks, the union of a tile approaches all `min(C, BLOCK_M * top_k)` candidates and
+the work approaches that of chunk-causal dense attention (overfetch 3.2 at 180k): still exact, but no faster than
+dense. Fixing that needs the rare (tile, chunk) pairs to be computed on compacted query rows (MoBA-style, merged by
+log-sum-exp); not done yet. The named approximation `route_by="block"` with `block_size` a multiple of the tile size
+makes every tile pure: overfetch exactly 1.0 on any input, random included.
 
 fp32 runs with exact fp32 products (no tensor cores): correct everywhere, slow on GPU; use bf16 or fp16 there.
 
