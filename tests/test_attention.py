@@ -23,7 +23,7 @@ def block_path(request, monkeypatch):
     """Run the torch backend through both block implementations (the matmul one is what CUDA uses)."""
     if request.param == "matmul":
         monkeypatch.setattr(
-            torch_chunked, "_block_ops", lambda device: (torch_chunked._matmul_fwd, torch_chunked._matmul_bwd, 64)
+            torch_chunked, "_block_ops", lambda q, v: (torch_chunked._matmul_fwd, torch_chunked._matmul_bwd, 64)
         )
     return request.param
 
@@ -153,3 +153,17 @@ def test_auto_stays_on_the_verified_backend_even_where_triton_could_run(monkeypa
     assert attention.available_backends("cuda")[0] == "triton"
     assert resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("triton", "cuda") == "triton"
+
+
+def test_value_head_size_may_differ(rng):
+    layout = random_layout(rng)
+    q, k = _qkv(layout, D=8, grad=True)[:2]
+    v = torch.randn(2, layout.num_tokens, 3, 4, requires_grad=True)
+    cfg = MoCConfig(top_k=1)
+    ref = moc_attention(q, k, v, layout, cfg.replace(backend="reference"))
+    out = moc_attention(q, k, v, layout, cfg.replace(backend="torch"))
+    assert out.shape == (2, layout.num_tokens, 3, 4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -168,6 +168,24 @@ def test_cross_attention_per_shot_caption_anchors():
     torch.testing.assert_close(out, stock(attn, hidden, cap_a), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_cross_attention_spans_on_a_context_parallel_shard(monkeypatch, world):
+    """Under Ulysses each rank holds a contiguous slice of the video tokens; its shots must be found globally."""
+    import diffusers_moc.attention_processors.wan as wan
+
+    attn, hidden, text = _cross_attention_inputs()
+    proc = MoCWanAttnProcessor(MoCConfig())
+    ctx = dict(shot_frames=[2, 3], caption_spans=[(6, 12), (12, 18)], global_caption_span=(0, 6))
+    with moc_context(**ctx):
+        full = proc(attn, hidden, text)
+    per_rank = hidden.shape[1] // world
+    for rank in range(world):
+        monkeypatch.setattr(wan, "sequence_shard", lambda parallel_config, rank=rank: (rank, world))
+        with moc_context(**ctx):
+            shard = proc(attn, hidden[:, rank * per_rank : (rank + 1) * per_rank], text)
+        torch.testing.assert_close(shard, full[:, rank * per_rank : (rank + 1) * per_rank], rtol=0, atol=1e-6)
+
+
 def test_cross_attention_span_errors():
     attn, hidden, text = _cross_attention_inputs()
     proc = MoCWanAttnProcessor(MoCConfig())

@@ -161,6 +161,14 @@ class TestTrainingRegularisers:
         kept = dropped.selected[dropped.selected >= 0]
         assert bool(torch.isin(kept, plain.selected[plain.selected >= 0]).all())
 
+    @pytest.mark.parametrize("top_k", [3, 5])
+    def test_default_drop_off_drops_at_the_papers_top_k(self, top_k):
+        q, k = self.qk()
+        cfg = MoCConfig(top_k=top_k, drop_in=0.0)  # default drop_off
+        plain = route(q, k, self.layout, cfg)
+        dropped = route(q, k, self.layout, cfg, training=True, generator=torch.Generator().manual_seed(0))
+        assert (dropped.selected >= 0).sum() < (plain.selected >= 0).sum()
+
     def test_drop_in_adds_distinct_candidates(self):
         q, k = self.qk()
         cfg = MoCConfig(top_k=1, drop_off=0.0, drop_in=2.0)

@@ -54,6 +54,16 @@ def ulysses_config(parallel_config: Any) -> Any | None:
     return cp
 
 
+def sequence_shard(parallel_config: Any) -> tuple[int, int]:
+    """`(rank, world)`: this rank holds tokens `[rank * L / world, (rank + 1) * L / world)` of the sequence; `(0, 1)`
+    without context parallelism."""
+    cp = ulysses_config(parallel_config)
+    if cp is None:
+        return 0, 1
+    group, world = _group_and_size(cp)
+    return dist.get_rank(group), world
+
+
 def _group_and_size(cp: Any) -> tuple[Any, int]:
     return cp._ulysses_mesh.get_group(), cp.ulysses_degree
 

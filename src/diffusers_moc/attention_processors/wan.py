@@ -13,7 +13,7 @@ from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import current_moc_context
 from ..layout import ChunkLayout
-from ..parallel import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
+from ..parallel import gather_sequence, heads_to_sequence, sequence_shard, sequence_to_heads, ulysses_config
 from .base import first_change
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
@@ -165,17 +165,20 @@ def _shot_cross_attention(
         raise NotImplementedError("per-shot caption spans do not take an explicit cross-attention mask")
     shot_frames, spans, global_span = context.shot_frames, context.caption_spans, context.global_caption_span
     num_frames, num_tokens, num_text = sum(shot_frames), hidden_states.shape[1], encoder_hidden_states.shape[1]
+    # Under Ulysses context parallelism this rank's queries are one contiguous slice of the video tokens.
+    rank, world = sequence_shard(processor._parallel_config)
+    offset, total = rank * num_tokens, num_tokens * world
     # Cross-attention gets no RoPE, so the frame size comes from the shots: tokens are in (frame, row, col) order.
-    if num_tokens % num_frames:
+    if total % num_frames:
         raise ValueError(
-            f"the MoC context has {num_frames} latent frames but the cross-attention query has {num_tokens} tokens, "
+            f"the MoC context has {num_frames} latent frames but the cross-attention query has {total} tokens, "
             "which is not a whole number of frames"
         )
     named = [(f"caption_spans[{i}]", s) for i, s in enumerate(spans)] + [("global_caption_span", global_span)]
     for name, span in named:
         if span is not None and span[1] > num_text:
             raise ValueError(f"{name}={span} lies outside encoder_hidden_states of {num_text} tokens")
-    tokens_per_frame = num_tokens // num_frames
+    tokens_per_frame = total // num_frames
 
     query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
     query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
@@ -183,9 +186,13 @@ def _shot_cross_attention(
     value = value.unflatten(2, (attn.heads, -1))
 
     out = query.new_empty(*query.shape[:3], value.shape[-1])
-    start = 0
+    shot_end = 0
     for frames, (s0, s1) in zip(shot_frames, spans):
-        end = start + frames * tokens_per_frame
+        shot_start, shot_end = shot_end, shot_end + frames * tokens_per_frame
+        # This shot's tokens within this rank's slice, in local positions.
+        start, end = max(shot_start, offset) - offset, min(shot_end, offset + num_tokens) - offset
+        if start >= end:
+            continue
         # Each shot is its own attention call: its output never depends on other shots' captions.
         if global_span is None or global_span == (s0, s1):
             k, v = key[:, s0:s1], value[:, s0:s1]
@@ -196,7 +203,6 @@ def _shot_cross_attention(
         out[:, start:end] = dispatch_attention_fn(
             query[:, start:end], k, v, dropout_p=0.0, is_causal=False, backend=processor._attention_backend
         )
-        start = end
     hidden_states = out.flatten(2, 3).type_as(query)
     hidden_states = attn.to_out[0](hidden_states)
     return attn.to_out[1](hidden_states)

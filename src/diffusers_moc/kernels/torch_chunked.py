@@ -61,9 +61,11 @@ def _cpu_flash_bwd(do, q, k, v, o, lse, scale):
     return dq[0], dk[0], dv[0]
 
 
-def _block_ops(device: torch.device):
-    """(forward, backward, tile budget) for blocks on `device`; the fused kernel needs no score tiles."""
-    if device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+def _block_ops(q: torch.Tensor, v: torch.Tensor):
+    """(forward, backward, tile budget) for blocks of these tensors; the fused kernel needs no score tiles."""
+    fused = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    # The fused CPU kernel needs one head size for queries and values.
+    if q.device.type == "cpu" and fused and q.shape[-1] == v.shape[-1]:
         return _cpu_flash_fwd, _cpu_flash_bwd, None
     return _matmul_fwd, _matmul_bwd, _TILE_ELEMS
 
@@ -109,7 +111,7 @@ class _ChunkedMoCAttention(torch.autograd.Function):
         # q, k, v: (BH, L, D); attend: (BH, L, C) bool.
         BH, L, _ = q.shape
         work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 merge in fp32; fp64 stays fp64
-        fwd, _, budget = _block_ops(q.device)
+        fwd, _, budget = _block_ops(q, v)
         out = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
         lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
         for lo, hi, idx, ok in _blocks(attend, offsets, budget):
@@ -135,7 +137,7 @@ class _ChunkedMoCAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attend, out, lse = ctx.saved_tensors
-        _, bwd, budget = _block_ops(q.device)
+        _, bwd, budget = _block_ops(q, v)
         grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, device=q.device, dtype=lse.dtype)
         dk = torch.zeros_like(dq)
