@@ -138,8 +138,9 @@ class Storyboard:
         if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
             raise fail("guidance_scale", f"must be a number >= 0, got {values['guidance_scale']!r}")
         seed = values["seed"]
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise fail("seed", f"must be a non-negative integer or null, got {seed!r}")
+        # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+            raise fail("seed", f"must be an integer in [0, 2**64) or null, got {seed!r}")
 
         moc = values["moc"]
         if moc is None:
