@@ -521,6 +521,28 @@ def test_yaml_config_overrides_and_example(tmp_path):
     assert config.model.pretrained.startswith("Wan-AI/") and config.lora.rank > 0
 
 
+def test_overrides_fill_empty_sections_and_resume_stays_a_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path}\nvalidation:\ncheckpointing:\n")
+    config = load_train_config(path, ["validation.every=10", "validation.prompts=[a cat]"])
+    assert config.validation.every == 10 and config.validation.prompts == ["a cat"]
+    # --resume values are folder names, not YAML: `2024` and `yes` must stay strings.
+    for value in ("2024", "yes", "null"):
+        assert load_train_config(path, resume_from=value).checkpointing.resume_from == value
+    assert load_train_config(path, ["checkpointing.resume_from=a"], resume_from="b").checkpointing.resume_from == "b"
+
+
+def test_cli_resume_is_passed_as_a_string(tmp_path):
+    from diffusers_moc.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path}\n")
+    with mock.patch("diffusers_moc.training.MoCLoRATrainer") as trainer_cls:
+        trainer_cls.return_value.train.return_value.final_dir = None
+        assert main(["train", str(path), "--resume", "2024"]) == 0
+    assert trainer_cls.call_args.args[0].checkpointing.resume_from == "2024"
+
+
 def test_cli_train(data_root, tmp_path):
     from diffusers_moc.cli import main
 
