@@ -320,6 +320,24 @@ def test_resume_is_exact(data_root, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
+    trainer = MoCLoRATrainer(
+        _config(data_root, tmp_path, training={"max_steps": 1, "mixed_precision": "bf16"}, sparsity={"anneal_steps": 0})
+    )
+    result = trainer.train()
+    assert np.isfinite(result.losses).all()
+    transformer = trainer.pipeline.transformer
+    keep = transformer._keep_in_fp32_modules
+    dtypes = {}
+    for name, p in transformer.named_parameters():
+        kept = any(k in name.split(".") for k in keep)
+        dtypes.setdefault("lora" if "lora_" in name else "kept" if kept else "base", set()).add(p.dtype)
+    assert dtypes == {"kept": {torch.float32}, "base": {torch.bfloat16}, "lora": {torch.float32}}
+    text_encoder = trainer.pipeline.text_encoder
+    assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" in n.split(".")} == {torch.float32}
+    assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" not in n.split(".")} == {torch.bfloat16}
+
+
 # ---------------------------------------------------------------------- data
 def test_corrupt_clip_is_skipped_with_a_warning(tmp_path, caplog):
     root = _make_dataset(tmp_path, n=2, corrupt=True)

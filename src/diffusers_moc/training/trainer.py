@@ -72,6 +72,26 @@ class _TrainState:
         self.step = int(state["step"])
 
 
+def _cast_keeping_fp32_modules(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    r"""
+    Cast the floating-point weights of `module` to `dtype` in place, except those of its `_keep_in_fp32_modules`
+    (Wan's time embedder, norms and modulation tables), which stay fp32 as `from_pretrained(torch_dtype=...)` keeps
+    them: in bf16 they lose the precision the model relies on.
+
+    Returns:
+        `torch.nn.Module`: `module`.
+    """
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        # The same name match as diffusers' loader: a keep entry is one component of the dotted name.
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        if tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return module
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     # TensorBoard hparams take scalars only.
     out = {}
@@ -190,8 +210,7 @@ class MoCLoRATrainer:
         # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
         for module, dtype in ((vae, torch.float32), (text_encoder, weight_dtype), (transformer, weight_dtype)):
             module.to(accelerator.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
+            _cast_keeping_fp32_modules(module, dtype)
         vae.eval()
         text_encoder.eval()
 
