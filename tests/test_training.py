@@ -225,6 +225,29 @@ def _generate(pipe, seed: int = 0) -> np.ndarray:
     ).frames[0]
 
 
+def test_latent_cache_key_holds_max_sequence_length(data_root, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    seen: set = set()
+    for i, length in enumerate((16, 12)):
+        _reset_accelerate()
+        config = _config(
+            data_root,
+            tmp_path / f"run{i}",
+            data={"cache": True, "cache_dir": str(cache), "max_sequence_length": length},
+            # Dropped captions are the "" embedding at the new length: stale cached embeddings would not match it.
+            training={"max_steps": 1, "caption_dropout": 1.0},
+            sparsity={"anneal_steps": 0},
+        )
+        assert np.isfinite(MoCLoRATrainer(config).train().losses).all()
+        new = set(cache.iterdir()) - seen
+        assert len(new) == 2  # both clips encoded again at the new text length
+        text_tokens = [load_file(f)["prompt_embeds"].shape[0] for f in new]
+        assert min(text_tokens) == length and all(n % length == 0 for n in text_tokens)
+        seen |= new
+
+
 def test_saved_lora_loads_back_with_identical_outputs(trained):
     from diffusers import WanPipeline
 

@@ -287,7 +287,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         cache_dir (`str`): cache folder.
         encode (`Callable[[torch.Tensor, str], dict[str, torch.Tensor]]`): `(video (3,F,H,W), prompt)` to
             `{"latent_mean", "latent_std", "prompt_embeds"}` (unbatched).
-        tag (`str`): identifies the encoder models (part of the cache key).
+        tag (`str`): everything else the encoding depends on (encoder models, their dtype, the text length
+            `max_sequence_length`); part of the cache key, so changing any of them re-encodes.
     """
 
     def __init__(

@@ -270,8 +270,16 @@ class MoCLoRATrainer:
                 mean, std = encode_videos(video[None])
                 return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": encode_prompts([prompt])[0]}
 
+            # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
             tag = json.dumps(
-                [c.model.pretrained, c.model.revision, c.model.variant, c.model.tiny_seed, str(weight_dtype)]
+                [
+                    c.model.pretrained,
+                    c.model.revision,
+                    c.model.variant,
+                    c.model.tiny_seed,
+                    str(weight_dtype),
+                    d.max_sequence_length,
+                ]
             )
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
                 dataset = CachedLatentDataset(
