@@ -361,6 +361,83 @@ def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
     assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" not in n.split(".")} == {torch.bfloat16}
 
 
+# ---------------------------------------------------------------------- multi-shot conditioning
+@pytest.mark.parametrize("cache, caption_dropout", [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_multi_shot_training_conditions_as_the_long_video_pipeline(data_root, tmp_path, cache, caption_dropout):
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_moc import current_moc_context
+    from diffusers_moc.attention_processors import wan as wan_processors
+    from diffusers_moc.pipelines import LongVideoPipeline
+    from diffusers_moc.tiny import tiny_wan_components
+
+    config = _config(
+        data_root,
+        tmp_path,
+        data={"cache": cache},
+        training={"max_steps": 1, "batch_size": 2, "gradient_checkpointing": False, "caption_dropout": caption_dropout},
+        sparsity={"anneal_steps": 0},
+    )
+    seen = []
+    forward = WanTransformer3DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((current_moc_context(), kwargs["encoder_hidden_states"].detach().clone()))
+        return forward(self, *args, **kwargs)
+
+    trainer = MoCLoRATrainer(config)
+    with (
+        mock.patch.object(WanTransformer3DModel, "forward", spy),
+        mock.patch.object(wan_processors, "_shot_cross_attention", wraps=wan_processors._shot_cross_attention) as cross,
+    ):
+        trainer.train()
+
+    # The pipeline's text context for the same captions (no_grad, as in its __call__): each caption encoded alone.
+    pipe = LongVideoPipeline(**tiny_wan_components())
+    with torch.no_grad():
+        embeds = pipe.encode_captions(["a dog", "runs on the beach", "sits", "a red car drives in the city", ""], 16)
+    by_shots = {ctx.shot_frames: (ctx, text) for ctx, text in seen}
+    assert len(seen) == 2 and set(by_shots) == {None, (3, 2)}  # one forward per shot / caption structure
+    single_ctx, single_text = by_shots[None]
+    multi_ctx, multi_text = by_shots[(3, 2)]
+    assert single_ctx.caption_spans is None
+    if caption_dropout:
+        # All captions of a dropped sample go: the empty prompt, stock cross-attention, shots kept for MoC.
+        assert multi_ctx.caption_spans is None and cross.call_count == 0
+        for text in (single_text, multi_text):
+            torch.testing.assert_close(text[0], embeds[""][0], rtol=0, atol=0)
+        return
+    torch.testing.assert_close(single_text[0], embeds["a red car drives in the city"][0], rtol=0, atol=0)
+    assert multi_ctx.caption_spans == ((16, 32), (32, 48)) and multi_ctx.global_caption_span == (0, 16)
+    expected = torch.cat([embeds[c] for c in ("a dog", "runs on the beach", "sits")], dim=1)
+    torch.testing.assert_close(multi_text, expected, rtol=0, atol=0)
+    # The MoC processor sits on every cross-attention layer and ran the per-shot caption attention there.
+    assert cross.call_count == len(trainer.pipeline.transformer.blocks)
+
+
+def test_single_shot_clip_with_global_and_shot_caption_gets_spans(tmp_path):
+    _write_clip(str(tmp_path / "a.mp4"), seed=0)
+    line = {"file": "a.mp4", "caption": "a dog", "shots": [{"caption": "runs", "frames": [0, NUM_FRAMES]}]}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(line) + "\n")
+    from diffusers_moc import current_moc_context
+    from diffusers_moc.attention_processors import wan as wan_processors
+
+    contexts = []
+
+    def spy(*args, **kwargs):
+        contexts.append(current_moc_context())
+        return real(*args, **kwargs)
+
+    real = wan_processors._shot_cross_attention
+    config = _config(tmp_path, tmp_path / "out", training={"max_steps": 1, "gradient_checkpointing": False})
+    with mock.patch.object(wan_processors, "_shot_cross_attention", spy):
+        MoCLoRATrainer(config).train()
+    # As LongVideoPipeline with one shot and a global prompt: the whole video is shot 0 of the caption spans.
+    assert contexts and {(c.shot_frames, c.caption_spans, c.global_caption_span) for c in contexts} == {
+        ((5,), ((16, 32),), (0, 16))
+    }
+
+
 # ---------------------------------------------------------------------- data
 def test_corrupt_clip_is_skipped_with_a_warning(tmp_path, caplog):
     root = _make_dataset(tmp_path, n=2, corrupt=True)
@@ -404,17 +481,19 @@ def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
         {"caption": "no file"},
         {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"caption": "b", "frames": [10, 17]}]},
         {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}]},
+        {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"frames": [9, 17]}]},
         {"file": "ok.mp4", "caption": "fine"},
     ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
         dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
-    assert [r.line for r in dataset.records] == [5]
+    assert [r.line for r in dataset.records] == [6]
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "short.mp4" in messages and "needs 17" in messages
     assert "line 2" in messages and "'file'" in messages
     assert "line 3" in messages and "must start where shots[0] ends" in messages
     assert "line 4" in messages and "9 frames; a sample needs 17" in messages
+    assert "line 5" in messages and "shots[1] has no caption and the clip has no global 'caption'" in messages
 
 
 def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
@@ -424,6 +503,10 @@ def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
     # Shots of 9 + 8 pixel frames -> 3 + 2 latent frames (4n + 1 -> n + 1).
     assert by_file["1.mp4"].shot_frames == (3, 2)
     assert by_file["1.mp4"].prompt == "a dog runs on the beach sits"
+    assert by_file["1.mp4"].global_caption == "a dog"
+    assert by_file["1.mp4"].shot_captions == ("runs on the beach", "sits")
+    assert by_file["0.mp4"].global_caption == "a red car drives in the city"
+    assert by_file["0.mp4"].shot_captions == (None,)
     sample = dataset[0]
     assert (
         sample["video"].shape == (3, NUM_FRAMES, 32, 32) and -1 <= sample["video"].min() <= sample["video"].max() <= 1
