@@ -14,6 +14,7 @@ only to the global caption plus their own shot's caption (`caption_layout`, `moc
 without a caption attends to the global caption only (so it needs one). A clip with a single caption (no `shots`, or
 all its captions equal) is one prompt with stock cross-attention. The shots reach MoC self-attention as latent frames
 per shot.
+
 Clips that cannot be read (corrupt, missing, too short, bad metadata) are reported with a warning naming them and
 skipped; only when no clip is usable is it an error.
 """
