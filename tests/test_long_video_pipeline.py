@@ -370,3 +370,24 @@ def test_from_pretrained_local_folders(tmp_path):
         assert isinstance(loaded, LongVideoPipeline)
         # Same weights, but freshly loaded tensors can take other BLAS paths: equal up to float rounding.
         torch.testing.assert_close(run(loaded, SHOTS, output_type="latent").frames, reference, rtol=0, atol=1e-4)
+
+
+def test_caption_layout_is_the_pipeline_and_training_text_context():
+    from diffusers_moc.pipelines.captions import CaptionLayout, caption_layout
+
+    # Global caption first, each distinct caption once; shots share a repeated caption's span.
+    lay = caption_layout("g", ["a", "b", "a"], 4)
+    assert lay.segments == ("g", "a", "b") and lay.num_tokens == 12
+    assert lay.caption_spans == ((4, 8), (8, 12), (4, 8)) and lay.global_caption_span == (0, 4)
+    assert lay.context_kwargs() == {"caption_spans": lay.caption_spans, "global_caption_span": (0, 4)}
+    assert caption_layout(None, ["a", "b"], 4).global_caption_span is None
+    # One caption for everything is stock cross-attention: no spans.
+    for args in (("g", [None, None]), (None, ["a", "a"]), ("a", ["a"]), (None, ["a"])):
+        lay = caption_layout(*args, 4)
+        assert lay == CaptionLayout(("g",) if args[0] == "g" else ("a",), 4) and lay.context_kwargs() == {}
+    # A shot without caption attends to the global caption only; without one it has nothing to attend to.
+    assert caption_layout("g", [None, "b"], 4).caption_spans == ((0, 4), (4, 8))
+    with pytest.raises(ValueError, match="shot 1 has no caption and there is no global caption"):
+        caption_layout(None, ["a", None], 4)
+    with pytest.raises(ValueError, match="max_sequence_length must be a positive integer"):
+        caption_layout("g", ["a"], 0)

@@ -225,6 +225,29 @@ def _generate(pipe, seed: int = 0) -> np.ndarray:
     ).frames[0]
 
 
+def test_latent_cache_key_holds_max_sequence_length(data_root, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    seen: set = set()
+    for i, length in enumerate((16, 12)):
+        _reset_accelerate()
+        config = _config(
+            data_root,
+            tmp_path / f"run{i}",
+            data={"cache": True, "cache_dir": str(cache), "max_sequence_length": length},
+            # Dropped captions are the "" embedding at the new length: stale cached embeddings would not match it.
+            training={"max_steps": 1, "caption_dropout": 1.0},
+            sparsity={"anneal_steps": 0},
+        )
+        assert np.isfinite(MoCLoRATrainer(config).train().losses).all()
+        new = set(cache.iterdir()) - seen
+        assert len(new) == 2  # both clips encoded again at the new text length
+        text_tokens = [load_file(f)["prompt_embeds"].shape[0] for f in new]
+        assert min(text_tokens) == length and all(n % length == 0 for n in text_tokens)
+        seen |= new
+
+
 def test_saved_lora_loads_back_with_identical_outputs(trained):
     from diffusers import WanPipeline
 
@@ -320,6 +343,101 @@ def test_resume_is_exact(data_root, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
+    trainer = MoCLoRATrainer(
+        _config(data_root, tmp_path, training={"max_steps": 1, "mixed_precision": "bf16"}, sparsity={"anneal_steps": 0})
+    )
+    result = trainer.train()
+    assert np.isfinite(result.losses).all()
+    transformer = trainer.pipeline.transformer
+    keep = transformer._keep_in_fp32_modules
+    dtypes = {}
+    for name, p in transformer.named_parameters():
+        kept = any(k in name.split(".") for k in keep)
+        dtypes.setdefault("lora" if "lora_" in name else "kept" if kept else "base", set()).add(p.dtype)
+    assert dtypes == {"kept": {torch.float32}, "base": {torch.bfloat16}, "lora": {torch.float32}}
+    text_encoder = trainer.pipeline.text_encoder
+    assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" in n.split(".")} == {torch.float32}
+    assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" not in n.split(".")} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------- multi-shot conditioning
+@pytest.mark.parametrize("cache, caption_dropout", [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_multi_shot_training_conditions_as_the_long_video_pipeline(data_root, tmp_path, cache, caption_dropout):
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_moc import current_moc_context
+    from diffusers_moc.attention_processors import wan as wan_processors
+    from diffusers_moc.pipelines import LongVideoPipeline
+    from diffusers_moc.tiny import tiny_wan_components
+
+    config = _config(
+        data_root,
+        tmp_path,
+        data={"cache": cache},
+        training={"max_steps": 1, "batch_size": 2, "gradient_checkpointing": False, "caption_dropout": caption_dropout},
+        sparsity={"anneal_steps": 0},
+    )
+    seen = []
+    forward = WanTransformer3DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((current_moc_context(), kwargs["encoder_hidden_states"].detach().clone()))
+        return forward(self, *args, **kwargs)
+
+    trainer = MoCLoRATrainer(config)
+    with (
+        mock.patch.object(WanTransformer3DModel, "forward", spy),
+        mock.patch.object(wan_processors, "_shot_cross_attention", wraps=wan_processors._shot_cross_attention) as cross,
+    ):
+        trainer.train()
+
+    # The pipeline's text context for the same captions (no_grad, as in its __call__): each caption encoded alone.
+    pipe = LongVideoPipeline(**tiny_wan_components())
+    with torch.no_grad():
+        embeds = pipe.encode_captions(["a dog", "runs on the beach", "sits", "a red car drives in the city", ""], 16)
+    by_shots = {ctx.shot_frames: (ctx, text) for ctx, text in seen}
+    assert len(seen) == 2 and set(by_shots) == {None, (3, 2)}  # one forward per shot / caption structure
+    single_ctx, single_text = by_shots[None]
+    multi_ctx, multi_text = by_shots[(3, 2)]
+    assert single_ctx.caption_spans is None
+    if caption_dropout:
+        # All captions of a dropped sample go: the empty prompt, stock cross-attention, shots kept for MoC.
+        assert multi_ctx.caption_spans is None and cross.call_count == 0
+        for text in (single_text, multi_text):
+            torch.testing.assert_close(text[0], embeds[""][0], rtol=0, atol=0)
+        return
+    torch.testing.assert_close(single_text[0], embeds["a red car drives in the city"][0], rtol=0, atol=0)
+    assert multi_ctx.caption_spans == ((16, 32), (32, 48)) and multi_ctx.global_caption_span == (0, 16)
+    expected = torch.cat([embeds[c] for c in ("a dog", "runs on the beach", "sits")], dim=1)
+    torch.testing.assert_close(multi_text, expected, rtol=0, atol=0)
+    # The MoC processor sits on every cross-attention layer and ran the per-shot caption attention there.
+    assert cross.call_count == len(trainer.pipeline.transformer.blocks)
+
+
+def test_single_shot_clip_with_global_and_shot_caption_gets_spans(tmp_path):
+    _write_clip(str(tmp_path / "a.mp4"), seed=0)
+    line = {"file": "a.mp4", "caption": "a dog", "shots": [{"caption": "runs", "frames": [0, NUM_FRAMES]}]}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(line) + "\n")
+    from diffusers_moc import current_moc_context
+    from diffusers_moc.attention_processors import wan as wan_processors
+
+    contexts = []
+
+    def spy(*args, **kwargs):
+        contexts.append(current_moc_context())
+        return real(*args, **kwargs)
+
+    real = wan_processors._shot_cross_attention
+    config = _config(tmp_path, tmp_path / "out", training={"max_steps": 1, "gradient_checkpointing": False})
+    with mock.patch.object(wan_processors, "_shot_cross_attention", spy):
+        MoCLoRATrainer(config).train()
+    # As LongVideoPipeline with one shot and a global prompt: the whole video is shot 0 of the caption spans.
+    assert contexts and {(c.shot_frames, c.caption_spans, c.global_caption_span) for c in contexts} == {
+        ((5,), ((16, 32),), (0, 16))
+    }
+
+
 # ---------------------------------------------------------------------- data
 def test_corrupt_clip_is_skipped_with_a_warning(tmp_path, caplog):
     root = _make_dataset(tmp_path, n=2, corrupt=True)
@@ -363,17 +481,19 @@ def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
         {"caption": "no file"},
         {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"caption": "b", "frames": [10, 17]}]},
         {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}]},
+        {"file": "ok.mp4", "shots": [{"caption": "a", "frames": [0, 9]}, {"frames": [9, 17]}]},
         {"file": "ok.mp4", "caption": "fine"},
     ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
         dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
-    assert [r.line for r in dataset.records] == [5]
+    assert [r.line for r in dataset.records] == [6]
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "short.mp4" in messages and "needs 17" in messages
     assert "line 2" in messages and "'file'" in messages
     assert "line 3" in messages and "must start where shots[0] ends" in messages
     assert "line 4" in messages and "9 frames; a sample needs 17" in messages
+    assert "line 5" in messages and "shots[1] has no caption and the clip has no global 'caption'" in messages
 
 
 def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
@@ -383,6 +503,10 @@ def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
     # Shots of 9 + 8 pixel frames -> 3 + 2 latent frames (4n + 1 -> n + 1).
     assert by_file["1.mp4"].shot_frames == (3, 2)
     assert by_file["1.mp4"].prompt == "a dog runs on the beach sits"
+    assert by_file["1.mp4"].global_caption == "a dog"
+    assert by_file["1.mp4"].shot_captions == ("runs on the beach", "sits")
+    assert by_file["0.mp4"].global_caption == "a red car drives in the city"
+    assert by_file["0.mp4"].shot_captions == (None,)
     sample = dataset[0]
     assert (
         sample["video"].shape == (3, NUM_FRAMES, 32, 32) and -1 <= sample["video"].min() <= sample["video"].max() <= 1
@@ -519,6 +643,28 @@ def test_yaml_config_overrides_and_example(tmp_path):
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "train_lora.yaml")
     config = load_train_config(example)
     assert config.model.pretrained.startswith("Wan-AI/") and config.lora.rank > 0
+
+
+def test_overrides_fill_empty_sections_and_resume_stays_a_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path}\nvalidation:\ncheckpointing:\n")
+    config = load_train_config(path, ["validation.every=10", "validation.prompts=[a cat]"])
+    assert config.validation.every == 10 and config.validation.prompts == ["a cat"]
+    # --resume values are folder names, not YAML: `2024` and `yes` must stay strings.
+    for value in ("2024", "yes", "null"):
+        assert load_train_config(path, resume_from=value).checkpointing.resume_from == value
+    assert load_train_config(path, ["checkpointing.resume_from=a"], resume_from="b").checkpointing.resume_from == "b"
+
+
+def test_cli_resume_is_passed_as_a_string(tmp_path):
+    from diffusers_moc.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: {tmp_path}\n")
+    with mock.patch("diffusers_moc.training.MoCLoRATrainer") as trainer_cls:
+        trainer_cls.return_value.train.return_value.final_dir = None
+        assert main(["train", str(path), "--resume", "2024"]) == 0
+    assert trainer_cls.call_args.args[0].checkpointing.resume_from == "2024"
 
 
 def test_cli_train(data_root, tmp_path):

@@ -32,10 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import MoCLoRATrainer, load_train_config
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"checkpointing.resume_from={args.resume}")
-    config = load_train_config(args.config, overrides)
+    # --resume is a path (or 'latest'), never parsed as YAML: a folder named `2024` must not become an integer.
+    config = load_train_config(args.config, list(args.overrides), resume_from=args.resume or None)
     result = MoCLoRATrainer(config).train()
     if result.final_dir:
         print(f"trained {result.global_step} steps; MoC LoRA saved to {result.final_dir}")

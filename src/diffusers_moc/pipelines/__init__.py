@@ -1,5 +1,6 @@
 """Pipelines built on MoC: multi-shot long videos and the storyboard files that describe them."""
 
+from .captions import CaptionLayout, caption_layout, encode_caption
 from .long_video import (
     LongVideoPipeline,
     LongVideoPipelineOutput,
@@ -11,12 +12,15 @@ from .long_video import (
 from .storyboard import Storyboard, StoryboardError, load_storyboard
 
 __all__ = [
+    "CaptionLayout",
     "LongVideoPipeline",
     "LongVideoPipelineOutput",
     "Shot",
     "Storyboard",
     "StoryboardError",
+    "caption_layout",
     "check_shot_frames",
+    "encode_caption",
     "frames_for_seconds",
     "load_storyboard",
     "prepare_moc_transformer",

@@ -18,7 +18,6 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -28,6 +27,7 @@ from ..apply import apply_moc, get_moc_config, update_moc_config
 from ..attention_processors import MoCWanAttnProcessor
 from ..config import MoCConfig
 from ..context import moc_context
+from .captions import caption_layout, encode_caption
 
 __all__ = [
     "LongVideoPipeline",
@@ -293,24 +293,7 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self, caption: str, max_sequence_length: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
         """T5 embeddings `(1, max_sequence_length, dim)` of one caption, zero-padded past its length as Wan does."""
-        inputs = self.tokenizer(
-            [prompt_clean(caption)],
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        ids, mask = inputs.input_ids, inputs.attention_mask
-        length = int(mask.gt(0).sum())
-        model_device = get_module_execution_device(self.text_encoder)
-        embeds = self.text_encoder(ids.to(model_device), mask.to(model_device)).last_hidden_state
-        embeds = embeds.to(dtype=dtype, device=device)
-        # Wan was trained on captions whose padding embeddings are exactly zero.
-        padded = torch.zeros_like(embeds)
-        padded[:, :length] = embeds[:, :length]
-        return padded
+        return encode_caption(self.tokenizer, self.text_encoder, caption, max_sequence_length, device, dtype)
 
     def encode_captions(
         self,
@@ -545,25 +528,16 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if self.do_classifier_free_guidance:
             captions.append(negative_prompt or "")
         embeds = self.encode_captions(captions, max_sequence_length, device)
-        segments: list[str] = []
-        for caption in ([global_prompt] if global_prompt is not None else []) + [s.prompt for s in shots]:
-            if caption not in segments:
-                segments.append(caption)
-        prompt_embeds = torch.cat([embeds[c] for c in segments], dim=1).to(transformer_dtype)
+        # The same context layout `diffusers-moc train` conditions on (see `pipelines.captions`).
+        text = caption_layout(global_prompt, [s.prompt for s in shots], max_sequence_length)
+        prompt_embeds = torch.cat([embeds[c] for c in text.segments], dim=1).to(transformer_dtype)
         prompt_embeds = prompt_embeds.repeat(batch_size, 1, 1)
         negative_prompt_embeds = None
         if self.do_classifier_free_guidance:
             negative_prompt_embeds = embeds[negative_prompt or ""].to(transformer_dtype).repeat(batch_size, 1, 1)
 
-        def span(caption: str) -> tuple[int, int]:
-            start = segments.index(caption) * max_sequence_length
-            return start, start + max_sequence_length
-
         # One text segment: every token attends to all of it, which is stock cross-attention (no spans needed).
-        cond_context: dict[str, Any] = {"shot_frames": latent_frames}
-        if len(segments) > 1:
-            cond_context["caption_spans"] = [span(s.prompt) for s in shots]
-            cond_context["global_caption_span"] = None if global_prompt is None else span(global_prompt)
+        cond_context: dict[str, Any] = {"shot_frames": latent_frames, **text.context_kwargs()}
 
         # 2. Timesteps and noise.
         self.scheduler.set_timesteps(num_inference_steps, device=device)

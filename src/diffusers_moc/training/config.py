@@ -445,14 +445,18 @@ def _check(c: TrainConfig) -> None:
         raise ConfigError("hub.repo_id", "is required when hub.push is true")
 
 
-def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, resume_from: str | None = None
+) -> TrainConfig:
     r"""
     Read a YAML training config and validate it.
 
     Args:
         path (`str` or `os.PathLike`): the YAML file.
         overrides (`list[str]`, *optional*): `dotted.key=value` strings applied on top (values parsed as YAML), as
-            given to `diffusers-moc train --set`.
+            given to `diffusers-moc train --set`. An empty section in the YAML (`validation:`) takes overrides too.
+        resume_from (`str`, *optional*): sets `checkpointing.resume_from` after the overrides, taken as is (not parsed
+            as YAML, so a folder named `2024` or `yes` stays a path), as given to `diffusers-moc train --resume`.
 
     Returns:
         [`TrainConfig`]
@@ -476,8 +480,16 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | None = Non
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section (`validation:` in YAML reads as None)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(key, f"{p} is not a section")
         node[leaf] = yaml.safe_load(raw)
+    if resume_from is not None:
+        if data.get("checkpointing") is None:
+            data["checkpointing"] = {}
+        if not isinstance(data["checkpointing"], dict):
+            raise ConfigError("checkpointing", f"must be a mapping, got {type(data['checkpointing']).__name__}")
+        data["checkpointing"]["resume_from"] = str(resume_from)
     return TrainConfig.from_dict(data)

@@ -7,8 +7,14 @@
      "shots": [{"caption": "a man walks", "frames": [0, 9]}, {"caption": "close up", "frames": [9, 17]}]}
     {"file": "clips/0002.mp4", "caption": "a dog runs on the beach"}
 
-A sample is the `num_frames` pixel frames starting at the first shot. Wan has one text stream, so its prompt is the
-global caption followed by the shot captions; the shots reach MoC as latent frames per shot (`moc_context`).
+A sample is the `num_frames` pixel frames starting at the first shot; shots past it are not used and the last shot
+kept is cut at its end. A multi-shot clip is conditioned as `LongVideoPipeline` conditions its shots: the global
+`caption` and each distinct shot caption are encoded separately and concatenated, and each shot's video tokens attend
+only to the global caption plus their own shot's caption (`caption_layout`, `moc_context(caption_spans=...)`). A shot
+without a caption attends to the global caption only (so it needs one). A clip with a single caption (no `shots`, or
+all its captions equal) is one prompt with stock cross-attention. The shots reach MoC self-attention as latent frames
+per shot.
+
 Clips that cannot be read (corrupt, missing, too short, bad metadata) are reported with a warning naming them and
 skipped; only when no clip is usable is it an error.
 """
@@ -36,6 +42,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Bumped when what a cache file holds changes: `prompt_embeds` is the per-caption text context since format 2.
+_CACHE_FORMAT = 2
 
 #: Wan's VAE: `4n + 1` pixel frames -> `n + 1` latent frames.
 WAN_TEMPORAL_RATIO = 4
@@ -84,9 +93,13 @@ class ClipRecord:
     Attributes:
         path (`str`): absolute path of the clip.
         start (`int`): first pixel frame of the sample.
-        prompt (`str`): the text the model is conditioned on.
+        prompt (`str`): all captions of the sample joined, for logs and display.
         shot_frames (`tuple[int]` or `None`): latent frames per shot; `None` for a single shot.
         line (`int`): 1-based line in the metadata file.
+        global_caption (`str`, *optional*): the clip's `caption` (stripped; `None` when absent or empty).
+        shot_captions (`tuple[str | None, ...]`): the caption of each shot in the sample (stripped; `None` when
+            absent or empty); `(None,)` for a clip without `shots`. With `global_caption` they make the
+            text context via [`caption_layout`].
     """
 
     path: str
@@ -94,6 +107,8 @@ class ClipRecord:
     prompt: str
     shot_frames: tuple[int, ...] | None
     line: int
+    global_caption: str | None = None
+    shot_captions: tuple[str | None, ...] = (None,)
 
 
 def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
@@ -143,8 +158,34 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
     prompt = " ".join(t.strip() for t in [caption or "", *captions] if t and t.strip())
     if not prompt:
         raise ValueError("no caption: give a global 'caption' or shot captions")
+    global_caption = caption.strip() if caption and caption.strip() else None
+    shot_captions = tuple(c.strip() if c.strip() else None for c in captions)
+    if global_caption is None:
+        missing = [i for i, c in enumerate(shot_captions) if c is None]
+        if missing:
+            raise ValueError(
+                f"shots[{missing[0]}] has no caption and the clip has no global 'caption' for it to attend to"
+            )
     path = obj["file"] if os.path.isabs(obj["file"]) else os.path.join(root, obj["file"])
-    return ClipRecord(path=os.path.abspath(path), start=start, prompt=prompt, shot_frames=shot_frames, line=0)
+    return ClipRecord(
+        path=os.path.abspath(path),
+        start=start,
+        prompt=prompt,
+        shot_frames=shot_frames,
+        line=0,
+        global_caption=global_caption,
+        shot_captions=shot_captions,
+    )
+
+
+def _text_fields(r: ClipRecord) -> dict:
+    # What a sample carries besides its pixels or latents: the text and the shots.
+    return {
+        "prompt": r.prompt,
+        "global_caption": r.global_caption,
+        "shot_captions": r.shot_captions,
+        "shot_frames": r.shot_frames,
+    }
 
 
 def read_clip(path: str, start: int, num_frames: int, height: int, width: int) -> torch.Tensor:
@@ -260,7 +301,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """Sample `index` without fallback (raises when the clip cannot be read)."""
         r = self.records[index]
         video = read_clip(r.path, r.start, self.num_frames, self.height, self.width)
-        return {"video": video, "prompt": r.prompt, "shot_frames": r.shot_frames, "path": r.path}
+        return {"video": video, "path": r.path, **_text_fields(r)}
 
     def __getitem__(self, index: int) -> dict:
         # A clip that breaks mid-run (e.g. a network file system hiccup) must not end a long run: report it and use
@@ -279,15 +320,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
 class CachedLatentDataset(torch.utils.data.Dataset):
     r"""
-    Precomputed VAE latent distributions and prompt embeddings of a [`VideoClipDataset`], one safetensors file per
-    clip under `cache_dir` (reused across runs while the clip file, its window, resolution and prompt are unchanged).
+    Precomputed VAE latent distributions and text contexts of a [`VideoClipDataset`], one safetensors file per
+    clip under `cache_dir` (reused across runs while the clip file, its window, resolution, captions and `tag` are
+    unchanged).
 
     Args:
         dataset (`VideoClipDataset`): the clips.
         cache_dir (`str`): cache folder.
-        encode (`Callable[[torch.Tensor, str], dict[str, torch.Tensor]]`): `(video (3,F,H,W), prompt)` to
-            `{"latent_mean", "latent_std", "prompt_embeds"}` (unbatched).
-        tag (`str`): identifies the encoder models (part of the cache key).
+        encode (`Callable[[torch.Tensor, ClipRecord], dict[str, torch.Tensor]]`): `(video (3,F,H,W), record)` to
+            `{"latent_mean", "latent_std", "prompt_embeds"}` (unbatched; `prompt_embeds` is the whole text context,
+            the captions' embeddings concatenated, so clips may differ in its length).
+        tag (`str`): everything else the encoding depends on (encoder models, their dtype, the text length
+            `max_sequence_length`); part of the cache key, so changing any of them re-encodes.
     """
 
     def __init__(
@@ -305,7 +349,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             stat = os.stat(r.path)
             key = json.dumps(
                 [r.path, stat.st_size, stat.st_mtime_ns, r.start, dataset.num_frames, dataset.height, dataset.width]
-                + [r.prompt, tag]
+                + [_CACHE_FORMAT, r.global_caption, list(r.shot_captions), tag]
             )
             path = os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
             if os.path.isfile(path):
@@ -317,9 +361,9 @@ class CachedLatentDataset(torch.utils.data.Dataset):
                     logger.warning("skipping unreadable clip %s: %s: %s", r.path, type(e).__name__, e)
                     continue
                 with torch.no_grad():
-                    tensors = {k: v.detach().cpu().contiguous() for k, v in encode(sample["video"], r.prompt).items()}
+                    tensors = {k: v.detach().cpu().contiguous() for k, v in encode(sample["video"], r).items()}
                 save_file(tensors, path)
-            self.items.append({**tensors, "prompt": r.prompt, "shot_frames": r.shot_frames, "path": r.path})
+            self.items.append({**tensors, "path": r.path, **_text_fields(r)})
         if not self.items:
             raise ValueError(f"no usable clips in {dataset.root}: none could be decoded (see the warnings above)")
 
@@ -331,11 +375,14 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
 
 def collate_samples(samples: list[dict]) -> dict:
-    """Stack the tensors of a batch; prompts, shots and paths stay lists."""
+    """Stack the tensors of a batch (a list when their shapes differ, e.g. text contexts); the rest stay lists."""
     out: dict = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
     return out
 
 

@@ -5,6 +5,12 @@ mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(
 through `accelerator.save_state` whose hooks write the adapter in diffusers' LoRA format. On top of that it applies MoC
 (`apply_moc`), anneals `top_k` with the sparsity schedule and passes shots to MoC with `moc_context`.
 
+Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
+shot caption are encoded separately and concatenated (`pipelines.captions`), and the MoC processor, installed on the
+cross-attention layers too (`prepare_moc_transformer`), gives each shot's tokens only the global caption plus their own
+caption. Clips with a single caption train with one prompt and stock cross-attention. Caption dropout replaces all
+captions of a sample with the empty prompt (stock cross-attention), the unconditional input of guidance.
+
 Exact resume: everything random is drawn from the global torch RNG, which `accelerator.save_state` saves and restores
 (noise, timesteps, latent sampling, LoRA dropout, MoC drop-off / drop-in), or is a pure function of the step (data
 order via `StepBatchSampler`, the sparsity schedule). Resuming from step N and training to M therefore gives the same
@@ -70,6 +76,26 @@ class _TrainState:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
+
+
+def _cast_keeping_fp32_modules(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    r"""
+    Cast the floating-point weights of `module` to `dtype` in place, except those of its `_keep_in_fp32_modules`
+    (Wan's time embedder, norms and modulation tables), which stay fp32 as `from_pretrained(torch_dtype=...)` keeps
+    them: in bf16 they lose the precision the model relies on.
+
+    Returns:
+        `torch.nn.Module`: `module`.
+    """
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        # The same name match as diffusers' loader: a keep entry is one component of the dotted name.
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        if tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return module
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,6 +192,9 @@ class MoCLoRATrainer:
         from peft import LoraConfig
         from tqdm.auto import tqdm
 
+        from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
+        from ..pipelines.long_video import prepare_moc_transformer
+
         c = self.config
         t = c.training
         os.makedirs(c.output_dir, exist_ok=True)
@@ -190,8 +219,7 @@ class MoCLoRATrainer:
         # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
         for module, dtype in ((vae, torch.float32), (text_encoder, weight_dtype), (transformer, weight_dtype)):
             module.to(accelerator.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
+            _cast_keeping_fp32_modules(module, dtype)
         vae.eval()
         text_encoder.eval()
 
@@ -245,24 +273,62 @@ class MoCLoRATrainer:
             )
             return embeds
 
+        def text_layout(global_caption: str | None, shot_captions) -> CaptionLayout:
+            return caption_layout(global_caption, shot_captions, d.max_sequence_length)
+
+        @torch.no_grad()
+        def encode_contexts(layouts: list[CaptionLayout]) -> list[torch.Tensor]:
+            """The text context `(tokens, dim)` of each sample, each distinct caption of the batch encoded once."""
+            single = [i for i, lay in enumerate(layouts) if lay.caption_spans is None]
+            out: list[torch.Tensor | None] = [None] * len(layouts)
+            if single:  # one caption: WanPipeline's batched prompt encoding, as for any single-prompt sample
+                for i, embeds in zip(single, encode_prompts([layouts[i].segments[0] for i in single])):
+                    out[i] = embeds
+            captions: dict[str, torch.Tensor] = {}
+            for i, lay in enumerate(layouts):
+                if out[i] is not None:
+                    continue
+                for c in lay.segments:
+                    if c not in captions:
+                        embeds = encode_caption(
+                            pipe.tokenizer, pipe.text_encoder, c, d.max_sequence_length, accelerator.device
+                        )
+                        captions[c] = embeds[0].to(weight_dtype)
+                out[i] = torch.cat([captions[c] for c in lay.segments])
+            return out
+
         if d.cache:
 
-            def encode_one(video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+            def encode_one(video: torch.Tensor, record) -> dict[str, torch.Tensor]:
                 mean, std = encode_videos(video[None])
-                return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": encode_prompts([prompt])[0]}
+                (context,) = encode_contexts([text_layout(record.global_caption, record.shot_captions)])
+                return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": context}
 
+            # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
             tag = json.dumps(
-                [c.model.pretrained, c.model.revision, c.model.variant, c.model.tiny_seed, str(weight_dtype)]
+                [
+                    c.model.pretrained,
+                    c.model.revision,
+                    c.model.variant,
+                    c.model.tiny_seed,
+                    str(weight_dtype),
+                    d.max_sequence_length,
+                ]
             )
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
                 dataset = CachedLatentDataset(
                     dataset, d.cache_dir or os.path.join(c.output_dir, "cache"), encode_one, tag=tag
                 )
 
-        empty_embeds = encode_prompts([""]) if t.caption_dropout > 0 else None
+        empty_embeds = encode_prompts([""])[0] if t.caption_dropout > 0 else None
+        uncond = CaptionLayout(("",), d.max_sequence_length)
         frames, tokens_per_frame = self._latent_grid(pipe)
-        records = dataset.items if d.cache else dataset.records
-        shot_sets = {(r["shot_frames"] if isinstance(r, dict) else r.shot_frames) for r in records}
+        vae_frames = (d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        records = [r if isinstance(r, dict) else r.__dict__ for r in (dataset.items if d.cache else dataset.records)]
+        shot_sets = {r["shot_frames"] for r in records}
+        if any(text_layout(r["global_caption"], r["shot_captions"]).caption_spans is not None for r in records):
+            # Per-shot captions: the MoC processor goes on cross-attention too, as in LongVideoPipeline.
+            prepare_moc_transformer(transformer)
 
         def layout_of(shots: tuple[int, ...] | None) -> ChunkLayout:
             return ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
@@ -340,16 +406,20 @@ class MoCLoRATrainer:
         batches = iter(loader)
 
         def micro_step(batch: dict) -> torch.Tensor:
+            layouts = [text_layout(g, s) for g, s in zip(batch["global_caption"], batch["shot_captions"])]
             if d.cache:
                 mean = batch["latent_mean"].to(accelerator.device)
                 std = batch["latent_std"].to(accelerator.device)
-                prompt_embeds = batch["prompt_embeds"].to(accelerator.device, weight_dtype)
+                contexts = [e.to(accelerator.device, weight_dtype) for e in batch["prompt_embeds"]]
             else:
                 mean, std = encode_videos(batch["video"])
-                prompt_embeds = encode_prompts(batch["prompt"])
+                contexts = encode_contexts(layouts)
             if empty_embeds is not None:
-                drop = (torch.rand(prompt_embeds.shape[0]) < t.caption_dropout).to(accelerator.device)
-                prompt_embeds = torch.where(drop[:, None, None], empty_embeds.to(prompt_embeds.dtype), prompt_embeds)
+                # A dropped sample loses all its captions: the empty prompt with stock cross-attention, which is the
+                # unconditional input of classifier-free guidance in LongVideoPipeline and WanPipeline.
+                drop = (torch.rand(len(contexts)) < t.caption_dropout).tolist()
+                contexts = [empty_embeds.to(c.dtype) if dropped else c for dropped, c in zip(drop, contexts)]
+                layouts = [uncond if dropped else lay for dropped, lay in zip(drop, layouts)]
             x0 = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior, as latent_dist.sample()
             noise = torch.randn_like(x0)
             bsz = x0.shape[0]
@@ -368,25 +438,32 @@ class MoCLoRATrainer:
             target = noise - x0
             weighting = compute_loss_weighting_for_sd3(weighting_scheme=t.weighting_scheme, sigmas=sigmas)
 
-            # One forward per shot structure in the batch (MoC's layout is per call). Backward runs inside the same
-            # moc_context: gradient checkpointing recomputes the forward during backward and must see the same shots.
+            # One forward per shot and caption structure in the batch (MoC's layout and the caption spans are per
+            # call). Backward runs inside the same moc_context: gradient checkpointing recomputes the forward during
+            # backward and must see the same shots.
             groups: dict[Any, list[int]] = {}
-            for i, shots in enumerate(batch["shot_frames"]):
-                groups.setdefault(shots, []).append(i)
+            for i, (shots, lay) in enumerate(zip(batch["shot_frames"], layouts)):
+                key = (shots, lay.caption_spans, lay.global_caption_span, contexts[i].shape[0])
+                groups.setdefault(key, []).append(i)
             total = torch.zeros((), device=accelerator.device)
-            for g, (shots, idx) in enumerate(groups.items()):
+            for g, ((shots, spans, global_span, _), idx) in enumerate(groups.items()):
                 sel = torch.tensor(idx, device=accelerator.device)
+                captions: dict[str, Any] = {}
+                if spans is not None:
+                    # Spans belong to shots: a single-shot clip with a global and a shot caption is one shot here.
+                    captions = {"caption_spans": spans, "global_caption_span": global_span}
+                    shots = shots or (vae_frames,)
                 # Under DDP only the last group's backward all-reduces, so ranks with different group counts agree.
                 sync = (
                     accelerator.no_sync(transformer)
                     if g < len(groups) - 1 and accelerator.num_processes > 1
                     else contextlib.nullcontext()
                 )
-                with moc_context(shot_frames=shots), sync:
+                with moc_context(shot_frames=shots, **captions), sync:
                     pred = transformer(
                         hidden_states=noisy[sel].to(weight_dtype),
                         timestep=timesteps[sel],
-                        encoder_hidden_states=prompt_embeds[sel],
+                        encoder_hidden_states=torch.stack([contexts[i] for i in idx]),
                         return_dict=False,
                     )[0]
                     err = (weighting[sel].float() * (pred.float() - target[sel].float()) ** 2).reshape(len(idx), -1)
