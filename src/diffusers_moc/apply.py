@@ -191,6 +191,13 @@ def _record_grid_hook(transformer: torch.nn.Module, proc_cls: type):
     return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _remove_grid_hook(transformer: torch.nn.Module) -> None:
+    handle = getattr(transformer, "_moc_grid_hook", None)
+    if handle is not None:
+        handle.remove()
+        transformer._moc_grid_hook = None
+
+
 def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> torch.nn.Module:
     r"""
     Replace the self-attention of `transformer` by Mixture-of-Contexts attention, in place.
@@ -236,10 +243,7 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
         if not isinstance(module.processor, MOC_PROCESSORS):
             module._moc_original_processor = module.processor
         _set_processor(module, processor)
-    handle = getattr(transformer, "_moc_grid_hook", None)
-    if handle is not None:
-        handle.remove()
-        transformer._moc_grid_hook = None
+    _remove_grid_hook(transformer)
     if hasattr(proc_cls, "input_grid"):
         transformer._moc_grid_hook = _record_grid_hook(transformer, proc_cls)
     return transformer
@@ -262,10 +266,7 @@ def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
         original._attention_backend = proc._attention_backend
         original._parallel_config = proc._parallel_config
         _set_processor(module, original)
-    handle = getattr(transformer, "_moc_grid_hook", None)
-    if handle is not None:
-        handle.remove()
-        transformer._moc_grid_hook = None
+    _remove_grid_hook(transformer)
     return transformer
 
 

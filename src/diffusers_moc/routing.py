@@ -43,11 +43,7 @@ class MoCRouting:
         B, H, T, _ = sel.shape
         C = self.layout.num_chunks
         tok_chunk = self.layout.token_chunks(sel.device)[start:end]
-        mask = self.anchors[tok_chunk].expand(B, H, T, C).clone()
-        # Unused slots (-1) write into an extra column that is dropped.
-        extra = torch.zeros(B, H, T, C + 1, dtype=torch.bool, device=sel.device)
-        extra.scatter_(-1, sel.clamp(min=-1) % (C + 1), True)
-        return mask | extra[..., :C]
+        return self.anchors[tok_chunk].expand(B, H, T, C) | _selected_mask(sel, C)
 
     def attended_tokens(self) -> torch.Tensor:
         """`(B, H, L)` long: how many key tokens each query attends to."""
@@ -61,6 +57,14 @@ class MoCRouting:
         """Fraction of the `L x L` query-key pairs that are attended (1.0 is dense)."""
         L = self.layout.num_tokens
         return self.attended_tokens().double().mean().item() / L
+
+
+def _selected_mask(selected: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """`(..., S)` chunk ids (-1 = empty slot) -> `(..., C)` bool: which chunks the slots hold."""
+    # Empty slots write into an extra column that is dropped.
+    mask = torch.zeros(*selected.shape[:-1], num_chunks + 1, dtype=torch.bool, device=selected.device)
+    mask.scatter_(-1, selected % (num_chunks + 1), True)
+    return mask[..., :num_chunks]
 
 
 def chunk_means(k: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
@@ -170,9 +174,7 @@ def _regularise(
         m = torch.poisson(rate, generator=generator).long()
         m_max = int(m.max().item()) if m.numel() else 0
         if m_max > 0:
-            taken = torch.zeros(B, H, L, C + 1, dtype=torch.bool, device=device)
-            taken.scatter_(-1, selected % (C + 1), True)
-            eligible = allowed.expand(B, H, L, C) & ~taken[..., :C]
+            eligible = allowed.expand(B, H, L, C) & ~_selected_mask(selected, C)
             keys = torch.rand(B, H, L, C, device=device, generator=generator).masked_fill(~eligible, -1.0)
             vals, idx = keys.topk(min(m_max, C), dim=-1)
             keep = (vals >= 0) & (torch.arange(idx.shape[-1], device=device) < m[..., None])
