@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from .config import BACKENDS, MoCConfig
-from .kernels import reference_attention, torch_attention
+from .kernels import REFERENCE, TORCH, MoCKernel, kernel_attention
 from .layout import ChunkLayout
 from .routing import MoCRouting, route
 
-__all__ = ["moc_attention", "available_backends", "resolve_backend"]
-
-Backend = Callable[..., torch.Tensor]
+__all__ = ["moc_attention", "available_backends", "resolve_backend", "load_kernel"]
 
 
-def _load_triton() -> Backend:
+def _load_triton() -> MoCKernel:
     try:
-        from .kernels.triton_moc import triton_attention  # noqa: PLC0415  (optional extra, imported lazily)
+        from .kernels.triton_moc import TRITON  # noqa: PLC0415  (optional extra, imported lazily)
     except ImportError as e:
         raise RuntimeError(f"backend='triton' is not available: {e}") from e
-    return triton_attention
+    return TRITON
 
 
-_LOADERS: dict[str, Callable[[], Backend]] = {
-    "reference": lambda: reference_attention,
-    "torch": lambda: torch_attention,
+# Backend name -> loader of its kernel (optional extras are imported on first use).
+_LOADERS: dict[str, Callable[[], MoCKernel]] = {
+    "reference": lambda: REFERENCE,
+    "torch": lambda: TORCH,
     "triton": _load_triton,
 }
+
+
+def load_kernel(name: str) -> MoCKernel:
+    """The [`~kernels.MoCKernel`] of a concrete backend name (not `"auto"`; see [`resolve_backend`])."""
+    return _LOADERS[name]()
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -105,6 +110,7 @@ def moc_attention(
         routing = route(query, key, layout, config, training=training, generator=generator)
     elif routing.layout != layout:
         raise ValueError("the routing passed was computed for another layout")
-    backend = _LOADERS[resolve_backend(config.backend, query.device)]()
-    out = backend(query, key, value, routing, scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    kernel = load_kernel(resolve_backend(config.backend, query.device))
+    out, _ = kernel_attention(kernel, query, key, value, routing, scale)
     return (out, routing) if return_routing else out

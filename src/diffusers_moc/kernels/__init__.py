@@ -1,6 +1,16 @@
-"""Attention backends: each takes `(q, k, v, routing, scale)` with `(B, L, H, D)` tensors, returns `(B, L, H, D)`."""
+"""Attention backends: each is a [`MoCKernel`], a forward `(q, k, v, routing, scale) -> (out, lse)` and a backward,
+with `(B, L, H, D)` tensors (see `kernels/base.py`)."""
 
-from .reference import MAX_REFERENCE_TOKENS, reference_attention
-from .torch_chunked import torch_attention
+from .base import MoCKernel, kernel_attention
+from .reference import MAX_REFERENCE_TOKENS, REFERENCE, reference_attention
+from .torch_chunked import TORCH, torch_attention
 
-__all__ = ["MAX_REFERENCE_TOKENS", "reference_attention", "torch_attention"]
+__all__ = [
+    "MAX_REFERENCE_TOKENS",
+    "MoCKernel",
+    "REFERENCE",
+    "TORCH",
+    "kernel_attention",
+    "reference_attention",
+    "torch_attention",
+]

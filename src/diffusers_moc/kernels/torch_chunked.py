@@ -19,6 +19,9 @@ import math
 import torch
 
 from ..routing import MoCRouting
+from .base import MoCKernel, kernel_attention
+
+__all__ = ["TORCH", "torch_attention"]
 
 # Upper bound on the elements of one (B*H, tile, chunk) score block in the matmul path.
 _TILE_ELEMS = 1 << 24
@@ -105,55 +108,96 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, _rows(x, idx)).view(*idx.shape, x.shape[-1])
 
 
-class _ChunkedMoCAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, attend, offsets, scale):
-        # q, k, v: (BH, L, D); attend: (BH, L, C) bool.
-        BH, L, _ = q.shape
-        work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 merge in fp32; fp64 stays fp64
-        fwd, _, budget = _block_ops(q, v)
-        out = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
-        lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
-        for lo, hi, idx, ok in _blocks(attend, offsets, budget):
-            o_blk, lse_blk = fwd(_gather(q, idx), k[:, lo:hi], v[:, lo:hi], scale)
-            # Padding rows (queries that do not attend this chunk) get weight exp(-inf) = 0 in the merge.
-            lse_blk = lse_blk.to(work).masked_fill(~ok, float("-inf"))
-            lse_old = lse.gather(1, idx)
-            # Only exp, log and single arithmetic ops here: their CPU results do not depend on where a row sits in
-            # the tensor, whereas sigmoid, logaddexp and lerp round differently in the vectorised body and the scalar
-            # tail. So a query's output never depends on which other queries attend the same chunk; causal routing
-            # then keeps earlier shots bit-identical when later shots change.
-            top = torch.maximum(lse_old, lse_blk)
-            w_old, w_blk = torch.exp(lse_old - top), torch.exp(lse_blk - top)
-            total = w_old + w_blk
-            rows = _gather(out, idx) * (w_old / total)[..., None] + o_blk.to(work) * (w_blk / total)[..., None]
-            out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
-            lse.scatter_(1, idx, top + torch.log(total))
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, attend, out, lse)
-        ctx.offsets, ctx.scale = offsets, scale
-        return out
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) -> (B*H, L, D); contiguous: with B == 1 the reshape is a strided view, and every row gather
+    would copy it whole."""
+    B, L, H, D = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B * H, L, D).contiguous()
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, attend, out, lse = ctx.saved_tensors
-        _, bwd, budget = _block_ops(q, v)
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros(q.shape, device=q.device, dtype=lse.dtype)
-        dk = torch.zeros_like(dq)
-        dv = torch.zeros(v.shape, device=q.device, dtype=lse.dtype)
-        for lo, hi, idx, ok in _blocks(attend, ctx.offsets, budget):
-            # Padding rows get probabilities exp(s - inf) = 0 and zero upstream gradient, so their share of dq, dk
-            # and dv is exactly zero (a finite lse could overflow exp for a query that never attended this chunk).
-            keep = ok[..., None]
-            do_g = _gather(grad_out, idx) * keep
-            o_g = _gather(out, idx) * keep
-            lse_g = lse.gather(1, idx).masked_fill(~ok, float("inf"))
-            dq_g, dk_c, dv_c = bwd(do_g, _gather(q, idx), k[:, lo:hi], v[:, lo:hi], o_g, lse_g, ctx.scale)
-            dq.view(-1, dq.shape[-1]).index_add_(0, _rows(dq, idx), dq_g.reshape(-1, dq.shape[-1]).to(dq.dtype))
-            dk[:, lo:hi] += dk_c.to(dk.dtype)
-            dv[:, lo:hi] += dv_c.to(dv.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+def _tokens_first(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """(B*H, L, D) -> (B, L, H, D)."""
+    return x.reshape(B, H, x.shape[1], x.shape[-1]).permute(0, 2, 1, 3)
+
+
+def _dense_ops(q: torch.Tensor, v: torch.Tensor, attend: torch.Tensor):
+    """The fused dense kernel's (forward, backward) when every pair is attended (full density) and one exists."""
+    fused = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    if q.device.type == "cpu" and fused and q.shape[-1] == v.shape[-1] and bool(attend.all()):
+        return _cpu_flash_fwd, _cpu_flash_bwd
+    return None
+
+
+def _forward(q, k, v, routing: MoCRouting, scale: float):
+    B, L, H, _ = q.shape
+    attend = routing.chunk_mask().reshape(B * H, L, -1)  # L x C per head
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    dense = _dense_ops(q, v, attend)
+    if dense is not None:
+        out, lse = dense[0](q, k, v, scale)
+    else:
+        out, lse = _chunked_forward(q, k, v, attend, routing.layout.offsets, scale)
+    return _tokens_first(out, B, H), lse.reshape(B, H, L)
+
+
+def _chunked_forward(q, k, v, attend, offsets, scale):
+    # q, k, v: (BH, L, D); attend: (BH, L, C) bool.
+    BH, L, _ = q.shape
+    work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 merge in fp32; fp64 stays fp64
+    fwd, _, budget = _block_ops(q, v)
+    out = torch.zeros(BH, L, v.shape[-1], device=q.device, dtype=work)
+    lse = torch.full((BH, L), _NEG_BIG, device=q.device, dtype=work)
+    for lo, hi, idx, ok in _blocks(attend, offsets, budget):
+        o_blk, lse_blk = fwd(_gather(q, idx), k[:, lo:hi], v[:, lo:hi], scale)
+        # Padding rows (queries that do not attend this chunk) get weight exp(-inf) = 0 in the merge.
+        lse_blk = lse_blk.to(work).masked_fill(~ok, float("-inf"))
+        lse_old = lse.gather(1, idx)
+        # Only exp, log and single arithmetic ops here: their CPU results do not depend on where a row sits in
+        # the tensor, whereas sigmoid, logaddexp and lerp round differently in the vectorised body and the scalar
+        # tail. So a query's output never depends on which other queries attend the same chunk; causal routing
+        # then keeps earlier shots bit-identical when later shots change.
+        top = torch.maximum(lse_old, lse_blk)
+        w_old, w_blk = torch.exp(lse_old - top), torch.exp(lse_blk - top)
+        total = w_old + w_blk
+        rows = _gather(out, idx) * (w_old / total)[..., None] + o_blk.to(work) * (w_blk / total)[..., None]
+        out.view(-1, out.shape[-1]).index_copy_(0, _rows(out, idx), rows.view(-1, rows.shape[-1]))
+        lse.scatter_(1, idx, top + torch.log(total))
+    return out.to(q.dtype), lse
+
+
+def _backward(grad_out, q, k, v, out, lse, routing: MoCRouting, scale: float):
+    B, L, H, _ = q.shape
+    attend = routing.chunk_mask().reshape(B * H, L, -1)
+    q, k, v, out, grad_out = (_heads_first(x) for x in (q, k, v, out, grad_out))
+    lse = lse.reshape(B * H, L)
+    dense = _dense_ops(q, v, attend)
+    if dense is not None:
+        grads = dense[1](grad_out, q, k, v, out, lse, scale)
+    else:
+        grads = _chunked_backward(grad_out, q, k, v, out, lse, attend, routing.layout.offsets, scale)
+    return tuple(_tokens_first(g, B, H) for g in grads)
+
+
+def _chunked_backward(grad_out, q, k, v, out, lse, attend, offsets, scale):
+    _, bwd, budget = _block_ops(q, v)
+    dq = torch.zeros(q.shape, device=q.device, dtype=lse.dtype)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros(v.shape, device=q.device, dtype=lse.dtype)
+    for lo, hi, idx, ok in _blocks(attend, offsets, budget):
+        # Padding rows get probabilities exp(s - inf) = 0 and zero upstream gradient, so their share of dq, dk
+        # and dv is exactly zero (a finite lse could overflow exp for a query that never attended this chunk).
+        keep = ok[..., None]
+        do_g = _gather(grad_out, idx) * keep
+        o_g = _gather(out, idx) * keep
+        lse_g = lse.gather(1, idx).masked_fill(~ok, float("inf"))
+        dq_g, dk_c, dv_c = bwd(do_g, _gather(q, idx), k[:, lo:hi], v[:, lo:hi], o_g, lse_g, scale)
+        dq.view(-1, dq.shape[-1]).index_add_(0, _rows(dq, idx), dq_g.reshape(-1, dq.shape[-1]).to(dq.dtype))
+        dk[:, lo:hi] += dk_c.to(dk.dtype)
+        dv[:, lo:hi] += dv_c.to(dv.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+TORCH = MoCKernel("torch", _forward, _backward)
 
 
 def torch_attention(
@@ -164,21 +208,5 @@ def torch_attention(
 
     Merges in float32 (float64 inputs stay float64); differentiable with respect to `q`, `k` and `v`.
     """
-    B, L, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    attend = routing.chunk_mask()  # (B, H, L, C): L x C per head
-    if bool(attend.all()):
-        # Every pair attended (full density): this is dense attention, so use the fused dense kernel.
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
-        )
-        return out.transpose(1, 2)
-
-    def heads_first(x):
-        # contiguous: with B == 1 the reshape is a strided view, and every row gather would copy it whole.
-        return x.permute(0, 2, 1, 3).reshape(B * H, L, x.shape[-1]).contiguous()
-
-    out = _ChunkedMoCAttention.apply(
-        heads_first(q), heads_first(k), heads_first(v), attend.reshape(B * H, L, -1), routing.layout.offsets, scale
-    )
-    return out.reshape(B, H, L, -1).permute(0, 2, 1, 3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return kernel_attention(TORCH, q, k, v, routing, scale)[0]

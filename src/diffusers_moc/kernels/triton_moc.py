@@ -56,8 +56,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import MoCRouting
+from .base import MoCKernel, kernel_attention
 
-__all__ = ["triton_attention", "build_plan", "MoCTritonPlan"]
+__all__ = ["TRITON", "triton_attention", "build_plan", "MoCTritonPlan"]
 
 _LOG2E = 1.4426950408889634
 # Bits per bitset word; int64 words keep the kernels' bit test to one load per token and chunk.
@@ -627,20 +628,47 @@ def _backward(q, k, v, out, lse, grad_out, plan: MoCTritonPlan, offsets: tuple[i
     return dq, dk, dv
 
 
-class _TritonMoCAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, offsets, scale, cfg):
-        out, lse = _forward(q, k, v, plan, scale, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.offsets, ctx.scale, ctx.cfg = plan, offsets, scale, cfg
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    # The kernels read keys and values through TMA descriptors: head sizes a power of two (>= 16) and 16-byte
+    # aligned strides. Zero-padding q and k leaves the scores unchanged; padded value columns are sliced off.
+    if x.shape[-1] != _block(x.shape[-1]):
+        x = torch.nn.functional.pad(x, (0, _block(x.shape[-1]) - x.shape[-1]))
+    return x if _tma_aligned(x) else x.contiguous()
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, ctx.plan, ctx.offsets, ctx.scale, ctx.cfg)
-        return dq, dk, dv, None, None, None, None
+
+def _plan_for(q, v, routing: MoCRouting, plan, block_m, reorder) -> tuple[MoCTritonPlan, _Config]:
+    B, L, H, D = q.shape
+    cfg = _config(max(D, v.shape[-1]), q.device, q.dtype)
+    if plan is None:
+        plan = build_plan(routing, block_m or cfg.block_m, reorder=reorder)
+    if plan.block_m not in (16, 32, 64, 128):
+        raise ValueError(f"the query tile size must be 16, 32, 64 or 128 (a power of two), got block_m={plan.block_m}")
+    if tuple(plan.perm.shape) != (B * H, L) or plan.union.shape[-1] != routing.layout.num_chunks:
+        raise ValueError("the plan passed was built for another routing (shape or number of chunks differ)")
+    return plan, cfg
+
+
+def _triton_forward(q, k, v, routing, scale, plan=None, block_m=None, reorder="auto"):
+    _check(q, k, v, routing)
+    B, L, H, _ = q.shape
+    DV = v.shape[-1]
+    plan, cfg = _plan_for(q, v, routing, plan, block_m, reorder)
+    out, lse = _forward(_padded(q), _padded(k), _padded(v), plan, scale, cfg)
+    return out[..., :DV], lse.view(B, H, L)
+
+
+def _triton_backward(grad_out, q, k, v, out, lse, routing, scale, plan=None, block_m=None, reorder="auto"):
+    B, L, H, D = q.shape
+    DV = v.shape[-1]
+    plan, cfg = _plan_for(q, v, routing, plan, block_m, reorder)
+    dq, dk, dv = _backward(
+        _padded(q), _padded(k), _padded(v), _padded(out), lse.reshape(B * H, L), _padded(grad_out), plan,
+        routing.layout.offsets, scale, cfg,
+    )  # fmt: skip
+    return dq[..., :D], dk[..., :D], dv[..., :DV]
+
+
+TRITON = MoCKernel("triton", _triton_forward, _triton_backward)
 
 
 def triton_attention(
@@ -674,26 +702,16 @@ def triton_attention(
         block_m (`int`, *optional*): query slots per tile, 16 to 128 (default: 128 on CUDA, 64 for float32).
     """
     _check(q, k, v, routing)
-    B, L, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cfg = _config(max(D, v.shape[-1]), q.device, q.dtype)
-    if plan is None:
-        plan = build_plan(routing, block_m or cfg.block_m, reorder=reorder)
-    if plan.block_m not in (16, 32, 64, 128):
-        raise ValueError(f"the query tile size must be 16, 32, 64 or 128 (a power of two), got block_m={plan.block_m}")
-    if tuple(plan.perm.shape) != (B * H, L) or plan.union.shape[-1] != routing.layout.num_chunks:
-        raise ValueError("the plan passed was built for another routing (shape or number of chunks differ)")
-    DV = v.shape[-1]
-    # The kernels read keys and values through TMA descriptors: head sizes a power of two (>= 16) and 16-byte
-    # aligned strides. Zero-padding q and k leaves the scores unchanged; padded value columns are sliced off.
-    if D != _block(D):
-        q, k = (torch.nn.functional.pad(x, (0, _block(D) - D)) for x in (q, k))
-    if DV != _block(DV):
-        v = torch.nn.functional.pad(v, (0, _block(DV) - DV))
-    q, k, v = (x if _tma_aligned(x) else x.contiguous() for x in (q, k, v))
-    out, lse = _TritonMoCAttention.apply(q, k, v, plan, routing.layout.offsets, scale, cfg)
-    out = out[..., :DV] if DV != out.shape[-1] else out
-    return (out, lse.view(B, H, L)) if return_lse else out
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # One plan for forward and backward: planning is a fair share of the work.
+    plan, _ = _plan_for(q, v, routing, plan, block_m, reorder)
+    kernel = MoCKernel(
+        "triton",
+        lambda *a: _triton_forward(*a, plan=plan),
+        lambda *a: _triton_backward(*a, plan=plan),
+    )
+    out, lse = kernel_attention(kernel, q, k, v, routing, scale)
+    return (out, lse) if return_lse else out
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:
