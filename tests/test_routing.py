@@ -1,4 +1,4 @@
-"""Routing against a literal, per-token transcription of MOC_SPEC.md section 2."""
+"""Routing against a literal, per-token transcription of docs/semantics.md section 2."""
 
 import pytest
 import torch

@@ -83,7 +83,7 @@ def moc_attention(
     return_routing: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, MoCRouting]:
     r"""
-    Mixture-of-Contexts attention (`MOC_SPEC.md`): each query attends to its mandatory anchors plus the `top_k`
+    Mixture-of-Contexts attention (`docs/semantics.md`): each query attends to its mandatory anchors plus the `top_k`
     chunks whose mean-pooled keys score highest.
 
     Args:

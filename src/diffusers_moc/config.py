@@ -20,7 +20,7 @@ TEXT_ANCHORS = ("all", "shot")
 @dataclass(frozen=True)
 class MoCConfig:
     r"""
-    Settings of Mixture-of-Contexts sparse attention (see `MOC_SPEC.md`).
+    Settings of Mixture-of-Contexts sparse attention (see `docs/semantics.md`).
 
     Args:
         top_k (`int`, defaults to 5):

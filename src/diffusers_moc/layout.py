@@ -1,7 +1,7 @@
 """Chunk layouts: how one self-attention token stream is cut into content-aligned chunks.
 
 A layout is fully described by the size of each chunk, the shot each chunk belongs to and whether it is a text
-chunk (see ``MOC_SPEC.md`` section 1). Everything else (offsets, the token -> chunk map, anchor masks) is derived.
+chunk (see ``docs/semantics.md`` section 1). Everything else (offsets, the token -> chunk map, anchor masks) is derived.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MoC routing: which chunks every query token attends to, per head (`MOC_SPEC.md` sections 2-4).
+"""MoC routing: which chunks every query token attends to, per head (`docs/semantics.md` sections 2-4).
 
 The result is compact: the routed chunk ids per query token and head `(B, H, L, S)` plus a chunk-level anchor mask
 `(C, C)`. Scores are computed in query tiles, so nothing here is larger than `L x C` per head; only the test helper
@@ -99,7 +99,7 @@ def route(
     generator: torch.Generator | None = None,
 ) -> MoCRouting:
     r"""
-    Route every query token, per head, to its chunks (`MOC_SPEC.md` section 2).
+    Route every query token, per head, to its chunks (`docs/semantics.md` section 2).
 
     Args:
         q, k (`torch.Tensor` of shape `(B, L, H, D)`): queries and keys as the attention uses them (after QK-norm
@@ -158,7 +158,7 @@ def route(
 def _regularise(
     selected: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Context drop-off and drop-in (`MOC_SPEC.md` section 3); anchors are untouched."""
+    """Context drop-off and drop-in (`docs/semantics.md` section 3); anchors are untouched."""
     B, H, L, S = selected.shape
     C = allowed.shape[-1]
     device = selected.device

@@ -20,7 +20,7 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
     Drop-in for diffusers' `HunyuanVideoAttnProcessor2_0` that computes the joint video-text attention with MoC.
 
     The stream is `[video tokens, caption tokens]`. Video chunks are latent frames (grid read off the rotary
-    table); the caption is one text chunk, a mandatory anchor of every query (`MOC_SPEC.md` section 1). HunyuanVideo
+    table); the caption is one text chunk, a mandatory anchor of every query (`docs/semantics.md` section 1). HunyuanVideo
     pads the caption to a fixed length and masks the padded keys; here padded caption tokens are dropped from the
     stream before routing, so they are neither keys nor chunk-mean contributors, exactly as the stock mask hides
     them. Their own (query) outputs are zero: no other token ever attends to them, so the video is unaffected.

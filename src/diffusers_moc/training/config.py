@@ -77,7 +77,7 @@ class LoraSettings:
 @dataclass
 class SparsityConfig:
     r"""
-    Sparsity schedule (`MOC_SPEC.md` section 3): `top_k` goes from `start_top_k` to `moc.top_k`.
+    Sparsity schedule (`docs/semantics.md` section 3): `top_k` goes from `start_top_k` to `moc.top_k`.
 
     Args:
         start_top_k (`int` or `"dense"`): `"dense"` starts from exactly dense attention (every chunk selected, causal

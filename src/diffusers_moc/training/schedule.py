@@ -1,4 +1,4 @@
-"""The sparsity schedule (`MOC_SPEC.md` section 3) and a cheap, exact estimate of the attended fraction.
+"""The sparsity schedule (`docs/semantics.md` section 3) and a cheap, exact estimate of the attended fraction.
 
 A pretrained dense model is fine-tuned while `top_k` is annealed from dense to the target, as the paper does when it
 "gradually sparsifies". The schedule is a pure function of the optimizer step, so a resumed run sets exactly the
@@ -32,7 +32,7 @@ class SparsitySchedule:
         shape (`str`): `"linear"` or `"cosine"` (slow start and end).
         dense_top_k (`int`, *optional*): the number of chunks of the largest training layout. While the scheduled
             `top_k` is at least this, every chunk is selected and causal routing is switched off, so attention is
-            exactly dense (`MOC_SPEC.md`: with `top_k` >= candidates and `causal=False`, MoC equals dense), and
+            exactly dense (`docs/semantics.md`: with `top_k` >= candidates and `causal=False`, MoC equals dense), and
             context drop-off / drop-in are off.
     """
 
