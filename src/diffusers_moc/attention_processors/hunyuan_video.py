@@ -20,10 +20,11 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
     Drop-in for diffusers' `HunyuanVideoAttnProcessor2_0` that computes the joint video-text attention with MoC.
 
     The stream is `[video tokens, caption tokens]`. Video chunks are latent frames (grid read off the rotary
-    table); the caption is one text chunk, a mandatory anchor of every query (`docs/semantics.md` section 1). HunyuanVideo
-    pads the caption to a fixed length and masks the padded keys; here padded caption tokens are dropped from the
-    stream before routing, so they are neither keys nor chunk-mean contributors, exactly as the stock mask hides
-    them. Their own (query) outputs are zero: no other token ever attends to them, so the video is unaffected.
+    table); the caption is one text chunk, a mandatory anchor of every query (`docs/semantics.md` section 1).
+    HunyuanVideo pads the caption to a fixed length and masks the padded keys; here padded caption tokens are
+    dropped from the stream before routing, so they are neither keys nor chunk-mean contributors, exactly as the
+    stock mask hides them. Their own (query) outputs are zero: no other token ever attends to them, so the video is
+    unaffected.
 
     `transformer.set_attn_processor(MoCHunyuanVideoAttnProcessor(config))` works: on the caption refiner's
     text-only attention (no rotary table), the processor falls back to diffusers' dense `AttnProcessor2_0`.
