@@ -1,33 +1,44 @@
-"""diffusers-moc: Mixture of Contexts sparse attention routing for Hugging Face diffusers video transformers."""
+"""diffusers-moc: Mixture of Contexts sparse attention routing for Hugging Face diffusers video transformers.
 
-from .apply import (
-    MOC_PROCESSORS,
-    apply_moc,
-    get_moc_config,
-    remove_moc,
-    supported_models,
-    supported_models_table,
-    update_moc_config,
-)
-from .attention import available_backends, moc_attention, resolve_backend
-from .attention_processors import (
-    MoCAttnProcessorBase,
-    MoCCogVideoXAttnProcessor,
-    MoCHunyuanVideo15AttnProcessor,
-    MoCHunyuanVideoAttnProcessor,
-    MoCLTXVideoAttnProcessor,
-    MoCMochiAttnProcessor,
-    MoCWanAttnProcessor,
-)
-from .config import MoCConfig
-from .context import MoCContext, current_moc_context, moc_context
-from .layout import ChunkLayout
-from .routing import MoCRouting, chunk_means, dense_mask, route
+Every public name is imported on first use (PEP 562), as diffusers does: `import diffusers_moc` and the
+`diffusers-moc --help` command line stay fast because torch and diffusers load only when something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# The pipeline and Hub helpers pull in transformers and huggingface_hub: imported on first use, as diffusers does.
+# Public name -> submodule that defines it.
 _LAZY = {
+    "MOC_PROCESSORS": "apply",
+    "apply_moc": "apply",
+    "get_moc_config": "apply",
+    "remove_moc": "apply",
+    "supported_models": "apply",
+    "supported_models_table": "apply",
+    "update_moc_config": "apply",
+    "available_backends": "attention",
+    "moc_attention": "attention",
+    "resolve_backend": "attention",
+    "MoCAttnProcessorBase": "attention_processors",
+    "MoCCogVideoXAttnProcessor": "attention_processors",
+    "MoCHunyuanVideo15AttnProcessor": "attention_processors",
+    "MoCHunyuanVideoAttnProcessor": "attention_processors",
+    "MoCLTXVideoAttnProcessor": "attention_processors",
+    "MoCMochiAttnProcessor": "attention_processors",
+    "MoCWanAttnProcessor": "attention_processors",
+    "MoCConfig": "config",
+    "MoCContext": "context",
+    "current_moc_context": "context",
+    "moc_context": "context",
+    "ChunkLayout": "layout",
+    "MoCRouting": "routing",
+    "chunk_means": "routing",
+    "dense_mask": "routing",
+    "route": "routing",
     "LongVideoPipeline": "pipelines",
     "LongVideoPipelineOutput": "pipelines",
     "Shot": "pipelines",
@@ -41,41 +52,33 @@ _LAZY = {
     "save_moc_lora": "hub",
 }
 
+__all__ = sorted(_LAZY)
+
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    *_LAZY,
-    "ChunkLayout",
-    "MoCConfig",
-    "MoCContext",
-    "MoCRouting",
-    "MOC_PROCESSORS",
-    "MoCAttnProcessorBase",
-    "MoCCogVideoXAttnProcessor",
-    "MoCHunyuanVideo15AttnProcessor",
-    "MoCHunyuanVideoAttnProcessor",
-    "MoCLTXVideoAttnProcessor",
-    "MoCMochiAttnProcessor",
-    "MoCWanAttnProcessor",
-    "apply_moc",
-    "available_backends",
-    "chunk_means",
-    "current_moc_context",
-    "dense_mask",
-    "get_moc_config",
-    "moc_attention",
-    "moc_context",
-    "remove_moc",
-    "resolve_backend",
-    "route",
-    "supported_models",
-    "supported_models_table",
-    "update_moc_config",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from .apply import (  # noqa: F401
+        MOC_PROCESSORS,
+        apply_moc,
+        get_moc_config,
+        remove_moc,
+        supported_models,
+        supported_models_table,
+        update_moc_config,
+    )
+    from .attention import available_backends, moc_attention, resolve_backend  # noqa: F401
+    from .config import MoCConfig  # noqa: F401
+    from .context import MoCContext, current_moc_context, moc_context  # noqa: F401
+    from .layout import ChunkLayout  # noqa: F401
+    from .routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401
