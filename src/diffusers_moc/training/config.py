@@ -7,6 +7,7 @@ file is found at start-up, not after the models are loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
 from ..config import MoCConfig
+from ..errors import InputError
+from ..textfiles import load_yaml, parse_yaml, short_repr
 
 __all__ = [
     "ConfigError",
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A training config value is missing, unknown or invalid; the message starts with the field's dotted path."""
 
     def __init__(self, path: str, message: str):
@@ -129,6 +132,11 @@ class OptimConfig:
     `flow_shift` is the shift of the training `FlowMatchEulerDiscreteScheduler` (3.0 suits Wan at 480p).
     `caption_dropout` is the probability of training a sample on the empty prompt (keeps classifier-free guidance
     working).
+
+    `compile: true` compiles the transformer's repeated blocks with `torch.compile` (diffusers'
+    `compile_repeated_blocks`, regional compilation: one compiled block reused by every layer) before training;
+    `compile_fullgraph: true` asks for one graph per block with no graph breaks (`fullgraph=True`), which fails
+    where MoC attention breaks the graph; leave it off unless your MoC backend traces without breaks.
     """
 
     max_steps: int = 2000
@@ -152,6 +160,8 @@ class OptimConfig:
     mode_scale: float = 1.29
     flow_shift: float = 3.0
     caption_dropout: float = 0.0
+    compile: bool = False
+    compile_fullgraph: bool = False
 
 
 @dataclass
@@ -279,7 +289,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 _NO = object()
@@ -316,14 +326,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             return _NO
-        if isinstance(value, (int, float)):
-            return float(value)
-        # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
         if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 return _NO
+        if isinstance(value, (int, float)):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float
+                return _NO
+            return value if math.isfinite(value) else _NO  # nan or inf passes every range check: refuse it here
         return _NO
     if tp is str:
         return value if isinstance(value, str) else _NO
@@ -337,9 +351,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(map(str, set(data) - set(known)))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field; known fields of {where} are {sorted(known)}")
+        name = short_repr(unknown[0])[1:-1]
+        raise ConfigError(f"{prefix}{name}", f"unknown field; known fields of {where} are {sorted(known)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -355,7 +370,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         else:
             out = _coerce(value, tp, path)
             if out is _NO:
-                raise ConfigError(path, f"must be {_describe(tp)}, got {value!r}")
+                raise ConfigError(path, f"must be {_describe(tp)}, got {short_repr(value)}")
             kwargs[name] = out
     return cls(**kwargs)
 
@@ -367,6 +382,14 @@ def _check(c: TrainConfig) -> None:
 
     if not c.output_dir:
         raise ConfigError("output_dir", "must be a non-empty path")
+    # numpy's seed (set by accelerate's set_seed) must be below 2**32.
+    for path, seed in (
+        ("seed", c.seed),
+        ("model.tiny_seed", c.model.tiny_seed),
+        ("validation.seed", c.validation.seed),
+    ):
+        if not 0 <= seed < 2**32:
+            raise ConfigError(path, f"must be an integer in [0, 2**32), got {seed}")
     if not c.model.pretrained:
         raise ConfigError("model.pretrained", "must be a repo id, a folder or 'tiny'")
     positive("lora.rank", c.lora.rank)
@@ -379,7 +402,9 @@ def _check(c: TrainConfig) -> None:
 
     start = c.sparsity.start_top_k
     if isinstance(start, str) and start != "dense":
-        raise ConfigError("sparsity.start_top_k", f"must be 'dense' or an integer >= moc.top_k, got {start!r}")
+        raise ConfigError(
+            "sparsity.start_top_k", f"must be 'dense' or an integer >= moc.top_k, got {short_repr(start)}"
+        )
     if isinstance(start, int) and start < c.moc.top_k:
         raise ConfigError("sparsity.start_top_k", f"must be >= moc.top_k ({c.moc.top_k}), got {start}")
     positive("sparsity.warmup_steps", c.sparsity.warmup_steps, allow_zero=True)
@@ -427,6 +452,10 @@ def _check(c: TrainConfig) -> None:
             raise ConfigError(f"validation.{name}", f"must be a positive multiple of 16, got {getattr(v, name)}")
     positive("validation.num_inference_steps", v.num_inference_steps)
     positive("validation.fps", v.fps)
+    if v.fps > 1000:
+        raise ConfigError("validation.fps", f"must be at most 1000, got {v.fps}")
+    if t.compile_fullgraph and not t.compile:
+        raise ConfigError("training.compile_fullgraph", "needs training.compile: true")
     if v.shot_frames is not None and (
         not v.shot_frames or any(n <= 0 for n in v.shot_frames) or sum(v.shot_frames) != (v.num_frames - 1) // 4 + 1
     ):
@@ -439,7 +468,7 @@ def _check(c: TrainConfig) -> None:
     allowed = {"tensorboard", "wandb", "auto", "none"}
     for i, name in enumerate(c.logging.report_to):
         if name not in allowed:
-            raise ConfigError(f"logging.report_to[{i}]", f"must be one of {sorted(allowed)}, got {name!r}")
+            raise ConfigError(f"logging.report_to[{i}]", f"must be one of {sorted(allowed)}, got {short_repr(name)}")
     positive("logging.log_every", c.logging.log_every)
     if c.hub.push and not c.hub.repo_id:
         raise ConfigError("hub.repo_id", "is required when hub.push is true")
@@ -461,22 +490,17 @@ def load_train_config(
     Returns:
         [`TrainConfig`]
     """
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training config {os.fspath(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{os.fspath(path)} is not valid YAML: {e}") from None
+    try:
+        data = load_yaml(path, "training config")
+    except InputError as e:
+        raise ConfigError("config", str(e)) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError("config", f"{os.fspath(path)} must hold a mapping at the top level")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+            raise ConfigError("--set", f"expected dotted.key=value, got {short_repr(item)}")
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -485,7 +509,12 @@ def load_train_config(
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(key, f"{p} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = parse_yaml(raw)
+        except Exception as e:  # noqa: BLE001  (any YAML error: the value is bad)
+            raise ConfigError(
+                key, f"--set value {short_repr(raw)} is not valid YAML: {' '.join(str(e).split())}"
+            ) from None
     if resume_from is not None:
         if data.get("checkpointing") is None:
             data["checkpointing"] = {}
