@@ -1,17 +1,22 @@
-"""Writing videos to disk all-or-nothing: every file goes to a temporary name first and is renamed at the end."""
+"""Writing videos to disk all-or-nothing: each file is written under a temporary name, read back, then renamed."""
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "write_videos"]
+from .atomic import deferred_interrupts, pause_point, remove_path
+
+__all__ = ["MAX_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
 
 #: Containers the writers below produce with H.264.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")
+#: Highest frame rate written (H.264 in these containers is exact up to about 1000 fps with a 1/1001 time base).
+MAX_FPS = 1000.0
 
 
 def check_video_writer() -> str:
@@ -72,42 +77,90 @@ def _write(path: str, frames: np.ndarray, fps: float, writer: str) -> None:
             container.mux(packet)
 
 
+def _check_fps(fps: float) -> float:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
+        raise ValueError(f"fps must be a number in (0, {MAX_FPS}], got {fps!r}")
+    return float(fps)
+
+
+def verify_video(path: str, num_frames: int, fps: float) -> None:
+    r"""
+    Check that `path` is a readable video with `num_frames` frames at `fps`: the writers (ffmpeg in a subprocess for
+    imageio) can fail without raising, leaving an empty, missing or truncated file.
+
+    Raises:
+        `OSError`: naming the file and what is wrong.
+    """
+    import av
+
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise OSError(f"the video writer produced no data for {path} (see the ffmpeg messages above)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise OSError(f"the video writer wrote {path} without a video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+    except av.FFmpegError as e:
+        raise OSError(f"the video writer wrote an unreadable file for {path}: {e}") from None
+    if frames != num_frames:
+        raise OSError(f"the video writer wrote {frames} of {num_frames} frames for {path}")
+    if rate is None or abs(float(rate) - fps) > 1e-3 * fps:
+        raise OSError(f"the video writer wrote {path} at {rate} fps instead of {fps:g}")
+
+
 def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float) -> list[str]:
     r"""
     Write several videos all-or-nothing.
 
-    Each video is written to a temporary file next to its destination and only renamed into place once all of
-    them are written; on any error the temporary files are removed and no destination is touched.
+    Each video is written into a temporary folder next to its destination, checked (frame count and rate, read back
+    with PyAV) and only moved into place once all of them are written and checked; on any error or interruption the
+    temporary folders are removed and no destination is touched. (A folder, not a file: ffmpeg runs in a subprocess
+    and could still create a temporary file after it was removed; it cannot create a removed folder.)
 
     Args:
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
             `(frames, height, width, 3)` (float in [0, 1] or uint8).
-        fps (`float`): frame rate.
+        fps (`float`): frame rate, in `(0, 1000]`.
 
     Returns:
         `list[str]`: the written paths.
+
+    Raises:
+        `ValueError` for bad arguments; `OSError` when a video cannot be written or reads back wrong.
     """
     writer = check_video_writer()
+    fps = _check_fps(fps)
     for path, _ in outputs:
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext not in VIDEO_EXTENSIONS:
             raise ValueError(f"{path}: video files must end in one of {list(VIDEO_EXTENSIONS)}")
-    temps: list[tuple[str, str]] = []
+    folders: list[str] = []
+    moves: list[tuple[str, str, int]] = []
     try:
         for path, frames in outputs:
             path = os.fspath(path)
             folder, name = os.path.split(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=folder)
-            os.close(fd)
-            temps.append((tmp, path))
-            _write(tmp, to_uint8(frames), fps, writer)
+            tmp_dir = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+            folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
+            os.mkdir(tmp_dir)
+            tmp = os.path.join(tmp_dir, name)
+            frames = to_uint8(frames)
+            _write(tmp, frames, fps, writer)
+            moves.append((tmp, path, len(frames)))
+        pause_point("write_videos:written")
+        for tmp, _, num_frames in moves:
+            verify_video(tmp, num_frames, fps)
         umask = os.umask(0)
         os.umask(umask)
-        for tmp, path in temps:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-            os.replace(tmp, path)
-        return [path for _, path in temps]
+        pause_point("write_videos:verified")
+        with deferred_interrupts():
+            for tmp, path, _ in moves:
+                os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
+                os.replace(tmp, path)
+        return [path for _, path, _ in moves]
     finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with deferred_interrupts():
+            for tmp_dir in folders:
+                remove_path(tmp_dir)
