@@ -81,14 +81,14 @@ def replace_dir(new: str, dest: str) -> None:
     """
     folder, name = os.path.split(os.path.abspath(dest))
     old = os.path.join(folder, f".{name}.old")
-    with deferred_interrupts():
+    with deferred_interrupts():  # Ctrl-C waits for the swap and the clean-up (a small folder)
         remove_path(old)
         if os.path.lexists(dest):
             os.rename(dest, old)
             pause_point(f"replace:{name}:moved-old")
         os.rename(new, dest)
-    pause_point(f"replace:{name}:moved-new")
-    remove_path(old)
+        pause_point(f"replace:{name}:moved-new")
+        remove_path(old)
 
 
 def recover_replaced_dir(dest: str) -> bool:

@@ -11,12 +11,13 @@ import numpy as np
 
 from .atomic import deferred_interrupts, pause_point, remove_path
 
-__all__ = ["MAX_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
+__all__ = ["MAX_FPS", "MIN_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
 
 #: Containers the writers below produce with H.264.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")
-#: Highest frame rate written (H.264 in these containers is exact up to about 1000 fps with a 1/1001 time base).
-MAX_FPS = 1000.0
+#: Frame rates written (ffmpeg rounds rates far below 0.01 to 0 and fails; H.264 in these containers is exact up to
+#: about 1000 fps with a 1/1001 time base).
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 def check_video_writer() -> str:
@@ -78,36 +79,62 @@ def _write(path: str, frames: np.ndarray, fps: float, writer: str) -> None:
 
 
 def _check_fps(fps: float) -> float:
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
-        raise ValueError(f"fps must be a number in (0, {MAX_FPS}], got {fps!r}")
+    if (
+        isinstance(fps, bool)
+        or not isinstance(fps, (int, float))
+        or not math.isfinite(fps)
+        or not MIN_FPS <= fps <= MAX_FPS
+    ):
+        raise ValueError(f"fps must be a number in [{MIN_FPS}, {MAX_FPS}], got {fps!r}")
     return float(fps)
 
 
-def verify_video(path: str, num_frames: int, fps: float) -> None:
+def verify_video(path: str, num_frames: int, fps: float, name: str | None = None) -> None:
     r"""
     Check that `path` is a readable video with `num_frames` frames at `fps`: the writers (ffmpeg in a subprocess for
     imageio) can fail without raising, leaving an empty, missing or truncated file.
+
+    Args:
+        name (`str`, *optional*): the file to name in errors (the destination of a temporary file).
 
     Raises:
         `OSError`: naming the file and what is wrong.
     """
     import av
 
+    what = name or path
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise OSError(f"the video writer produced no data for {path} (see the ffmpeg messages above)")
+        raise OSError(f"the video writer produced no data for {what} (see the ffmpeg messages above)")
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise OSError(f"the video writer wrote {path} without a video stream")
+                raise OSError(f"the video writer wrote {what} without a video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             frames = sum(1 for packet in container.demux(stream) if packet.size)
     except av.FFmpegError as e:
-        raise OSError(f"the video writer wrote an unreadable file for {path}: {e}") from None
+        raise OSError(f"the video writer wrote an unreadable file for {what}: {e}") from None
     if frames != num_frames:
-        raise OSError(f"the video writer wrote {frames} of {num_frames} frames for {path}")
+        raise OSError(f"the video writer wrote {frames} of {num_frames} frames for {what}")
     if rate is None or abs(float(rate) - fps) > 1e-3 * fps:
-        raise OSError(f"the video writer wrote {path} at {rate} fps instead of {fps:g}")
+        raise OSError(f"the video writer wrote {what} at {rate} fps instead of {fps:g}")
+
+
+def _remove_stale_partials(folder: str, name: str) -> None:
+    """Remove the temporary folders for `name` left by killed processes (their pid is in the folder name)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".partial")):
+            continue
+        pid = entry[len(prefix) : -len(".partial")].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # that process is gone: nobody will finish or remove this folder
+            remove_path(os.path.join(folder, entry))
+        except (PermissionError, OverflowError):
+            pass
 
 
 def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float) -> list[str]:
@@ -122,7 +149,7 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
     Args:
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
             `(frames, height, width, 3)` (float in [0, 1] or uint8).
-        fps (`float`): frame rate, in `(0, 1000]`.
+        fps (`float`): frame rate, in `[0.01, 1000]`.
 
     Returns:
         `list[str]`: the written paths.
@@ -142,7 +169,8 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
         for path, frames in outputs:
             path = os.fspath(path)
             folder, name = os.path.split(os.path.abspath(path))
-            tmp_dir = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+            _remove_stale_partials(folder, name)
+            tmp_dir = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
             folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
             os.mkdir(tmp_dir)
             tmp = os.path.join(tmp_dir, name)
@@ -150,8 +178,8 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
             _write(tmp, frames, fps, writer)
             moves.append((tmp, path, len(frames)))
         pause_point("write_videos:written")
-        for tmp, _, num_frames in moves:
-            verify_video(tmp, num_frames, fps)
+        for tmp, path, num_frames in moves:
+            verify_video(tmp, num_frames, fps, name=path)
         umask = os.umask(0)
         os.umask(umask)
         pause_point("write_videos:verified")

@@ -281,22 +281,22 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         remove_path(tmp)
     accelerator.wait_for_everyone()
     try:
-        pause_point("checkpoint:begin")
+        pause_point(f"checkpoint-{step}:begin")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if main:
-            pause_point("checkpoint:state-saved")
+            pause_point(f"checkpoint-{step}:state-saved")
             write_text_atomic(os.path.join(tmp, MARKER_NAME), json.dumps({"step": step, "format": 1}) + "\n")
-            pause_point("checkpoint:marked")
+            pause_point(f"checkpoint-{step}:marked")
             with deferred_interrupts():
                 if os.path.lexists(path):  # an incomplete folder of that name (see plan_run): replaced
                     os.rename(path, os.path.join(output_dir, f".{CHECKPOINT_PREFIX}{step}.deleting"))
                 os.rename(tmp, path)
-            pause_point("checkpoint:renamed")
+            pause_point(f"checkpoint-{step}:renamed")
             remove_path(os.path.join(output_dir, f".{CHECKPOINT_PREFIX}{step}.deleting"))
             logger.info("saved checkpoint %s", path)
             if total_limit is not None:
-                _rotate(output_dir, total_limit, protected)
+                _rotate(output_dir, step, total_limit, protected)
     finally:
         if main and os.path.lexists(tmp):
             with deferred_interrupts():
@@ -305,14 +305,14 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return path
 
 
-def _rotate(output_dir: str, total_limit: int, protected: str | None) -> None:
+def _rotate(output_dir: str, step: int, total_limit: int, protected: str | None) -> None:
     complete, _ = scan_checkpoints(output_dir)
     keep = {c.path for c in complete[-total_limit:]} | {protected}
     for old in [c for c in complete if c.path not in keep]:
         doomed = os.path.join(output_dir, f".{os.path.basename(old.path)}.deleting")
         with deferred_interrupts():
             os.rename(old.path, doomed)
-        pause_point("checkpoint:rotating")
+        pause_point(f"checkpoint-{step}:rotating")
         remove_path(doomed)
         logger.info("removed %s (checkpointing.total_limit=%d)", old.path, total_limit)
 

@@ -310,8 +310,15 @@ class MoCLoRATrainer:
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if t.compile:
-            # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph.
-            transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph)
+            import torch._inductor.config as inductor_config
+
+            # Random draws inside the compiled blocks (MoC drop-off / drop-in, LoRA dropout) as eager mode draws
+            # them: a compiled run trains as the eager one does, and resumes exactly.
+            inductor_config.fallback_random = True
+            # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph. Static
+            # shapes: automatic dynamic shapes fail today in MoC's drop-off (`torch.rand` of a symbolic size); a shape
+            # dynamo has not seen recompiles, and past its recompile limit that code runs eagerly.
+            transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph, dynamic=False)
         run.pipe = self.pipeline = WanPipeline(**components)
         run.pipe.set_progress_bar_config(disable=True)
 
@@ -470,28 +477,30 @@ class MoCLoRATrainer:
         )
         run.transformer.train()
         current: MoCConfig | None = None
-        while run.state.step < t.max_steps:
-            step_config = run.schedule.moc_config(c.moc, run.state.step)
-            if step_config != current:
-                update_moc_config(run.model, **step_config.to_dict())
-                current = step_config
-            loss, density = self._optimizer_step(run, step_config)
-            run.state.step += 1
-            step = run.state.step
-            lr = run.lr_scheduler.get_last_lr()[0]
-            result.losses.append(loss)
-            result.densities.append(density)
-            result.learning_rates.append(lr)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=step_config.top_k)
-            if step % c.logging.log_every == 0 and run.trackers:
-                metrics = {"train/loss": loss, "train/density": density, "train/top_k": step_config.top_k}
-                accelerator.log({**metrics, "train/lr": lr}, step=step)
-            if c.checkpointing.every and step % c.checkpointing.every == 0:
-                save_checkpoint(accelerator, c.output_dir, step, c.checkpointing.total_limit, run.plan.protected)
-            if c.validation.every and step % c.validation.every == 0:
-                result.validation_videos += self._validate(run, step)
-        progress.close()
+        try:
+            while run.state.step < t.max_steps:
+                step_config = run.schedule.moc_config(c.moc, run.state.step)
+                if step_config != current:
+                    update_moc_config(run.model, **step_config.to_dict())
+                    current = step_config
+                loss, density = self._optimizer_step(run, step_config)
+                run.state.step += 1
+                step = run.state.step
+                lr = run.lr_scheduler.get_last_lr()[0]
+                result.losses.append(loss)
+                result.densities.append(density)
+                result.learning_rates.append(lr)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=step_config.top_k)
+                if step % c.logging.log_every == 0 and run.trackers:
+                    metrics = {"train/loss": loss, "train/density": density, "train/top_k": step_config.top_k}
+                    accelerator.log({**metrics, "train/lr": lr}, step=step)
+                if c.checkpointing.every and step % c.checkpointing.every == 0:
+                    save_checkpoint(accelerator, c.output_dir, step, c.checkpointing.total_limit, run.plan.protected)
+                if c.validation.every and step % c.validation.every == 0:
+                    result.validation_videos += self._validate(run, step)
+        finally:
+            progress.close()  # ends the bar line, also when interrupted
         result.global_step = run.state.step
 
     def _optimizer_step(self, run: _Run, step_config: MoCConfig) -> tuple[float, float]:
@@ -605,7 +614,8 @@ class MoCLoRATrainer:
                         transformer_lora_layers=get_peft_model_state_dict(m),
                         transformer_lora_adapter_metadata=m.peft_config["default"].to_dict(),
                     )
-                    pause_point("checkpoint:weights-saved")
+                    # output_dir is `.checkpoint-<step>.partial`: the pause point names the checkpoint being saved.
+                    pause_point(f"{os.path.basename(output_dir).strip('.').removesuffix('.partial')}:weights-saved")
             while weights:
                 weights.pop()
 
