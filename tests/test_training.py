@@ -440,6 +440,47 @@ def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
     assert "line 5" in messages and "shots[1] has no caption and the clip has no global 'caption'" in messages
 
 
+def test_bad_metadata_bytes_are_skipped_with_their_line_number(tmp_path, caplog):
+    from diffusers_moc.training import data as data_module
+
+    _write_clip(str(tmp_path / "ok.mp4"), seed=1)
+    good = json.dumps({"file": "ok.mp4", "caption": "fine"}).encode()
+    lines = [
+        b"\xef\xbb\xbf" + good,  # a byte-order mark before the first line is not an error
+        json.dumps({"file": "ok.mp4", "caption": "caf"}).encode().replace(b"caf", b"caf\xe9"),  # Latin-1
+        b"{not json",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"file": "ok.mp4", "caption": "' + b"x" * (data_module.MAX_METADATA_LINE + 10) + b'"}',
+        b"[1, 2]",
+        good,
+    ]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
+    assert [r.line for r in dataset.records] == [1, 7] and dataset.num_skipped == 5
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "line 2: not UTF-8 text (byte 0xe9" in messages
+    assert "line 3: not valid JSON" in messages
+    assert "line 4: the JSON is nested too deeply" in messages
+    assert f"line 5: the line is longer than {data_module.MAX_METADATA_LINE} bytes" in messages
+    assert "line 6: each line must be a JSON object" in messages
+    assert len(messages) < 3000  # nothing echoed in full
+
+
+def test_damaged_cache_file_is_re_encoded(data_root, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    sections = {"data": {"cache": True, "cache_dir": str(cache)}, "training": {"max_steps": 1}}
+    MoCLoRATrainer(_config(data_root, tmp_path / "a", **sections)).train()
+    files = sorted(cache.iterdir())
+    assert len(files) == 2 and not [f for f in files if not f.name.endswith(".safetensors")]
+    files[0].write_bytes(files[0].read_bytes()[:50])  # a truncated file, as an older version could leave
+    _reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        MoCLoRATrainer(_config(data_root, tmp_path / "b", **sections)).train()
+    assert any("re-encoding" in r.getMessage() and str(files[0]) in r.getMessage() for r in caplog.records)
+    assert sorted(cache.iterdir()) == files and files[0].stat().st_size > 50
+
+
 def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
     dataset = VideoClipDataset(data_root, NUM_FRAMES, 32, 32, validate=False)
     by_file = {os.path.basename(r.path): r for r in dataset.records}
@@ -574,6 +615,31 @@ def test_config_errors_name_the_field(tmp_path):
             continue
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"training": {"learning_rate": float("nan")}}, "training.learning_rate: must be a finite number, got nan"),
+        ({"training": {"learning_rate": "inf"}}, "training.learning_rate: must be a finite number"),
+        ({"training": {"max_grad_norm": 10**400}}, "training.max_grad_norm: must be a finite number"),
+        ({"seed": 2**32}, r"seed: must be an integer in \[0, 2\*\*32\)"),
+        ({"validation": {"seed": -1}}, "validation.seed: must be an integer in"),
+        ({"validation": {"fps": 5000}}, "validation.fps: must be at most 1000"),
+        ({"training": {"compile_fullgraph": True}}, "training.compile_fullgraph: needs training.compile: true"),
+        ({"training": {"compile": "yes"}}, "training.compile: must be true or false"),
+        (
+            {"data": {"metadata": ["a"] * 10_000}},
+            r"data.metadata: must be a string, got \['a', 'a', 'a', 'a', \.\.\.\]$",
+        ),
+    ],
+)
+def test_config_numbers_must_be_finite_and_in_range(tmp_path, changes, message):
+    data = {"data": {"root": str(tmp_path)}}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(data)
 
 
 def test_yaml_config_overrides_and_example(tmp_path):
