@@ -120,34 +120,8 @@ class Storyboard:
             raise fail(names, f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
         values = {**TOP_LEVEL_KEYS, **data}
 
-        for name in ("model", "global_prompt", "negative_prompt"):
-            v = values[name]
-            if v is not None and not isinstance(v, str):
-                raise fail(name, f"must be a string, got {short_repr(v)}")
-        if values["global_prompt"] is not None and not values["global_prompt"].strip():
-            raise fail("global_prompt", "is empty; leave it out for no global caption")
-        if values["model"] is not None and not values["model"].strip():
-            raise fail("model", "is empty")
-
-        fps = values["fps"]
-        if not _is_number(fps) or fps <= 0:
-            raise fail("fps", f"must be a positive number, got {short_repr(fps)}")
-        if not MIN_FPS <= fps <= MAX_FPS:
-            raise fail("fps", f"must be between {MIN_FPS} and {MAX_FPS} frames per second, got {short_repr(fps)}")
-        for name in ("height", "width"):
-            v = values[name]
-            if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
-                raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {short_repr(v)}")
-        for name in ("num_inference_steps", "max_sequence_length"):
-            v = values[name]
-            if not _is_int(v) or v < 1:
-                raise fail(name, f"must be a positive integer, got {short_repr(v)}")
-        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
-            raise fail("guidance_scale", f"must be a number >= 0, got {short_repr(values['guidance_scale'])}")
-        seed = values["seed"]
-        # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-            raise fail("seed", f"must be an integer in [0, 2**64) or null, got {short_repr(seed)}")
+        cls._check_settings(values, fail)
+        fps, seed = values["fps"], values["seed"]
 
         moc = values["moc"]
         if moc is None:
@@ -183,6 +157,38 @@ class Storyboard:
             max_sequence_length=values["max_sequence_length"],
             moc=moc_config,
         )
+
+    @staticmethod
+    def _check_settings(values: dict[str, Any], fail) -> None:
+        """The scalar settings: prompts, model, fps, size, steps, guidance and seed."""
+        for name in ("model", "global_prompt", "negative_prompt"):
+            v = values[name]
+            if v is not None and not isinstance(v, str):
+                raise fail(name, f"must be a string, got {short_repr(v)}")
+        if values["global_prompt"] is not None and not values["global_prompt"].strip():
+            raise fail("global_prompt", "is empty; leave it out for no global caption")
+        if values["model"] is not None and not values["model"].strip():
+            raise fail("model", "is empty")
+
+        fps = values["fps"]
+        if not _is_number(fps) or fps <= 0:
+            raise fail("fps", f"must be a positive number, got {short_repr(fps)}")
+        if not MIN_FPS <= fps <= MAX_FPS:
+            raise fail("fps", f"must be between {MIN_FPS} and {MAX_FPS} frames per second, got {short_repr(fps)}")
+        for name in ("height", "width"):
+            v = values[name]
+            if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
+                raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {short_repr(v)}")
+        for name in ("num_inference_steps", "max_sequence_length"):
+            v = values[name]
+            if not _is_int(v) or v < 1:
+                raise fail(name, f"must be a positive integer, got {short_repr(v)}")
+        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
+            raise fail("guidance_scale", f"must be a number >= 0, got {short_repr(values['guidance_scale'])}")
+        seed = values["seed"]
+        # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+            raise fail("seed", f"must be an integer in [0, 2**64) or null, got {short_repr(seed)}")
 
     @staticmethod
     def _shot(i: int, shot: Any, fps: float, fail) -> Shot:

@@ -211,6 +211,14 @@ class MoCLoRATrainer:
                     "model.pretrained", f"{local} is not a diffusers pipeline folder (no model_index.json)"
                 )
         trackers = _resolve_trackers(c.logging.report_to)
+        if c.hub.push:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                logger.warning(
+                    "hub.push is true but no Hugging Face token is set: the upload at the end will fail; log in "
+                    "with `hf auth login` or set HF_TOKEN"
+                )
         accelerator = Accelerator(
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision,
@@ -485,16 +493,8 @@ class MoCLoRATrainer:
                     current = step_config
                 loss, density = self._optimizer_step(run, step_config)
                 run.state.step += 1
+                self._record(run, result, progress, step_config.top_k, loss, density)
                 step = run.state.step
-                lr = run.lr_scheduler.get_last_lr()[0]
-                result.losses.append(loss)
-                result.densities.append(density)
-                result.learning_rates.append(lr)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=step_config.top_k)
-                if step % c.logging.log_every == 0 and run.trackers:
-                    metrics = {"train/loss": loss, "train/density": density, "train/top_k": step_config.top_k}
-                    accelerator.log({**metrics, "train/lr": lr}, step=step)
                 if c.checkpointing.every and step % c.checkpointing.every == 0:
                     save_checkpoint(accelerator, c.output_dir, step, c.checkpointing.total_limit, run.plan.protected)
                 if c.validation.every and step % c.validation.every == 0:
@@ -502,6 +502,18 @@ class MoCLoRATrainer:
         finally:
             progress.close()  # ends the bar line, also when interrupted
         result.global_step = run.state.step
+
+    def _record(self, run: _Run, result: TrainResult, progress, top_k: int, loss: float, density: float) -> None:
+        """The step's loss, density and learning rate: into the result, the progress bar and the trackers."""
+        step, lr = run.state.step, run.lr_scheduler.get_last_lr()[0]
+        result.losses.append(loss)
+        result.densities.append(density)
+        result.learning_rates.append(lr)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=top_k)
+        if step % self.config.logging.log_every == 0 and run.trackers:
+            metrics = {"train/loss": loss, "train/density": density, "train/top_k": top_k, "train/lr": lr}
+            run.accelerator.log(metrics, step=step)
 
     def _optimizer_step(self, run: _Run, step_config: MoCConfig) -> tuple[float, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches: `(loss, attended fraction)`."""
@@ -567,7 +579,14 @@ class MoCLoRATrainer:
             result.final_dir = write_final(c.output_dir, write)
             logger.info("saved the MoC LoRA to %s", result.final_dir)
             if c.hub.push:
-                url = push_to_hub(result.final_dir, c.hub.repo_id, private=c.hub.private)
+                try:
+                    url = push_to_hub(result.final_dir, c.hub.repo_id, private=c.hub.private)
+                except Exception as e:  # the trained adapter is safe on disk: say so, and how to upload it later
+                    raise RuntimeError(
+                        f"training finished and {result.final_dir} is saved, but uploading it to {c.hub.repo_id} "
+                        f"failed ({type(e).__name__}: {e}); upload it later with "
+                        f"diffusers_moc.push_to_hub({result.final_dir!r}, {c.hub.repo_id!r})"
+                    ) from e
                 logger.info("uploaded to %s", url)
         accelerator.end_training()
 
