@@ -101,6 +101,13 @@ def test_bad_training_yaml_is_one_line(tmp_path, capsys, text, match):
     assert len(line) < 600  # values are cut short
 
 
+def test_moc_section_must_be_a_mapping(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {{root: {tmp_path}}}\nmoc: [1, 2]\n")
+    assert main(["train", str(path)]) == 2
+    assert _error_line(capsys) == "error: moc: must be a mapping of MoCConfig settings, got [1, 2]"
+
+
 def test_oversized_config_and_long_values_are_cut_short(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("data: {root: x}\n# " + "x" * (2 << 20) + "\n")
@@ -209,6 +216,17 @@ def test_write_videos_checks_its_arguments_and_reads_back(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 100)
     with pytest.raises(OSError, match="unreadable file"):
         video_io.verify_video(str(tmp_path / "junk.mp4"), 3, 8)
+    bad = [
+        (np.full((3, 16, 16, 3), np.nan, np.float32), "NaN or infinite values"),  # would be a black video
+        (np.zeros((3, 15, 16, 3), np.uint8), "even height and width, got 15x16"),
+        (np.zeros((0, 16, 16, 3), np.uint8), "no frames to write"),
+        (np.zeros((3, 16, 16), np.uint8), r"shaped \(frames, height, width, 3\)"),
+    ]
+    for frames_, match in bad:  # the good first video is not written either: every video is checked first
+        with pytest.raises(ValueError, match=match):
+            video_io.write_videos([(tmp_path / "b.mp4", frames), (tmp_path / "c.mp4", frames_)], fps=8)
+    with pytest.raises(ValueError, match="nowhere does not exist"):
+        video_io.write_videos([(tmp_path / "nowhere" / "b.mp4", frames)], fps=8)
     assert sorted(os.listdir(tmp_path)) == ["a.mp4", "junk.mp4"]
 
 
@@ -255,6 +273,20 @@ def test_moc_config_from_pretrained_names_the_problem(tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             MoCConfig.from_pretrained(tmp_path)
         assert str(info.value).startswith(str(path))
+
+
+def test_moc_config_from_the_hub_offline_says_so(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from diffusers_moc import MoCConfig
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded from the Hub nor found in the local cache"):
+        MoCConfig.from_pretrained("user/moc-lora")
 
 
 def test_push_to_hub_deletes_stale_files_in_the_same_commit(tmp_path):

@@ -182,6 +182,12 @@ def test_file_size_encoding_and_echoed_values_are_bounded(tmp_path):
         with pytest.raises(StoryboardError) as info:
             load_storyboard(path)
         assert len(str(info.value)) < 400, str(info.value)[:400]
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"shots": [{"prompt": "a", "prompt": "b", "num_frames": 5}]}')
+    with pytest.raises(StoryboardError, match="dup.json: cannot parse: key 'prompt' is given twice"):
+        load_storyboard(dup)
+    with pytest.raises(StoryboardError, match="is a folder, not a storyboard file"):
+        load_storyboard(tmp_path)
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(StoryboardError, match="deep.json: cannot parse"):

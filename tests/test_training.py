@@ -452,18 +452,20 @@ def test_bad_metadata_bytes_are_skipped_with_their_line_number(tmp_path, caplog)
         b"[" * 100_000 + b"]" * 100_000,
         b'{"file": "ok.mp4", "caption": "' + b"x" * (data_module.MAX_METADATA_LINE + 10) + b'"}',
         b"[1, 2]",
+        json.dumps({"file": "ok.mp4", "caption": "x", "shots": [{"frames": [False, 17]}]}).encode(),  # not 0
         good,
     ]
     (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
         dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
-    assert [r.line for r in dataset.records] == [1, 7] and dataset.num_skipped == 5
+    assert [r.line for r in dataset.records] == [1, 8] and dataset.num_skipped == 6
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "line 2: not UTF-8 text (byte 0xe9" in messages
     assert "line 3: not valid JSON" in messages
     assert "line 4: the JSON is nested too deeply" in messages
     assert f"line 5: the line is longer than {data_module.MAX_METADATA_LINE} bytes" in messages
     assert "line 6: each line must be a JSON object" in messages
+    assert "line 7: shots[0].frames must be [start, end]" in messages
     assert len(messages) < 3000  # nothing echoed in full
 
 

@@ -173,10 +173,20 @@ class MoCConfig:
                 raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
         else:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+            from huggingface_hub.errors import (
+                EntryNotFoundError,
+                LocalEntryNotFoundError,
+                RepositoryNotFoundError,
+                RevisionNotFoundError,
+            )
 
             try:
                 path = hf_hub_download(root, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+            except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
+                raise FileNotFoundError(
+                    f"{root!r} is not a local folder, and its {CONFIG_NAME} could not be downloaded from the Hub nor "
+                    "found in the local cache (offline, or HF_HUB_OFFLINE set?)"
+                ) from None
             except RepositoryNotFoundError:
                 raise FileNotFoundError(
                     f"{root!r} is not a local folder, and the Hub has no repo of that name (or it is private and "

@@ -49,8 +49,15 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected video frames shaped (frames, height, width, 3), got {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError("no frames to write")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"H.264 (yuv420p) needs an even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     if frames.dtype == np.uint8:
         return frames
+    if not np.isfinite(frames).all():
+        # Would be written as black or garbage pixels; a model that overflowed (e.g. in float16) did not make a video.
+        raise ValueError("the frames hold NaN or infinite values; nothing written (try --dtype bfloat16 or float32)")
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
@@ -163,6 +170,10 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext not in VIDEO_EXTENSIONS:
             raise ValueError(f"{path}: video files must end in one of {list(VIDEO_EXTENSIONS)}")
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{path}: folder {folder} does not exist")
+    outputs = [(path, to_uint8(frames)) for path, frames in outputs]  # every video checked before any is written
     folders: list[str] = []
     moves: list[tuple[str, str, int]] = []
     try:
@@ -174,7 +185,6 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
             folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
             os.mkdir(tmp_dir)
             tmp = os.path.join(tmp_dir, name)
-            frames = to_uint8(frames)
             _write(tmp, frames, fps, writer)
             moves.append((tmp, path, len(frames)))
         pause_point("write_videos:written")

@@ -129,9 +129,10 @@ def _load_pipeline(args, storyboard, device, dtype):
     if args.tiny:
         from ..tiny import tiny_wan_components
 
-        # The tiny transformer's RoPE must cover every latent frame of the storyboard.
+        # The tiny transformer's RoPE must cover every latent frame of the storyboard (up to Wan 2.1's 1024; past
+        # that the model check below refuses the storyboard, as it would with the real model).
         latent_frames = sum((f - 1) // 4 + 1 for f in storyboard.shot_frames)
-        components = tiny_wan_components(rope_max_seq_len=max(32, latent_frames), dtype=dtype)
+        components = tiny_wan_components(rope_max_seq_len=min(max(32, latent_frames), 1024), dtype=dtype)
         pipe = LongVideoPipeline(**components)
     else:
         pipe = LongVideoPipeline.from_pretrained(args.model or storyboard.model, dtype=dtype)

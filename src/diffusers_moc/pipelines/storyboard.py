@@ -53,6 +53,8 @@ SHOT_KEYS = ("prompt", "num_frames", "seconds")
 SIZE_MULTIPLE = 16
 #: Frame rates a storyboard may ask for (the video writers are exact in this range).
 MIN_FPS, MAX_FPS = 0.1, 1000
+#: Most pixel frames of one shot (about 100 minutes at 16 fps; Wan 2.1's rotary tables cover about 4k frames in all).
+MAX_SHOT_FRAMES = 100_001
 
 
 class StoryboardError(InputError):
@@ -211,6 +213,8 @@ class Storyboard:
                 raise fail(f"{where}.num_frames", f"must be an integer, got {short_repr(frames)}")
             if frames <= 0:
                 raise fail(f"{where}.num_frames", f"must be positive (a shot cannot be empty), got {frames}")
+            if frames > MAX_SHOT_FRAMES:
+                raise fail(f"{where}.num_frames", f"must be at most {MAX_SHOT_FRAMES}, got {frames}")
             try:
                 check_shot_frames(frames, "num_frames")
             except ValueError as e:
@@ -220,7 +224,10 @@ class Storyboard:
             raise fail(
                 f"{where}.seconds", f"must be a positive number (a shot cannot be empty), got {short_repr(seconds)}"
             )
-        frames_for_seconds(seconds, fps)
+        if frames_for_seconds(seconds, fps) > MAX_SHOT_FRAMES:
+            raise fail(
+                f"{where}.seconds", f"{seconds:g} s at {fps:g} fps is more than {MAX_SHOT_FRAMES} frames, got {seconds}"
+            )
         return Shot(prompt, seconds=float(seconds))
 
     # ------------------------------------------------------------------ derived
@@ -266,6 +273,16 @@ class Storyboard:
         return {**out, "shots": shots, "moc": self.moc.to_dict()}
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON, like YAML, would silently keep the last of two equal keys.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {short_repr(key)} is given twice in one object")
+        out[key] = value
+    return out
+
+
 def load_storyboard(path: str | os.PathLike) -> Storyboard:
     r"""
     Read and validate a storyboard file: `.yaml` / `.yml` (PyYAML's safe loader, bounded: see
@@ -276,6 +293,8 @@ def load_storyboard(path: str | os.PathLike) -> Storyboard:
             message names the file and the field).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise StoryboardError(f"{path}: is a folder, not a storyboard file")
     if not os.path.isfile(path):
         raise StoryboardError(f"{path}: no such storyboard file")
     ext = os.path.splitext(path)[1].lower()
@@ -285,7 +304,7 @@ def load_storyboard(path: str | os.PathLike) -> Storyboard:
         if ext == ".json":
             text = read_text(path, "storyboard")
             try:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys)
             except (ValueError, RecursionError) as e:
                 raise InputError(f"{path}: cannot parse: {' '.join(str(e).split()) or 'nested too deeply'}") from None
         else:

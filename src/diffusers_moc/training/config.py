@@ -364,6 +364,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         path = f"{prefix}{name}"
         tp = hints[name]
         if tp is MoCConfig:
+            if not isinstance(value, (MoCConfig, dict, type(None))):
+                raise ConfigError(path, f"must be a mapping of MoCConfig settings, got {short_repr(value)}")
             try:
                 kwargs[name] = value if isinstance(value, MoCConfig) else MoCConfig.from_dict(value or {})
             except (TypeError, ValueError) as e:

@@ -136,7 +136,8 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
             not isinstance(frames, list)
             or len(frames) != 2
             or not isinstance(frames[0], int)
-            or not (frames[1] is None or isinstance(frames[1], int))
+            or isinstance(frames[0], bool)
+            or not (frames[1] is None or (isinstance(frames[1], int) and not isinstance(frames[1], bool)))
             or frames[0] < 0
             or (frames[1] is not None and frames[1] <= frames[0])
         ):
