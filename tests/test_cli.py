@@ -191,6 +191,13 @@ def test_storyboards_the_model_cannot_take_are_input_errors(board, tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["board.yaml"]
 
 
+def test_prompts_cut_at_max_sequence_length_are_reported(board, tmp_path, capsys):
+    with open(board, "w") as f:
+        yaml.safe_dump({**BOARD, "global_prompt": " ".join(["a red car"] * 10)}, f)
+    assert main(["generate", board, "-o", str(tmp_path / "v.mp4"), "--tiny", "--quiet"]) == 0
+    assert "global_prompt is 31 tokens; only the first 16 (max_sequence_length) are used" in capsys.readouterr().err
+
+
 def test_a_silent_video_writer_failure_is_an_error(board, tmp_path, capsys, monkeypatch):
     # ffmpeg runs in a subprocess: when it fails (e.g. a rate it rejects) imageio may not raise and the file is
     # empty or missing. Reading the file back catches it.

@@ -415,6 +415,9 @@ def test_all_clips_bad_is_a_clear_error(tmp_path, caplog):
         VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
     with pytest.raises(FileNotFoundError, match="metadata"):
         VideoClipDataset(str(tmp_path / "nowhere"), NUM_FRAMES, 32, 32)
+    (tmp_path / "metadata.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no usable clips .*: it lists no clips"):
+        VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
 
 
 def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):

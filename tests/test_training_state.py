@@ -264,3 +264,22 @@ def test_plan_at_or_past_max_steps(tmp_path):
     assert plan_run(str(tmp_path), "latest", max_steps=3).action == "done"
     assert plan_run(str(tmp_path), "latest", max_steps=5).action == "train"
     assert plan_run(str(tmp_path / "empty"), "latest", max_steps=5).resume is None
+
+
+def test_resume_with_other_settings_warns_or_fails_clearly(data_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    MoCLoRATrainer(_config(data_root, out, training={"max_steps": 2}, checkpointing={"every": 2})).train()
+    (out / "final").rename(tmp_path / "final-moved")
+    resume = {"every": 2, "resume_from": "latest"}
+    _reset_accelerate()
+    with caplog.at_level("WARNING", logger="diffusers_moc.training.trainer"):
+        changed = {"max_steps": 3, "learning_rate": 5e-4}
+        MoCLoRATrainer(_config(data_root, out, training=changed, checkpointing=resume)).train()
+    warning = " ".join(r.getMessage() for r in caplog.records if "different settings" in r.getMessage())
+    assert "training.learning_rate: 0.001 -> 0.0005" in warning and "max_steps" not in warning
+    _reset_accelerate()
+    (out / "final").rename(tmp_path / "final-2")
+    with pytest.raises(ConfigError, match="checkpointing.resume_from: .*checkpoint-2 cannot be loaded .*size mismatch"):
+        MoCLoRATrainer(
+            _config(data_root, out, lora={"rank": 8}, training={"max_steps": 3}, checkpointing=resume)
+        ).train()

@@ -163,6 +163,18 @@ def _check_fits(pipe, storyboard, source: str) -> None:
         )
     except (ValueError, TypeError) as e:
         raise InputError(f"{source}: the model cannot take this storyboard: {e}") from None
+    # Prompts longer than max_sequence_length tokens are cut (as diffusers' pipelines cut them): say so.
+    prompts = [("global_prompt", storyboard.global_prompt), ("negative_prompt", storyboard.negative_prompt)]
+    prompts += [(f"shots[{i}].prompt", shot.prompt) for i, shot in enumerate(storyboard.shots)]
+    for name, text in prompts:
+        if text:
+            tokens = len(pipe.tokenizer(text, add_special_tokens=True, truncation=False).input_ids)
+            if tokens > storyboard.max_sequence_length:
+                print(
+                    f"warning: {source}: {name} is {tokens} tokens; only the first {storyboard.max_sequence_length} "
+                    "(max_sequence_length) are used",
+                    file=sys.stderr,
+                )
 
 
 def run(args: argparse.Namespace) -> int:

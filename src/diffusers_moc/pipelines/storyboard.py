@@ -224,6 +224,8 @@ class Storyboard:
             raise fail(
                 f"{where}.seconds", f"must be a positive number (a shot cannot be empty), got {short_repr(seconds)}"
             )
+        if seconds * fps < 1:
+            raise fail(f"{where}.seconds", f"{seconds:g} s is shorter than one frame at {fps:g} fps")
         if frames_for_seconds(seconds, fps) > MAX_SHOT_FRAMES:
             raise fail(
                 f"{where}.seconds", f"{seconds:g} s at {fps:g} fps is more than {MAX_SHOT_FRAMES} frames, got {seconds}"
@@ -305,8 +307,10 @@ def load_storyboard(path: str | os.PathLike) -> Storyboard:
             text = read_text(path, "storyboard")
             try:
                 data = json.loads(text, object_pairs_hook=_unique_keys)
-            except (ValueError, RecursionError) as e:
-                raise InputError(f"{path}: cannot parse: {' '.join(str(e).split()) or 'nested too deeply'}") from None
+            except RecursionError:
+                raise InputError(f"{path}: cannot parse: the JSON is nested too deeply") from None
+            except ValueError as e:
+                raise InputError(f"{path}: cannot parse: {' '.join(str(e).split())}") from None
         else:
             data = load_yaml(path, "storyboard")
     except InputError as e:

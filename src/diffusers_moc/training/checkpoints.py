@@ -41,6 +41,7 @@ __all__ = [
     "exported_step",
     "plan_run",
     "prepare_output_dir",
+    "resume_differences",
     "save_checkpoint",
     "scan_checkpoints",
     "write_final",
@@ -98,6 +99,22 @@ def scan_checkpoints(output_dir: str) -> tuple[list[Checkpoint], list[str]]:
             incomplete.append(path)
     complete.sort(key=lambda c: c.step)
     return complete, incomplete
+
+
+def resume_differences(checkpoint: str, run_info: dict) -> list[str]:
+    r"""
+    The settings that differ between the run that wrote `checkpoint` and this one (`"training.learning_rate: 0.0001
+    -> 0.001"`, ...), among those that make a resume exact: with any of them changed, the resumed run is not the run
+    that would have gone on uninterrupted.
+    """
+    try:
+        with open(os.path.join(checkpoint, MARKER_NAME), encoding="utf-8") as f:
+            before = json.load(f).get("run") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    now = json.loads(json.dumps(run_info, default=str))
+    keys = sorted(set(before) | set(now))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if k in before and before.get(k) != now.get(k)]
 
 
 def exported_step(final_dir: str) -> int | None:
@@ -179,6 +196,8 @@ def _names(checkpoints: list[Checkpoint]) -> str:
 
 
 def _explicit_checkpoint(path: str) -> Checkpoint:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("checkpointing.resume_from", f"{path!r} is a file, not a checkpoint folder")
     if not os.path.isdir(path):
         raise ConfigError("checkpointing.resume_from", f"checkpoint folder {path!r} does not exist")
     step = _marker_step(path)
@@ -264,10 +283,18 @@ def plan_run(output_dir: str, resume_from: str | None, max_steps: int) -> RunPla
     return plan
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, protected: str | None) -> str:
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: int | None,
+    protected: str | None,
+    run_info: dict | None = None,
+) -> str:
     r"""
     Save `accelerator.save_state` as `output_dir/checkpoint-<step>`, all-or-nothing, then apply the `total_limit`
     rotation (oldest complete checkpoints first; never `protected`, the checkpoint this run resumed from).
+    `run_info` (the settings that make a resume exact, see [`resume_differences`]) goes into the marker.
 
     Every process calls this (each saves its own RNG state); the main process renames and rotates.
 
@@ -286,7 +313,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         accelerator.wait_for_everyone()
         if main:
             pause_point(f"checkpoint-{step}:state-saved")
-            write_text_atomic(os.path.join(tmp, MARKER_NAME), json.dumps({"step": step, "format": 1}) + "\n")
+            marker = {"step": step, "format": 1, "run": run_info or {}}
+            write_text_atomic(os.path.join(tmp, MARKER_NAME), json.dumps(marker, default=str) + "\n")
             pause_point(f"checkpoint-{step}:marked")
             with deferred_interrupts():
                 if os.path.lexists(path):  # an incomplete folder of that name (see plan_run): replaced

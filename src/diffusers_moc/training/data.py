@@ -313,6 +313,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                     skipped += 1
                     continue
                 records.append(record)
+        if not records and not skipped:
+            raise ValueError(f"no usable clips in {meta_path}: it lists no clips (one JSON object per line)")
         if not records:
             raise ValueError(
                 f"no usable clips in {meta_path}: all {skipped} entries were skipped (see the warnings above for each "

@@ -40,7 +40,15 @@ from ..config import MoCConfig, resolve_pretrained_source
 from ..hub import push_to_hub, save_moc_lora
 from ..layout import ChunkLayout
 from ..tiny import cast_like_from_pretrained
-from .checkpoints import RunPlan, check_writable, plan_run, prepare_output_dir, save_checkpoint, write_final
+from .checkpoints import (
+    RunPlan,
+    check_writable,
+    plan_run,
+    prepare_output_dir,
+    resume_differences,
+    save_checkpoint,
+    write_final,
+)
 from .config import ConfigError, TrainConfig
 from .data import CachedLatentDataset, StepBatchSampler, VideoClipDataset, collate_samples
 from .encoding import SampleEncoder
@@ -87,6 +95,10 @@ class _TrainState:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
+
+
+#: Config sections that may change between a checkpoint and its resume without changing the training itself.
+_FREE_SECTIONS = ("checkpointing", "validation", "logging", "hub")
 
 
 @dataclass
@@ -181,7 +193,7 @@ class MoCLoRATrainer:
         """
         run = self._start()
         if run.plan.action == "done":
-            logger.warning(run.plan.message)
+            logger.info(run.plan.message)  # also in the result (the command line prints it)
             run.accelerator.end_training()
             return TrainResult(global_step=run.plan.start_step, message=run.plan.message)
         clips = self._clips()
@@ -437,13 +449,20 @@ class MoCLoRATrainer:
         accelerator, resume = run.accelerator, run.plan.resume
         if resume is not None:
             logger.info("resuming from %s (step %d)", resume.path, resume.step)
+            changed = resume_differences(resume.path, self._run_info(run))
+            if changed and accelerator.is_main_process:
+                logger.warning(
+                    "resuming %s with different settings, so the run does not continue as it would have: %s",
+                    resume.path,
+                    "; ".join(changed[:8]),
+                )
             try:
                 accelerator.load_state(resume.path)
             except (RuntimeError, ValueError, KeyError, OSError) as e:
                 raise ConfigError(
                     "checkpointing.resume_from",
-                    f"{resume.path} does not fit this config (a different lora, model or optimizer?): "
-                    + " ".join(str(e).split())[:300],
+                    f"{resume.path} cannot be loaded (a damaged file, or written for another lora, model or "
+                    "optimizer config): " + " ".join(str(e).split())[:300],
                 ) from None
             if run.state.step != resume.step:
                 raise ConfigError(
@@ -496,7 +515,8 @@ class MoCLoRATrainer:
                 self._record(run, result, progress, step_config.top_k, loss, density)
                 step = run.state.step
                 if c.checkpointing.every and step % c.checkpointing.every == 0:
-                    save_checkpoint(accelerator, c.output_dir, step, c.checkpointing.total_limit, run.plan.protected)
+                    limit, protected = c.checkpointing.total_limit, run.plan.protected
+                    save_checkpoint(accelerator, c.output_dir, step, limit, protected, self._run_info(run))
                 if c.validation.every and step % c.validation.every == 0:
                     result.validation_videos += self._validate(run, step)
         finally:
@@ -589,6 +609,14 @@ class MoCLoRATrainer:
                     ) from e
                 logger.info("uploaded to %s", url)
         accelerator.end_training()
+
+    # ------------------------------------------------------------------ helpers
+    def _run_info(self, run: _Run) -> dict[str, Any]:
+        """What an exact resume depends on (saved in each checkpoint's marker): the settings and the data size."""
+        keep = {k: v for k, v in _flatten(self.config.to_dict()).items() if k.split(".")[0] not in _FREE_SECTIONS}
+        keep.pop("training.max_steps", None)  # raising max_steps is how a run is continued
+        keep.pop("output_dir", None)
+        return {**keep, "data.usable_clips": len(run.dataset)}
 
     def _training_info(self, global_step: int, dense_top_k: int) -> dict[str, Any]:
         c = self.config
