@@ -6,8 +6,8 @@ Every rank holds a slice of the token sequence; MoC attention exchanges it for a
     torchrun --nproc_per_node=4 examples/context_parallel_wan.py \\
         --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --num-frames 81 --output moc.mp4
 
-    # 2 CPU processes, tiny random model (what the test suite runs)
-    torchrun --nproc_per_node=2 examples/context_parallel_wan.py --tiny --output frames.npy
+    # 2 CPU processes, tiny random model (offline; writes context_parallel.mp4, or frames with --output x.npy)
+    torchrun --nproc_per_node=2 examples/context_parallel_wan.py --tiny
 
 The number of heads and of video tokens must be divisible by the number of processes.
 """
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True, help="*.mp4 (written with diffusers' export_to_video) or *.npy")
+    parser.add_argument("--output", default="context_parallel.mp4", help="*.mp4, *.mov, *.mkv or *.npy (raw frames)")
     return parser.parse_args(argv)
 
 
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.output.endswith(".npy"):
             np.save(args.output, frames)
         else:
-            from diffusers.utils import export_to_video
+            from diffusers_moc.video_io import write_videos
 
-            export_to_video(list(frames), args.output, fps=16)
+            write_videos([(args.output, frames)], fps=16)  # complete or absent
+        print(f"wrote {args.output}")
     dist.destroy_process_group()
 
 

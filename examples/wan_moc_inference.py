@@ -10,10 +10,10 @@ import argparse
 
 import torch
 from diffusers import WanPipeline
-from diffusers.utils import export_to_video
 
 from diffusers_moc import MoCConfig, apply_moc, moc_context
 from diffusers_moc.tiny import tiny_wan_components
+from diffusers_moc.video_io import write_videos
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     apply_moc(pipe.transformer, MoCConfig(top_k=args.top_k))
     with moc_context(shot_frames=args.shots):
         frames = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **size).frames[0]
-    export_to_video(frames, args.output, fps=16)
+    write_videos([(args.output, frames)], fps=16)  # complete or absent: written, read back, then renamed
     print(f"wrote {args.output}")
 
 

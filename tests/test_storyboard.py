@@ -81,6 +81,9 @@ _DROP = object()
         (_with(shots={"prompt": "a"}), r"shots: must be a list"),
         (_with(shots=[{"prompt": "a", "num_frames": 0}]), r"shots\[0\]\.num_frames: must be positive"),
         (_with(shots=[{"prompt": "a", "seconds": 0}]), r"shots\[0\]\.seconds: must be a positive number"),
+        (_with(shots=[{"prompt": "a", "seconds": 1e-9}]), r"shots\[0\]\.seconds: 1e-09 s is shorter than one frame"),
+        (_with(shots=[{"prompt": "a", "seconds": 1e12}]), r"shots\[0\]\.seconds: 1e\+12 s at 16 fps is more than"),
+        (_with(shots=[{"prompt": "a", "num_frames": 4 * 10**9 + 1}]), r"shots\[0\]\.num_frames: must be at most"),
         (_with(shots=[{"prompt": "a", "num_frames": 80}]), r"shots\[0\]\.num_frames: 80 cannot be decoded .*4n\+1"),
         (_with(shots=[{"prompt": "a", "num_frames": 8.5}]), r"shots\[0\]\.num_frames: must be an integer"),
         (_with(shots=[{"prompt": "a"}]), r"shots\[0\]: needs num_frames or seconds"),
@@ -126,3 +129,75 @@ def test_file_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(StoryboardError, match="must be a mapping"):
         load_storyboard(empty)
+
+
+# ---------------------------------------------------------------------- bounded parsing
+def _alias_bomb(levels: int = 9) -> str:
+    text = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    names = "abcdefghijklmnop"
+    for prev, name in zip(names, names[1 : levels + 1]):
+        text += f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]\n"
+    return text + f"shots: *{names[levels]}\n"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (_alias_bomb(), "expands to more than 100000 values .* alias bomb"),  # 9**10 strings if expanded
+        ("shots: &s [*s]\n", "recursive alias"),
+        ("shots: " + "[" * 200 + "]" * 200 + "\n", "nested more than 64 levels"),
+        ("fps: 8\nfps: 16\nshots: []\n", "key 'fps' is given twice"),
+        ("shots:\n  - {prompt: a, prompt: b, num_frames: 5}\n", "key 'prompt' is given twice"),
+    ],
+)
+def test_yaml_bombs_deep_documents_and_duplicate_keys_are_refused(tmp_path, text, match):
+    path = tmp_path / "board.yaml"
+    path.write_text(text)
+    with pytest.raises(StoryboardError, match=match) as info:
+        load_storyboard(path)
+    assert str(info.value).startswith(f"{path}: cannot parse") and len(str(info.value)) < 600
+
+
+def test_yaml_merge_keys_and_anchors_still_work(tmp_path):
+    path = tmp_path / "board.yaml"
+    path.write_text("shots:\n  - &s {prompt: a cat, num_frames: 9}\n  - {<<: *s, prompt: a dog}\n  - *s\n")
+    board = load_storyboard(path)
+    assert board.shot_frames == [9, 9, 9] and board.shots[1].prompt == "a dog"
+
+
+def test_file_size_encoding_and_echoed_values_are_bounded(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("shots: []\n#" + "x" * (1 << 20) + "\n")
+    with pytest.raises(StoryboardError, match=r"big.yaml: the storyboard is \d+ bytes, more than the 1048576-byte"):
+        load_storyboard(big)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("global_prompt: café\nshots: []\n".encode("latin-1"))
+    with pytest.raises(
+        StoryboardError, match=r"latin.yaml: the storyboard is not UTF-8 text \(byte 0xe9 at offset 18\)"
+    ):
+        load_storyboard(latin)
+    for name, data in [
+        ("long.yaml", {"shots": [{"prompt": "x" * 100_000, "num_frames": 4}]}),
+        ("list.json", {"shots": [{"prompt": list(range(50_000)), "num_frames": 5}]}),
+        ("key.json", {"k" * 100_000: 1, "shots": []}),
+    ]:
+        path = write(tmp_path, data, name)
+        with pytest.raises(StoryboardError) as info:
+            load_storyboard(path)
+        assert len(str(info.value)) < 400, str(info.value)[:400]
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"shots": [{"prompt": "a", "prompt": "b", "num_frames": 5}]}')
+    with pytest.raises(StoryboardError, match="dup.json: cannot parse: key 'prompt' is given twice"):
+        load_storyboard(dup)
+    with pytest.raises(StoryboardError, match="is a folder, not a storyboard file"):
+        load_storyboard(tmp_path)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(StoryboardError, match="deep.json: cannot parse"):
+        load_storyboard(deep)
+
+
+@pytest.mark.parametrize("fps", [1.0e-9, 0.05, 1001, 1e12])
+def test_fps_outside_what_the_writers_take_is_refused(tmp_path, fps):
+    with pytest.raises(StoryboardError, match="fps: must be between 0.1 and 1000"):
+        load_storyboard(write(tmp_path, _with(fps=fps)))

@@ -28,7 +28,14 @@ from diffusers_moc.training import (
 
 iio = pytest.importorskip("imageio.v3")
 
-NUM_FRAMES = 17  # 5 latent frames of 2x2 patch tokens at 32x32
+from _train_helpers import (  # noqa: E402
+    NUM_FRAMES,
+    _config,
+    _lora_state,
+    _make_dataset,
+    _reset_accelerate,
+    _write_clip,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,99 +47,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _reset_accelerate():
-    # accelerate keeps process-wide singletons; every training run in this file starts from a clean state.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     _reset_accelerate()
     yield
     _reset_accelerate()
-
-
-def _write_clip(path: str, seed: int, frames: int = NUM_FRAMES, size: int = 32) -> None:
-    # Smooth moving colour blobs: easy to learn, and survive H.264 compression.
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    colour = rng.uniform(0.2, 1.0, size=3)
-    video = []
-    for f in range(frames):
-        cx, cy = 0.3 + 0.4 * f / frames, 0.5 + 0.2 * np.sin(f / 3 + seed)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.05)
-        video.append(np.stack([blob * c for c in colour], -1))
-    iio.imwrite(path, (np.stack(video) * 255).astype(np.uint8), plugin="pyav", fps=8, codec="libx264")
-
-
-def _make_dataset(root, n: int = 2, corrupt: bool = False) -> str:
-    root = str(root)
-    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
-    lines = []
-    for i in range(n):
-        _write_clip(os.path.join(root, "clips", f"{i}.mp4"), seed=i)
-        if i % 2 == 0:
-            lines.append({"file": f"clips/{i}.mp4", "caption": "a red car drives in the city"})
-        else:
-            lines.append(
-                {
-                    "file": f"clips/{i}.mp4",
-                    "caption": "a dog",
-                    "shots": [
-                        {"caption": "runs on the beach", "frames": [0, 9]},
-                        {"caption": "sits", "frames": [9, 17]},
-                    ],
-                }
-            )
-    if corrupt:
-        with open(os.path.join(root, "clips", "broken.mp4"), "wb") as f:
-            f.write(b"\x00not a video" * 50)
-        lines.append({"file": "clips/broken.mp4", "caption": "a cat"})
-    with open(os.path.join(root, "metadata.jsonl"), "w") as f:
-        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
-    return root
-
-
-def _config(data_root, out, **sections) -> TrainConfig:
-    base = {
-        "output_dir": str(out),
-        "seed": 0,
-        "model": {"pretrained": "tiny"},
-        "lora": {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-        "moc": {"top_k": 1, "local_window": 0, "causal": True, "drop_off": 0.5, "drop_in": 0.5, "backend": "torch"},
-        "sparsity": {"start_top_k": "dense", "warmup_steps": 1, "anneal_steps": 2},
-        "data": {
-            "root": str(data_root),
-            "num_frames": NUM_FRAMES,
-            "height": 32,
-            "width": 32,
-            "max_sequence_length": 16,
-        },
-        "training": {
-            "max_steps": 6,
-            "learning_rate": 1e-3,
-            "mixed_precision": "no",
-            "gradient_checkpointing": True,
-            "lr_scheduler": "constant",
-        },
-        "checkpointing": {"every": 0},
-        "logging": {"report_to": []},
-    }
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            base.setdefault(name, {}).update(values)
-        else:
-            base[name] = values
-    return TrainConfig.from_dict(base)
-
-
-def _lora_state(trainer: MoCLoRATrainer) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.pipeline.transformer).items()}
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +280,31 @@ def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
     assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" not in n.split(".")} == {torch.bfloat16}
 
 
+def test_compiled_training_matches_eager(data_root, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", False)  # restored after the test (the trainer sets it)
+    # One sparse optimizer step with drop-off and drop-in; the reference backend keeps shapes static (one compile).
+    sections = {
+        "sparsity": {"start_top_k": 1, "warmup_steps": 0, "anneal_steps": 0},
+        "moc": {"backend": "reference"},
+    }
+    runs = {}
+    for compile in (False, True):
+        _reset_accelerate()
+        training = {"max_steps": 1, "gradient_checkpointing": False, "compile": compile}
+        trainer = MoCLoRATrainer(_config(data_root, tmp_path / f"compile-{compile}", training=training, **sections))
+        runs[compile] = (trainer.train().losses, _lora_state(trainer), trainer.pipeline.transformer)
+    (eager_loss, eager, eager_model), (compiled_loss, compiled, compiled_model) = runs[False], runs[True]
+    assert (
+        compiled_model.blocks[0]._compiled_call_impl is not None and eager_model.blocks[0]._compiled_call_impl is None
+    )
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------- multi-shot conditioning
 @pytest.mark.parametrize("cache, caption_dropout", [(False, 0.0), (True, 0.0), (False, 1.0)])
 def test_multi_shot_training_conditions_as_the_long_video_pipeline(data_root, tmp_path, cache, caption_dropout):
@@ -471,6 +415,9 @@ def test_all_clips_bad_is_a_clear_error(tmp_path, caplog):
         VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
     with pytest.raises(FileNotFoundError, match="metadata"):
         VideoClipDataset(str(tmp_path / "nowhere"), NUM_FRAMES, 32, 32)
+    (tmp_path / "metadata.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no usable clips .*: it lists no clips"):
+        VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
 
 
 def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
@@ -494,6 +441,49 @@ def test_short_clip_and_bad_metadata_lines_are_skipped(tmp_path, caplog):
     assert "line 3" in messages and "must start where shots[0] ends" in messages
     assert "line 4" in messages and "9 frames; a sample needs 17" in messages
     assert "line 5" in messages and "shots[1] has no caption and the clip has no global 'caption'" in messages
+
+
+def test_bad_metadata_bytes_are_skipped_with_their_line_number(tmp_path, caplog):
+    from diffusers_moc.training import data as data_module
+
+    _write_clip(str(tmp_path / "ok.mp4"), seed=1)
+    good = json.dumps({"file": "ok.mp4", "caption": "fine"}).encode()
+    lines = [
+        b"\xef\xbb\xbf" + good,  # a byte-order mark before the first line is not an error
+        json.dumps({"file": "ok.mp4", "caption": "caf"}).encode().replace(b"caf", b"caf\xe9"),  # Latin-1
+        b"{not json",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"file": "ok.mp4", "caption": "' + b"x" * (data_module.MAX_METADATA_LINE + 10) + b'"}',
+        b"[1, 2]",
+        json.dumps({"file": "ok.mp4", "caption": "x", "shots": [{"frames": [False, 17]}]}).encode(),  # not 0
+        good,
+    ]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        dataset = VideoClipDataset(str(tmp_path), NUM_FRAMES, 32, 32)
+    assert [r.line for r in dataset.records] == [1, 8] and dataset.num_skipped == 6
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "line 2: not UTF-8 text (byte 0xe9" in messages
+    assert "line 3: not valid JSON" in messages
+    assert "line 4: the JSON is nested too deeply" in messages
+    assert f"line 5: the line is longer than {data_module.MAX_METADATA_LINE} bytes" in messages
+    assert "line 6: each line must be a JSON object" in messages
+    assert "line 7: shots[0].frames must be [start, end]" in messages
+    assert len(messages) < 3000  # nothing echoed in full
+
+
+def test_damaged_cache_file_is_re_encoded(data_root, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    sections = {"data": {"cache": True, "cache_dir": str(cache)}, "training": {"max_steps": 1}}
+    MoCLoRATrainer(_config(data_root, tmp_path / "a", **sections)).train()
+    files = sorted(cache.iterdir())
+    assert len(files) == 2 and not [f for f in files if not f.name.endswith(".safetensors")]
+    files[0].write_bytes(files[0].read_bytes()[:50])  # a truncated file, as an older version could leave
+    _reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="diffusers_moc.training.data"):
+        MoCLoRATrainer(_config(data_root, tmp_path / "b", **sections)).train()
+    assert any("re-encoding" in r.getMessage() and str(files[0]) in r.getMessage() for r in caplog.records)
+    assert sorted(cache.iterdir()) == files and files[0].stat().st_size > 50
 
 
 def test_multi_shot_metadata_gives_latent_shot_frames(data_root):
@@ -630,6 +620,31 @@ def test_config_errors_name_the_field(tmp_path):
             continue
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"training": {"learning_rate": float("nan")}}, "training.learning_rate: must be a finite number, got nan"),
+        ({"training": {"learning_rate": "inf"}}, "training.learning_rate: must be a finite number"),
+        ({"training": {"max_grad_norm": 10**400}}, "training.max_grad_norm: must be a finite number"),
+        ({"seed": 2**32}, r"seed: must be an integer in \[0, 2\*\*32\)"),
+        ({"validation": {"seed": -1}}, "validation.seed: must be an integer in"),
+        ({"validation": {"fps": 5000}}, "validation.fps: must be at most 1000"),
+        ({"training": {"compile_fullgraph": True}}, "training.compile_fullgraph: needs training.compile: true"),
+        ({"training": {"compile": "yes"}}, "training.compile: must be true or false"),
+        (
+            {"data": {"metadata": ["a"] * 10_000}},
+            r"data.metadata: must be a string, got \['a', 'a', 'a', 'a', \.\.\.\]$",
+        ),
+    ],
+)
+def test_config_numbers_must_be_finite_and_in_range(tmp_path, changes, message):
+    data = {"data": {"root": str(tmp_path)}}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(data)
 
 
 def test_yaml_config_overrides_and_example(tmp_path):

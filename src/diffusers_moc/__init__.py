@@ -32,6 +32,7 @@ _LAZY = {
     "MoCWanAttnProcessor": "attention_processors",
     "MoCConfig": "config",
     "MoCContext": "context",
+    "InputError": "errors",
     "current_moc_context": "context",
     "moc_context": "context",
     "ChunkLayout": "layout",
@@ -80,5 +81,6 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .attention import available_backends, moc_attention, resolve_backend  # noqa: F401
     from .config import MoCConfig  # noqa: F401
     from .context import MoCContext, current_moc_context, moc_context  # noqa: F401
+    from .errors import InputError  # noqa: F401
     from .layout import ChunkLayout  # noqa: F401
     from .routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401

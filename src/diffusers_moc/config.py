@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS"]
+__all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS", "resolve_pretrained_source"]
 
 CONFIG_NAME = "moc_config.json"
 #: Attention backends `moc_attention` knows; "auto" picks the best backend verified on the device (see attention.py).
@@ -137,10 +137,11 @@ class MoCConfig:
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; MoCConfig.save_pretrained needs a folder")
+        from .atomic import write_text_atomic
+
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+        write_text_atomic(path, self.to_json_string())  # complete or absent, never a truncated file
         return path
 
     @classmethod
@@ -157,17 +158,92 @@ class MoCConfig:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or a Hub repo id.
             subfolder (`str`, *optional*): subfolder inside the folder or repo.
             hub_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
+
+        Raises:
+            `FileNotFoundError`: no such folder (and not a valid Hub repo id), no such repo, or no `moc_config.json`
+                in it. `ValueError`: the file is not UTF-8 JSON, not an object, or holds unknown keys or invalid
+                values (the message starts with its path).
         """
         root = os.fspath(pretrained_model_name_or_path)
-        local = os.path.join(root, subfolder or "", CONFIG_NAME)
-        if os.path.isdir(root):
-            if not os.path.isfile(local):
-                raise FileNotFoundError(f"no {CONFIG_NAME} in {os.path.join(root, subfolder or '')}")
-            path = local
+        local = resolve_pretrained_source(root)
+        if local is not None:
+            folder = os.path.join(local, subfolder or "")
+            path = os.path.join(folder, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
         else:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import (
+                EntryNotFoundError,
+                LocalEntryNotFoundError,
+                RepositoryNotFoundError,
+                RevisionNotFoundError,
+            )
 
-            path = hf_hub_download(root, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return cls.from_dict(data)
+            try:
+                path = hf_hub_download(root, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+            except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
+                raise FileNotFoundError(
+                    f"{root!r} is not a local folder, and its {CONFIG_NAME} could not be downloaded from the Hub nor "
+                    "found in the local cache (offline, or HF_HUB_OFFLINE set?)"
+                ) from None
+            except RepositoryNotFoundError:
+                raise FileNotFoundError(
+                    f"{root!r} is not a local folder, and the Hub has no repo of that name (or it is private and "
+                    "you are not logged in)"
+                ) from None
+            except RevisionNotFoundError:
+                raise FileNotFoundError(
+                    f"the Hub repo {root!r} has no revision {hub_kwargs.get('revision')!r}"
+                ) from None
+            except EntryNotFoundError:
+                where = f"{root}/{subfolder}" if subfolder else root
+                raise FileNotFoundError(f"the Hub repo {where!r} has no {CONFIG_NAME}: not a MoC model") from None
+        return cls._from_file(path)
+
+    @classmethod
+    def _from_file(cls, path: str) -> MoCConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
+        except RecursionError:
+            raise ValueError(f"{path}: the JSON is nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: must hold a JSON object of MoCConfig settings, got a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def resolve_pretrained_source(name: str | os.PathLike) -> str | None:
+    r"""
+    Whether `name` is a local folder or a Hub repo id, for `from_pretrained`-style loaders.
+
+    Returns:
+        `str` (the folder) for an existing local folder, `None` for a Hub repo id.
+
+    Raises:
+        `FileNotFoundError`: `name` is neither an existing folder nor a valid Hub repo id (e.g. `./typo/dir`), or is
+            a file.
+    """
+    name = os.fspath(name)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise FileNotFoundError(f"{name!r} is a file; expected a folder or a Hub repo id")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    # What only a path can look like: relative or absolute prefixes, a trailing slash, or more than one folder.
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or os.sep in name.replace("/", "", 1)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise FileNotFoundError(f"{name!r}: no such folder, and not a valid Hub repo id (user/name)")
+    return None

@@ -152,11 +152,14 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload MoC LoRA",
     revision: str | None = None,
+    delete_stale: bool = True,
 ) -> str:
     r"""
     Upload a folder written by [`save_moc_lora`] (LoRA weights, `moc_config.json`, `README.md`) to a model repo.
 
-    The repo is created if needed; exactly the files of `folder` are uploaded.
+    The repo is created if needed. With `delete_stale` (the default) the repo ends up holding exactly the files of
+    `folder`: files of earlier pushes that the folder no longer has are deleted in the same commit (Hub's
+    `.gitattributes` is always kept), so a stale weight file can never be loaded with the new config.
 
     Args:
         folder (`str` or `os.PathLike`): the saved folder.
@@ -165,6 +168,7 @@ def push_to_hub(
         token (`str`, *optional*): Hub token (default: the logged-in one).
         commit_message (`str`): commit message of the upload.
         revision (`str`, *optional*): branch to upload to.
+        delete_stale (`bool`, defaults to `True`): delete the repo's files that `folder` does not have.
 
     Returns:
         `str`: the URL of the commit.
@@ -175,8 +179,14 @@ def push_to_hub(
     missing = [name for name in (LORA_WEIGHT_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved MoC LoRA: missing {missing}; write it with save_moc_lora")
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str) or not repo_id.strip("/"):
+            raise HFValidationError("empty")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}") from None
     api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True, token=token)
     info = api.upload_folder(
@@ -186,6 +196,8 @@ def push_to_hub(
         commit_message=commit_message,
         revision=revision,
         token=token,
+        # Matched against the repo's files, minus those uploaded in this commit: what is left over is stale.
+        delete_patterns="*" if delete_stale else None,
     )
     return str(getattr(info, "commit_url", info))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_wan_components", "tiny_tokenizer", "TINY_TEXT_DIM"]
+__all__ = ["tiny_wan_components", "tiny_tokenizer", "cast_like_from_pretrained", "TINY_TEXT_DIM"]
 
 TINY_TEXT_DIM = 32
 _WORDS = (
@@ -17,6 +17,26 @@ _WORDS = (
     "walks runs sits looks smiles talks drives flies swims red blue green old young big small close up wide shot "
     "camera slowly quickly in on at with and of to from"
 )
+
+
+def cast_like_from_pretrained(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    r"""
+    Cast the floating-point weights of `module` to `dtype` in place, except those of its `_keep_in_fp32_modules`
+    (Wan's time embedder, norms and modulation tables; T5's `wo`), which stay fp32 as `from_pretrained(torch_dtype=...)`
+    keeps them: in bf16 they lose the precision the model relies on.
+
+    Returns:
+        `torch.nn.Module`: `module`.
+    """
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        # The same name match as diffusers' loader: a keep entry is one component of the dotted name.
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        if tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return module
 
 
 def tiny_tokenizer():
@@ -33,13 +53,20 @@ def tiny_tokenizer():
 
 
 def tiny_wan_components(
-    seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 12, rope_max_seq_len: int = 32
+    seed: int = 0,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 12,
+    rope_max_seq_len: int = 32,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     r"""
     Components of a tiny `WanPipeline` with random weights (`WanPipeline(**tiny_wan_components())`).
 
     The VAE compresses 4x in time and 8x in space, as Wan's does; the transformer has `heads` heads of `head_dim`.
-    `rope_max_seq_len` bounds the latent frames (and patch rows/columns) the transformer can take.
+    `rope_max_seq_len` bounds the latent frames (and patch rows/columns) the transformer can take. `dtype` casts the
+    transformer and text encoder as `from_pretrained(torch_dtype=dtype)` would (fp32 modules kept); the VAE stays
+    fp32, as diffusers' Wan examples run it.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import T5Config, UMT5EncoderModel
@@ -80,6 +107,9 @@ def tiny_wan_components(
         rope_max_seq_len=rope_max_seq_len,
     ).eval()  # as from_pretrained returns it: MoC's training-only drop-off/drop-in stay off
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    if dtype is not None:
+        cast_like_from_pretrained(transformer, dtype)
+        cast_like_from_pretrained(text_encoder, dtype)
     return {
         "transformer": transformer,
         "vae": vae,

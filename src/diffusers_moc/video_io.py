@@ -1,17 +1,23 @@
-"""Writing videos to disk all-or-nothing: every file goes to a temporary name first and is renamed at the end."""
+"""Writing videos to disk all-or-nothing: each file is written under a temporary name, read back, then renamed."""
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "write_videos"]
+from .atomic import deferred_interrupts, pause_point, remove_path
+
+__all__ = ["MAX_FPS", "MIN_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
 
 #: Containers the writers below produce with H.264.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")
+#: Frame rates written (ffmpeg rounds rates far below 0.01 to 0 and fails; H.264 in these containers is exact up to
+#: about 1000 fps with a 1/1001 time base).
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 def check_video_writer() -> str:
@@ -43,8 +49,15 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected video frames shaped (frames, height, width, 3), got {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError("no frames to write")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"H.264 (yuv420p) needs an even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     if frames.dtype == np.uint8:
         return frames
+    if not np.isfinite(frames).all():
+        # Would be written as black or garbage pixels; a model that overflowed (e.g. in float16) did not make a video.
+        raise ValueError("the frames hold NaN or infinite values; nothing written (try --dtype bfloat16 or float32)")
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
@@ -72,42 +85,120 @@ def _write(path: str, frames: np.ndarray, fps: float, writer: str) -> None:
             container.mux(packet)
 
 
+def _check_fps(fps: float) -> float:
+    if (
+        isinstance(fps, bool)
+        or not isinstance(fps, (int, float))
+        or not math.isfinite(fps)
+        or not MIN_FPS <= fps <= MAX_FPS
+    ):
+        raise ValueError(f"fps must be a number in [{MIN_FPS}, {MAX_FPS}], got {fps!r}")
+    return float(fps)
+
+
+def verify_video(path: str, num_frames: int, fps: float, name: str | None = None) -> None:
+    r"""
+    Check that `path` is a readable video with `num_frames` frames at `fps`: the writers (ffmpeg in a subprocess for
+    imageio) can fail without raising, leaving an empty, missing or truncated file.
+
+    Args:
+        name (`str`, *optional*): the file to name in errors (the destination of a temporary file).
+
+    Raises:
+        `OSError`: naming the file and what is wrong.
+    """
+    import av
+
+    what = name or path
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise OSError(f"the video writer produced no data for {what} (see the ffmpeg messages above)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise OSError(f"the video writer wrote {what} without a video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+    except av.FFmpegError as e:
+        raise OSError(f"the video writer wrote an unreadable file for {what}: {e}") from None
+    if frames != num_frames:
+        raise OSError(f"the video writer wrote {frames} of {num_frames} frames for {what}")
+    if rate is None or abs(float(rate) - fps) > 1e-3 * fps:
+        raise OSError(f"the video writer wrote {what} at {rate} fps instead of {fps:g}")
+
+
+def _remove_stale_partials(folder: str, name: str) -> None:
+    """Remove the temporary folders for `name` left by killed processes (their pid is in the folder name)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".partial")):
+            continue
+        pid = entry[len(prefix) : -len(".partial")].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # that process is gone: nobody will finish or remove this folder
+            remove_path(os.path.join(folder, entry))
+        except (PermissionError, OverflowError):
+            pass
+
+
 def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float) -> list[str]:
     r"""
     Write several videos all-or-nothing.
 
-    Each video is written to a temporary file next to its destination and only renamed into place once all of
-    them are written; on any error the temporary files are removed and no destination is touched.
+    Each video is written into a temporary folder next to its destination, checked (frame count and rate, read back
+    with PyAV) and only moved into place once all of them are written and checked; on any error or interruption the
+    temporary folders are removed and no destination is touched. (A folder, not a file: ffmpeg runs in a subprocess
+    and could still create a temporary file after it was removed; it cannot create a removed folder.)
 
     Args:
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
             `(frames, height, width, 3)` (float in [0, 1] or uint8).
-        fps (`float`): frame rate.
+        fps (`float`): frame rate, in `[0.01, 1000]`.
 
     Returns:
         `list[str]`: the written paths.
+
+    Raises:
+        `ValueError` for bad arguments; `OSError` when a video cannot be written or reads back wrong.
     """
     writer = check_video_writer()
+    fps = _check_fps(fps)
     for path, _ in outputs:
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext not in VIDEO_EXTENSIONS:
             raise ValueError(f"{path}: video files must end in one of {list(VIDEO_EXTENSIONS)}")
-    temps: list[tuple[str, str]] = []
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{path}: folder {folder} does not exist")
+    outputs = [(path, to_uint8(frames)) for path, frames in outputs]  # every video checked before any is written
+    folders: list[str] = []
+    moves: list[tuple[str, str, int]] = []
     try:
         for path, frames in outputs:
             path = os.fspath(path)
             folder, name = os.path.split(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=folder)
-            os.close(fd)
-            temps.append((tmp, path))
-            _write(tmp, to_uint8(frames), fps, writer)
+            _remove_stale_partials(folder, name)
+            tmp_dir = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+            folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
+            os.mkdir(tmp_dir)
+            tmp = os.path.join(tmp_dir, name)
+            _write(tmp, frames, fps, writer)
+            moves.append((tmp, path, len(frames)))
+        pause_point("write_videos:written")
+        for tmp, path, num_frames in moves:
+            verify_video(tmp, num_frames, fps, name=path)
         umask = os.umask(0)
         os.umask(umask)
-        for tmp, path in temps:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-            os.replace(tmp, path)
-        return [path for _, path in temps]
+        pause_point("write_videos:verified")
+        with deferred_interrupts():
+            for tmp, path, _ in moves:
+                os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
+                os.replace(tmp, path)
+        return [path for _, path, _ in moves]
     finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with deferred_interrupts():
+            for tmp_dir in folders:
+                remove_path(tmp_dir)

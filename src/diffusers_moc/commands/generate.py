@@ -1,7 +1,8 @@
 """`diffusers-moc generate STORYBOARD -o out.mp4`: render a storyboard with `LongVideoPipeline`.
 
-Everything is checked (storyboard, output paths, video writer, model) before generating, and the videos are written
-to temporary files that are renamed only at the end: on any error nothing is written.
+Everything is checked (storyboard, output paths, video writer, device, model and sizes) before generating, and the
+videos are written to temporary files, read back and renamed only at the end: on any error or Ctrl-C nothing is
+written. Exit codes: 0 done, 2 bad input (one line naming it), 1 generation failed, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from ..errors import InputError
 
 __all__ = ["register", "run", "shot_paths"]
 
@@ -41,7 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="override num_inference_steps")
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="transformer/text dtype (auto: bf16 on GPU)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="transformer/text dtype (auto: bf16 on GPU, else fp32)"
+    )
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -60,16 +65,60 @@ def _check_outputs(paths: list[str], overwrite: bool) -> None:
     for path in paths:
         ext = os.path.splitext(path)[1].lower()
         if ext not in VIDEO_EXTENSIONS:
-            raise ValueError(f"{path}: the output must end in one of {list(VIDEO_EXTENSIONS)}")
+            raise InputError(f"{path}: the output must end in one of {list(VIDEO_EXTENSIONS)}")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise ValueError(f"{path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{path}: folder {folder} is not writable")
+            raise InputError(f"{path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{path}: folder {folder} is not writable")
         if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder")
+            raise InputError(f"{path} is a folder")
         if os.path.exists(path) and not overwrite:
-            raise ValueError(f"{path} exists; pass --overwrite to replace it")
+            raise InputError(f"{path} exists; pass --overwrite to replace it")
+    if len(set(map(os.path.abspath, paths))) != len(paths):
+        raise InputError(f"output paths collide: {paths}")
+
+
+def _storyboard(args):
+    """The storyboard with the command-line overrides applied (validated again)."""
+    from ..pipelines import load_storyboard
+
+    storyboard = load_storyboard(args.storyboard)
+    overrides = {}
+    if args.tiny:
+        overrides = {"height": TINY_SIZE, "width": TINY_SIZE, "num_inference_steps": TINY_STEPS}
+    for key, value in (("height", args.height), ("width", args.width), ("num_inference_steps", args.steps)):
+        if value is not None:
+            overrides[key] = value
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if overrides:
+        storyboard = type(storyboard).from_dict(
+            {**storyboard.to_dict(), **overrides}, source=f"{args.storyboard} (with command-line overrides)"
+        )
+    return storyboard
+
+
+def _device(args, torch) -> str:
+    """`--device`, checked against this torch build; the default is cuda when available, else cpu."""
+    if args.device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.cpu_offload and device == "cpu":
+            raise InputError("--cpu-offload moves each model to the GPU only while it runs; no GPU is available")
+        return device
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        build = f"torch {torch.__version__}" + (" (a CPU-only build)" if torch.version.cuda is None else "")
+        raise InputError(f"--device {args.device}: no {device.type} device is available to {build}; use --device cpu")
+    if device.index is not None and hasattr(backend, "device_count") and device.index >= backend.device_count():
+        raise InputError(f"--device {args.device}: there are only {backend.device_count()} {device.type} devices")
+    if args.cpu_offload and device.type == "cpu":
+        raise InputError("--cpu-offload moves each model to the GPU only while it runs; it needs a GPU --device")
+    return str(device)
 
 
 def _load_pipeline(args, storyboard, device, dtype):
@@ -80,13 +129,14 @@ def _load_pipeline(args, storyboard, device, dtype):
     if args.tiny:
         from ..tiny import tiny_wan_components
 
-        # The tiny transformer's RoPE must cover every latent frame of the storyboard.
+        # The tiny transformer's RoPE must cover every latent frame of the storyboard (up to Wan 2.1's 1024; past
+        # that the model check below refuses the storyboard, as it would with the real model).
         latent_frames = sum((f - 1) // 4 + 1 for f in storyboard.shot_frames)
-        pipe = LongVideoPipeline(**tiny_wan_components(rope_max_seq_len=max(32, latent_frames)))
-        return pipe.to(device)
-    model = args.model or storyboard.model
-    pipe = LongVideoPipeline.from_pretrained(model, dtype=dtype)
-    pipe.vae.to(torch.float32)  # Wan's VAE is run in float32, as in diffusers' Wan examples
+        components = tiny_wan_components(rope_max_seq_len=min(max(32, latent_frames), 1024), dtype=dtype)
+        pipe = LongVideoPipeline(**components)
+    else:
+        pipe = LongVideoPipeline.from_pretrained(args.model or storyboard.model, dtype=dtype)
+        pipe.vae.to(torch.float32)  # Wan's VAE is run in float32, as in diffusers' Wan examples
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -94,64 +144,85 @@ def _load_pipeline(args, storyboard, device, dtype):
     return pipe
 
 
+def _check_fits(pipe, storyboard, source: str) -> None:
+    """The storyboard against the loaded model (sizes its RoPE covers, ...), before anything is encoded."""
+    try:
+        pipe.check_inputs(
+            list(storyboard.shots),
+            storyboard.global_prompt,
+            storyboard.negative_prompt,
+            storyboard.height,
+            storyboard.width,
+            81,  # the default frames of a shot without num_frames / seconds (a storyboard has none such)
+            storyboard.fps,
+            storyboard.num_inference_steps,
+            1,
+            "np",
+            storyboard.max_sequence_length,
+            None,
+        )
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{source}: the model cannot take this storyboard: {e}") from None
+    # Prompts longer than max_sequence_length tokens are cut (as diffusers' pipelines cut them): say so.
+    prompts = [("global_prompt", storyboard.global_prompt), ("negative_prompt", storyboard.negative_prompt)]
+    prompts += [(f"shots[{i}].prompt", shot.prompt) for i, shot in enumerate(storyboard.shots)]
+    for name, text in prompts:
+        if text:
+            tokens = len(pipe.tokenizer(text, add_special_tokens=True, truncation=False).input_ids)
+            if tokens > storyboard.max_sequence_length:
+                print(
+                    f"warning: {source}: {name} is {tokens} tokens; only the first {storyboard.max_sequence_length} "
+                    "(max_sequence_length) are used",
+                    file=sys.stderr,
+                )
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines import StoryboardError, load_storyboard
     from ..video_io import check_video_writer, write_videos
 
+    storyboard = _storyboard(args)
+    outputs = [args.output] + (shot_paths(args.output, len(storyboard.shots)) if args.per_shot else [])
+    _check_outputs(outputs, args.overwrite)
     try:
-        storyboard = load_storyboard(args.storyboard)
-        overrides = {}
-        if args.tiny:
-            overrides = {"height": TINY_SIZE, "width": TINY_SIZE, "num_inference_steps": TINY_STEPS}
-        for key, value in (("height", args.height), ("width", args.width), ("num_inference_steps", args.steps)):
-            if value is not None:
-                overrides[key] = value
-        if args.seed is not None:
-            overrides["seed"] = args.seed
-        if overrides:
-            storyboard = type(storyboard).from_dict(
-                {**storyboard.to_dict(), **overrides}, source=f"{args.storyboard} (with command-line overrides)"
-            )
-        outputs = [args.output] + (shot_paths(args.output, len(storyboard.shots)) if args.per_shot else [])
-        _check_outputs(outputs, args.overwrite)
-        if len(set(map(os.path.abspath, outputs))) != len(outputs):
-            raise ValueError(f"output paths collide: {outputs}")
         check_video_writer()
-        if not args.tiny and not (args.model or storyboard.model):
-            raise ValueError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
-    except (StoryboardError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RuntimeError as e:
+        raise InputError(str(e)) from None
+    if not args.tiny and not (args.model or storyboard.model):
+        raise InputError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
+    if not args.tiny:
+        from ..config import resolve_pretrained_source
+
+        try:
+            resolve_pretrained_source(args.model or storyboard.model)
+        except FileNotFoundError as e:
+            raise InputError(f"{'--model' if args.model else 'model'}: {e}") from None
 
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args, torch)
     if args.dtype == "auto":
         dtype = torch.float32 if args.tiny or torch.device(device).type == "cpu" else torch.bfloat16
     else:
         dtype = getattr(torch, args.dtype)
-    try:
-        pipe = _load_pipeline(args, storyboard, device, dtype)
-        pipe.set_progress_bar_config(disable=args.quiet)
-        generator = None
-        if storyboard.seed is not None:
-            # A CPU generator gives the same noise on every device.
-            generator = torch.Generator(device="cpu").manual_seed(storyboard.seed)
-        print(
-            f"generating {len(storyboard.shots)} shots, {storyboard.num_frames} frames ({storyboard.duration:.1f} s at "
-            f"{storyboard.fps:g} fps), {storyboard.width}x{storyboard.height}, {storyboard.num_inference_steps} steps",
-            file=sys.stderr,
-        )
-        out = pipe(**storyboard.pipeline_kwargs(), generator=generator, output_type="np")
-        video = out.frames[0]
-        items = [(args.output, video)]
-        if args.per_shot:
-            bounds = [*out.shot_starts, video.shape[0]]
-            items += [(p, video[a:b]) for p, a, b in zip(outputs[1:], bounds[:-1], bounds[1:])]
-        written = write_videos(items, fps=storyboard.fps)
-    except (StoryboardError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in written:
+    pipe = _load_pipeline(args, storyboard, device, dtype)
+    _check_fits(pipe, storyboard, args.storyboard)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    generator = None
+    if storyboard.seed is not None:
+        # A CPU generator gives the same noise on every device.
+        generator = torch.Generator(device="cpu").manual_seed(storyboard.seed)
+    print(
+        f"generating {len(storyboard.shots)} shots, {storyboard.num_frames} frames ({storyboard.duration:.1f} s at "
+        f"{storyboard.fps:g} fps), {storyboard.width}x{storyboard.height}, {storyboard.num_inference_steps} steps, "
+        f"{str(dtype).removeprefix('torch.')} on {device}",
+        file=sys.stderr,
+    )
+    out = pipe(**storyboard.pipeline_kwargs(), generator=generator, output_type="np")
+    video = out.frames[0]
+    items = [(args.output, video)]
+    if args.per_shot:
+        bounds = [*out.shot_starts, video.shape[0]]
+        items += [(p, video[a:b]) for p, a, b in zip(outputs[1:], bounds[:-1], bounds[1:])]
+    for path in write_videos(items, fps=storyboard.fps):
         print(f"wrote {path}")
     return 0

@@ -1,4 +1,9 @@
-"""`diffusers-moc train CONFIG`: LoRA fine-tuning through MoC attention (also under `accelerate launch`)."""
+"""`diffusers-moc train CONFIG`: LoRA fine-tuning through MoC attention (also under `accelerate launch`).
+
+Config and data errors are found before any model loads and print one line naming the field (exit code 2). Ctrl-C
+or a kill leaves the complete checkpoints; `--resume latest` continues from the newest. A run that already reached
+`training.max_steps` says so and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -37,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
     result = MoCLoRATrainer(config).train()
     if result.final_dir:
         print(f"trained {result.global_step} steps; MoC LoRA saved to {result.final_dir}")
+    elif result.message:
+        print(result.message)
     return 0

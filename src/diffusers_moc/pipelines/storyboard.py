@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import MoCConfig
+from ..errors import InputError
+from ..textfiles import load_yaml, read_text, short_repr
 from .long_video import Shot, check_shot_frames, frames_for_seconds
 
 __all__ = ["Storyboard", "StoryboardError", "load_storyboard", "TOP_LEVEL_KEYS", "SHOT_KEYS"]
@@ -49,9 +51,13 @@ TOP_LEVEL_KEYS: dict[str, Any] = {
 SHOT_KEYS = ("prompt", "num_frames", "seconds")
 #: Pixel multiple of height/width for Wan (8x VAE, 2x2 patches).
 SIZE_MULTIPLE = 16
+#: Frame rates a storyboard may ask for (the video writers are exact in this range).
+MIN_FPS, MAX_FPS = 0.1, 1000
+#: Most pixel frames of one shot (about 100 minutes at 16 fps; Wan 2.1's rotary tables cover about 4k frames in all).
+MAX_SHOT_FRAMES = 100_001
 
 
-class StoryboardError(ValueError):
+class StoryboardError(InputError):
     """A storyboard that cannot be used; the message names the file and the field."""
 
 
@@ -112,35 +118,12 @@ class Storyboard:
             raise StoryboardError(f"{source}: a storyboard must be a mapping of settings, got {type(data).__name__}")
         unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
         if unknown:
-            raise fail(", ".join(unknown), f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
+            names = ", ".join(short_repr(k)[1:-1] if isinstance(k, str) else short_repr(k) for k in unknown[:5])
+            raise fail(names, f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
         values = {**TOP_LEVEL_KEYS, **data}
 
-        for name in ("model", "global_prompt", "negative_prompt"):
-            v = values[name]
-            if v is not None and not isinstance(v, str):
-                raise fail(name, f"must be a string, got {v!r}")
-        if values["global_prompt"] is not None and not values["global_prompt"].strip():
-            raise fail("global_prompt", "is empty; leave it out for no global caption")
-        if values["model"] is not None and not values["model"].strip():
-            raise fail("model", "is empty")
-
-        fps = values["fps"]
-        if not _is_number(fps) or fps <= 0:
-            raise fail("fps", f"must be a positive number, got {fps!r}")
-        for name in ("height", "width"):
-            v = values[name]
-            if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
-                raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {v!r}")
-        for name in ("num_inference_steps", "max_sequence_length"):
-            v = values[name]
-            if not _is_int(v) or v < 1:
-                raise fail(name, f"must be a positive integer, got {v!r}")
-        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
-            raise fail("guidance_scale", f"must be a number >= 0, got {values['guidance_scale']!r}")
-        seed = values["seed"]
-        # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-            raise fail("seed", f"must be an integer in [0, 2**64) or null, got {seed!r}")
+        cls._check_settings(values, fail)
+        fps, seed = values["fps"], values["seed"]
 
         moc = values["moc"]
         if moc is None:
@@ -151,7 +134,7 @@ class Storyboard:
             except (TypeError, ValueError) as e:
                 raise fail("moc", str(e)) from None
         else:
-            raise fail("moc", f"must be a mapping of MoCConfig settings, got {moc!r}")
+            raise fail("moc", f"must be a mapping of MoCConfig settings, got {short_repr(moc)}")
 
         shots = values["shots"]
         if shots is None:
@@ -178,16 +161,48 @@ class Storyboard:
         )
 
     @staticmethod
+    def _check_settings(values: dict[str, Any], fail) -> None:
+        """The scalar settings: prompts, model, fps, size, steps, guidance and seed."""
+        for name in ("model", "global_prompt", "negative_prompt"):
+            v = values[name]
+            if v is not None and not isinstance(v, str):
+                raise fail(name, f"must be a string, got {short_repr(v)}")
+        if values["global_prompt"] is not None and not values["global_prompt"].strip():
+            raise fail("global_prompt", "is empty; leave it out for no global caption")
+        if values["model"] is not None and not values["model"].strip():
+            raise fail("model", "is empty")
+
+        fps = values["fps"]
+        if not _is_number(fps) or fps <= 0:
+            raise fail("fps", f"must be a positive number, got {short_repr(fps)}")
+        if not MIN_FPS <= fps <= MAX_FPS:
+            raise fail("fps", f"must be between {MIN_FPS} and {MAX_FPS} frames per second, got {short_repr(fps)}")
+        for name in ("height", "width"):
+            v = values[name]
+            if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
+                raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {short_repr(v)}")
+        for name in ("num_inference_steps", "max_sequence_length"):
+            v = values[name]
+            if not _is_int(v) or v < 1:
+                raise fail(name, f"must be a positive integer, got {short_repr(v)}")
+        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
+            raise fail("guidance_scale", f"must be a number >= 0, got {short_repr(values['guidance_scale'])}")
+        seed = values["seed"]
+        # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+            raise fail("seed", f"must be an integer in [0, 2**64) or null, got {short_repr(seed)}")
+
+    @staticmethod
     def _shot(i: int, shot: Any, fps: float, fail) -> Shot:
         where = f"shots[{i}]"
         if not isinstance(shot, dict):
-            raise fail(where, f"must be a mapping with prompt and num_frames or seconds, got {shot!r}")
+            raise fail(where, f"must be a mapping with prompt and num_frames or seconds, got {short_repr(shot)}")
         unknown = sorted(set(map(str, shot)) - set(SHOT_KEYS))
         if unknown:
-            raise fail(f"{where}.{unknown[0]}", f"unknown key; a shot has {list(SHOT_KEYS)}")
+            raise fail(f"{where}.{short_repr(unknown[0])[1:-1]}", f"unknown key; a shot has {list(SHOT_KEYS)}")
         prompt = shot.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise fail(f"{where}.prompt", f"must be a non-empty string, got {prompt!r}")
+            raise fail(f"{where}.prompt", f"must be a non-empty string, got {short_repr(prompt)}")
         frames, seconds = shot.get("num_frames"), shot.get("seconds")
         if frames is None and seconds is None:
             raise fail(where, "needs num_frames or seconds")
@@ -195,17 +210,26 @@ class Storyboard:
             raise fail(where, "give num_frames or seconds, not both")
         if frames is not None:
             if not _is_int(frames):
-                raise fail(f"{where}.num_frames", f"must be an integer, got {frames!r}")
+                raise fail(f"{where}.num_frames", f"must be an integer, got {short_repr(frames)}")
             if frames <= 0:
                 raise fail(f"{where}.num_frames", f"must be positive (a shot cannot be empty), got {frames}")
+            if frames > MAX_SHOT_FRAMES:
+                raise fail(f"{where}.num_frames", f"must be at most {MAX_SHOT_FRAMES}, got {frames}")
             try:
                 check_shot_frames(frames, "num_frames")
             except ValueError as e:
                 raise fail(f"{where}.num_frames", str(e).removeprefix("num_frames=")) from None
             return Shot(prompt, num_frames=frames)
         if not _is_number(seconds) or seconds <= 0:
-            raise fail(f"{where}.seconds", f"must be a positive number (a shot cannot be empty), got {seconds!r}")
-        frames_for_seconds(seconds, fps)
+            raise fail(
+                f"{where}.seconds", f"must be a positive number (a shot cannot be empty), got {short_repr(seconds)}"
+            )
+        if seconds * fps < 1:
+            raise fail(f"{where}.seconds", f"{seconds:g} s is shorter than one frame at {fps:g} fps")
+        if frames_for_seconds(seconds, fps) > MAX_SHOT_FRAMES:
+            raise fail(
+                f"{where}.seconds", f"{seconds:g} s at {fps:g} fps is more than {MAX_SHOT_FRAMES} frames, got {seconds}"
+            )
         return Shot(prompt, seconds=float(seconds))
 
     # ------------------------------------------------------------------ derived
@@ -251,28 +275,44 @@ class Storyboard:
         return {**out, "shots": shots, "moc": self.moc.to_dict()}
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON, like YAML, would silently keep the last of two equal keys.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {short_repr(key)} is given twice in one object")
+        out[key] = value
+    return out
+
+
 def load_storyboard(path: str | os.PathLike) -> Storyboard:
     r"""
-    Read and validate a storyboard file: `.yaml` / `.yml` (PyYAML) or `.json`.
+    Read and validate a storyboard file: `.yaml` / `.yml` (PyYAML's safe loader, bounded: see
+    `diffusers_moc.textfiles`) or `.json`, UTF-8, at most `MAX_FILE_BYTES` bytes.
 
     Raises:
-        [`StoryboardError`]: the file is missing, does not parse, or a field is invalid (the message names it).
+        [`StoryboardError`]: the file is missing, too large, not UTF-8, does not parse, or a field is invalid (the
+            message names the file and the field).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise StoryboardError(f"{path}: is a folder, not a storyboard file")
     if not os.path.isfile(path):
         raise StoryboardError(f"{path}: no such storyboard file")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".yaml", ".yml", ".json"):
         raise StoryboardError(f"{path}: a storyboard must be a .yaml, .yml or .json file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
         if ext == ".json":
-            data = json.loads(text)
+            text = read_text(path, "storyboard")
+            try:
+                data = json.loads(text, object_pairs_hook=_unique_keys)
+            except RecursionError:
+                raise InputError(f"{path}: cannot parse: the JSON is nested too deeply") from None
+            except ValueError as e:
+                raise InputError(f"{path}: cannot parse: {' '.join(str(e).split())}") from None
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001  (any parser error becomes a StoryboardError naming the file)
-        raise StoryboardError(f"{path}: cannot parse: {e}") from None
+            data = load_yaml(path, "storyboard")
+    except InputError as e:
+        raise StoryboardError(str(e)) from None
     return Storyboard.from_dict(data, source=path)

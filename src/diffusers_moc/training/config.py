@@ -7,6 +7,7 @@ file is found at start-up, not after the models are loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
 from ..config import MoCConfig
+from ..errors import InputError
+from ..textfiles import load_yaml, parse_yaml, short_repr
 
 __all__ = [
     "ConfigError",
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A training config value is missing, unknown or invalid; the message starts with the field's dotted path."""
 
     def __init__(self, path: str, message: str):
@@ -129,6 +132,14 @@ class OptimConfig:
     `flow_shift` is the shift of the training `FlowMatchEulerDiscreteScheduler` (3.0 suits Wan at 480p).
     `caption_dropout` is the probability of training a sample on the empty prompt (keeps classifier-free guidance
     working).
+
+    `compile: true` compiles the transformer's repeated blocks with `torch.compile` (diffusers'
+    `compile_repeated_blocks`, regional compilation: one compiled block reused by every layer; static shapes) before
+    training, with inductor's `fallback_random` on so random draws (drop-off, drop-in, LoRA dropout) equal eager
+    mode's: a compiled run gives the eager run's losses and weights up to float rounding. `compile_fullgraph: true`
+    asks for one graph per block without graph breaks (`fullgraph=True`); MoC attention breaks the graph today, so
+    it fails unless the MoC backend traces in one graph. Off by default: compiling takes minutes for a large model
+    and pays off over long runs.
     """
 
     max_steps: int = 2000
@@ -152,6 +163,8 @@ class OptimConfig:
     mode_scale: float = 1.29
     flow_shift: float = 3.0
     caption_dropout: float = 0.0
+    compile: bool = False
+    compile_fullgraph: bool = False
 
 
 @dataclass
@@ -279,7 +292,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 _NO = object()
@@ -316,14 +329,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             return _NO
-        if isinstance(value, (int, float)):
-            return float(value)
-        # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
         if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 return _NO
+        if isinstance(value, (int, float)):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float
+                return _NO
+            return value if math.isfinite(value) else _NO  # nan or inf passes every range check: refuse it here
         return _NO
     if tp is str:
         return value if isinstance(value, str) else _NO
@@ -337,15 +354,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(where, f"must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(map(str, set(data) - set(known)))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field; known fields of {where} are {sorted(known)}")
+        name = short_repr(unknown[0])[1:-1]
+        raise ConfigError(f"{prefix}{name}", f"unknown field; known fields of {where} are {sorted(known)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}{name}"
         tp = hints[name]
         if tp is MoCConfig:
+            if not isinstance(value, (MoCConfig, dict, type(None))):
+                raise ConfigError(path, f"must be a mapping of MoCConfig settings, got {short_repr(value)}")
             try:
                 kwargs[name] = value if isinstance(value, MoCConfig) else MoCConfig.from_dict(value or {})
             except (TypeError, ValueError) as e:
@@ -355,36 +375,75 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         else:
             out = _coerce(value, tp, path)
             if out is _NO:
-                raise ConfigError(path, f"must be {_describe(tp)}, got {value!r}")
+                raise ConfigError(path, f"must be {_describe(tp)}, got {short_repr(value)}")
             kwargs[name] = out
     return cls(**kwargs)
 
 
-def _check(c: TrainConfig) -> None:
-    def positive(path: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _positive(path: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
+
+def _check(c: TrainConfig) -> None:
     if not c.output_dir:
         raise ConfigError("output_dir", "must be a non-empty path")
+    # numpy's seed (set by accelerate's set_seed) must be below 2**32.
+    for path, seed in (
+        ("seed", c.seed),
+        ("model.tiny_seed", c.model.tiny_seed),
+        ("validation.seed", c.validation.seed),
+    ):
+        if not 0 <= seed < 2**32:
+            raise ConfigError(path, f"must be an integer in [0, 2**32), got {seed}")
     if not c.model.pretrained:
         raise ConfigError("model.pretrained", "must be a repo id, a folder or 'tiny'")
-    positive("lora.rank", c.lora.rank)
+    _check_model_side(c)
+    _check_data(c)
+    _check_training(c.training)
+    _check_validation(c.validation)
+    allowed = {"tensorboard", "wandb", "auto", "none"}
+    for i, name in enumerate(c.logging.report_to):
+        if name not in allowed:
+            raise ConfigError(f"logging.report_to[{i}]", f"must be one of {sorted(allowed)}, got {short_repr(name)}")
+    _positive("logging.log_every", c.logging.log_every)
+    if c.hub.push and not c.hub.repo_id:
+        raise ConfigError("hub.repo_id", "is required when hub.push is true")
+    if c.hub.repo_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:  # found now, not when the upload fails at the end of a long run
+            validate_repo_id(c.hub.repo_id)
+        except HFValidationError:
+            raise ConfigError("hub.repo_id", f"must look like 'user/name', got {short_repr(c.hub.repo_id)}") from None
+
+
+def _check_model_side(c: TrainConfig) -> None:
+    """lora, sparsity and checkpointing."""
+    _positive("lora.rank", c.lora.rank)
     if c.lora.alpha is not None:
-        positive("lora.alpha", c.lora.alpha)
+        _positive("lora.alpha", c.lora.alpha)
     if not 0 <= c.lora.dropout < 1:
         raise ConfigError("lora.dropout", f"must be in [0, 1), got {c.lora.dropout!r}")
     if not c.lora.target_modules:
         raise ConfigError("lora.target_modules", "must name at least one module")
-
     start = c.sparsity.start_top_k
     if isinstance(start, str) and start != "dense":
-        raise ConfigError("sparsity.start_top_k", f"must be 'dense' or an integer >= moc.top_k, got {start!r}")
+        raise ConfigError(
+            "sparsity.start_top_k", f"must be 'dense' or an integer >= moc.top_k, got {short_repr(start)}"
+        )
     if isinstance(start, int) and start < c.moc.top_k:
         raise ConfigError("sparsity.start_top_k", f"must be >= moc.top_k ({c.moc.top_k}), got {start}")
-    positive("sparsity.warmup_steps", c.sparsity.warmup_steps, allow_zero=True)
-    positive("sparsity.anneal_steps", c.sparsity.anneal_steps, allow_zero=True)
+    _positive("sparsity.warmup_steps", c.sparsity.warmup_steps, allow_zero=True)
+    _positive("sparsity.anneal_steps", c.sparsity.anneal_steps, allow_zero=True)
+    _positive("checkpointing.every", c.checkpointing.every, allow_zero=True)
+    if c.checkpointing.total_limit is not None:
+        _positive("checkpointing.total_limit", c.checkpointing.total_limit)
+    if c.checkpointing.resume_from == "":
+        raise ConfigError("checkpointing.resume_from", "is empty; give a checkpoint folder, 'latest' or null")
 
+
+def _check_data(c: TrainConfig) -> None:
     if not c.data.root:
         raise ConfigError("data.root", "is required: the folder holding the clips and metadata.jsonl")
     if c.data.num_frames < 1 or (c.data.num_frames - 1) % 4:
@@ -392,57 +451,52 @@ def _check(c: TrainConfig) -> None:
     for name in ("height", "width"):
         if getattr(c.data, name) <= 0 or getattr(c.data, name) % 16:
             raise ConfigError(f"data.{name}", f"must be a positive multiple of 16, got {getattr(c.data, name)}")
-    positive("data.max_sequence_length", c.data.max_sequence_length)
-    positive("data.num_workers", c.data.num_workers, allow_zero=True)
+    _positive("data.max_sequence_length", c.data.max_sequence_length)
+    _positive("data.num_workers", c.data.num_workers, allow_zero=True)
+    if not c.data.metadata:
+        raise ConfigError("data.metadata", "must name the metadata file inside data.root (e.g. metadata.jsonl)")
 
-    t = c.training
-    positive("training.max_steps", t.max_steps)
-    positive("training.batch_size", t.batch_size)
-    positive("training.gradient_accumulation_steps", t.gradient_accumulation_steps)
-    positive("training.learning_rate", t.learning_rate)
-    positive("training.lr_warmup_steps", t.lr_warmup_steps, allow_zero=True)
-    positive("training.adam_epsilon", t.adam_epsilon)
-    positive("training.weight_decay", t.weight_decay, allow_zero=True)
-    positive("training.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    positive("training.logit_std", t.logit_std)
-    positive("training.flow_shift", t.flow_shift)
+
+def _check_training(t: OptimConfig) -> None:
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "adam_epsilon"):
+        _positive(f"training.{name}", getattr(t, name))
+    for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm"):
+        _positive(f"training.{name}", getattr(t, name), allow_zero=True)
+    _positive("training.logit_std", t.logit_std)
+    _positive("training.flow_shift", t.flow_shift)
     if not 0 <= t.caption_dropout <= 1:
         raise ConfigError("training.caption_dropout", f"must be in [0, 1], got {t.caption_dropout!r}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise ConfigError(f"training.{name}", f"must be in [0, 1), got {getattr(t, name)!r}")
+    if t.compile_fullgraph and not t.compile:
+        raise ConfigError("training.compile_fullgraph", "needs training.compile: true")
 
-    positive("checkpointing.every", c.checkpointing.every, allow_zero=True)
-    if c.checkpointing.total_limit is not None:
-        positive("checkpointing.total_limit", c.checkpointing.total_limit)
 
-    v = c.validation
-    positive("validation.every", v.every, allow_zero=True)
+def _check_validation(v: ValidationConfig) -> None:
+    _positive("validation.every", v.every, allow_zero=True)
     if v.every and not v.prompts:
         raise ConfigError("validation.prompts", "must list at least one prompt when validation.every > 0")
+    if any(not p.strip() for p in v.prompts):
+        raise ConfigError("validation.prompts", "must not hold empty prompts")
     if v.num_frames < 1 or (v.num_frames - 1) % 4:
         raise ConfigError("validation.num_frames", f"must be 4n + 1, got {v.num_frames}")
     for name in ("height", "width"):
         if getattr(v, name) <= 0 or getattr(v, name) % 16:
             raise ConfigError(f"validation.{name}", f"must be a positive multiple of 16, got {getattr(v, name)}")
-    positive("validation.num_inference_steps", v.num_inference_steps)
-    positive("validation.fps", v.fps)
+    _positive("validation.num_inference_steps", v.num_inference_steps)
+    _positive("validation.guidance_scale", v.guidance_scale, allow_zero=True)
+    _positive("validation.fps", v.fps)
+    if v.fps > 1000:
+        raise ConfigError("validation.fps", f"must be at most 1000, got {v.fps}")
     if v.shot_frames is not None and (
         not v.shot_frames or any(n <= 0 for n in v.shot_frames) or sum(v.shot_frames) != (v.num_frames - 1) // 4 + 1
     ):
         raise ConfigError(
             "validation.shot_frames",
             f"must be positive latent-frame counts summing to {(v.num_frames - 1) // 4 + 1} "
-            f"(latent frames of validation.num_frames={v.num_frames}), got {v.shot_frames}",
+            f"(latent frames of validation.num_frames={v.num_frames}), got {short_repr(v.shot_frames)}",
         )
-
-    allowed = {"tensorboard", "wandb", "auto", "none"}
-    for i, name in enumerate(c.logging.report_to):
-        if name not in allowed:
-            raise ConfigError(f"logging.report_to[{i}]", f"must be one of {sorted(allowed)}, got {name!r}")
-    positive("logging.log_every", c.logging.log_every)
-    if c.hub.push and not c.hub.repo_id:
-        raise ConfigError("hub.repo_id", "is required when hub.push is true")
 
 
 def load_train_config(
@@ -461,22 +515,17 @@ def load_train_config(
     Returns:
         [`TrainConfig`]
     """
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training config {os.fspath(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{os.fspath(path)} is not valid YAML: {e}") from None
+    try:
+        data = load_yaml(path, "training config")
+    except InputError as e:
+        raise ConfigError("config", str(e)) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError("config", f"{os.fspath(path)} must hold a mapping at the top level")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+            raise ConfigError("--set", f"expected dotted.key=value, got {short_repr(item)}")
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -485,7 +534,12 @@ def load_train_config(
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(key, f"{p} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = parse_yaml(raw)
+        except Exception as e:  # noqa: BLE001  (any YAML error: the value is bad)
+            raise ConfigError(
+                key, f"--set value {short_repr(raw)} is not valid YAML: {' '.join(str(e).split())}"
+            ) from None
     if resume_from is not None:
         if data.get("checkpointing") is None:
             data["checkpointing"] = {}

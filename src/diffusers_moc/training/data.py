@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..atomic import deferred_interrupts
+
 __all__ = [
     "ClipRecord",
     "VideoClipDataset",
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when what a cache file holds changes: `prompt_embeds` is the per-caption text context since format 2.
 _CACHE_FORMAT = 2
+_CACHE_KEYS = {"latent_mean", "latent_std", "prompt_embeds"}
 
 #: Wan's VAE: `4n + 1` pixel frames -> `n + 1` latent frames.
 WAN_TEMPORAL_RATIO = 4
@@ -133,7 +136,8 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
             not isinstance(frames, list)
             or len(frames) != 2
             or not isinstance(frames[0], int)
-            or not (frames[1] is None or isinstance(frames[1], int))
+            or isinstance(frames[0], bool)
+            or not (frames[1] is None or (isinstance(frames[1], int) and not isinstance(frames[1], bool)))
             or frames[0] < 0
             or (frames[1] is not None and frames[1] <= frames[0])
         ):
@@ -176,6 +180,40 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
         global_caption=global_caption,
         shot_captions=shot_captions,
     )
+
+
+#: Longest metadata line read (bytes); a longer line is skipped with a warning.
+MAX_METADATA_LINE = 1 << 20
+
+
+def _metadata_lines(f) -> Iterator[tuple[int, bytes | None]]:
+    """`(line number, bytes)` of a binary file; a line over `MAX_METADATA_LINE` bytes comes back as `None`."""
+    line_no = 0
+    while True:
+        line = f.readline(MAX_METADATA_LINE + 1)
+        if not line:
+            return
+        line_no += 1
+        if len(line) > MAX_METADATA_LINE and not line.endswith(b"\n"):
+            while (rest := f.readline(MAX_METADATA_LINE)) and not rest.endswith(b"\n"):
+                pass  # skip the rest of the over-long line
+            line = None
+        yield line_no, line
+
+
+def _decode_line(line: bytes | None) -> object:
+    if line is None:
+        raise ValueError(f"the line is longer than {MAX_METADATA_LINE} bytes")
+    try:
+        text = line.decode("utf-8-sig")  # a byte-order mark at the start of the file is not part of the JSON
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
 
 
 def _text_fields(r: ClipRecord) -> dict:
@@ -256,12 +294,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no metadata file {meta_path}; see diffusers_moc.training.data for its format")
         records, skipped = [], 0
-        with open(meta_path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(meta_path, "rb") as f:
+            for line_no, line in _metadata_lines(f):
+                if line is not None and not line.strip():
                     continue
                 try:
-                    record = _parse_line(json.loads(line), self.root, num_frames)
+                    record = _parse_line(_decode_line(line), self.root, num_frames)
                     record = ClipRecord(**{**record.__dict__, "line": line_no})
                 except (ValueError, TypeError, AttributeError) as e:
                     logger.warning("skipping %s line %d: %s", meta_path, line_no, e)
@@ -275,6 +313,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                     skipped += 1
                     continue
                 records.append(record)
+        if not records and not skipped:
+            raise ValueError(f"no usable clips in {meta_path}: it lists no clips (one JSON object per line)")
         if not records:
             raise ValueError(
                 f"no usable clips in {meta_path}: all {skipped} entries were skipped (see the warnings above for each "
@@ -352,9 +392,16 @@ class CachedLatentDataset(torch.utils.data.Dataset):
                 + [_CACHE_FORMAT, r.global_caption, list(r.shot_captions), tag]
             )
             path = os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+            tensors = None
             if os.path.isfile(path):
-                tensors = load_file(path)
-            else:
+                try:
+                    tensors = load_file(path)
+                    if set(tensors) != _CACHE_KEYS:
+                        raise ValueError(f"holds {sorted(tensors)}, expected {sorted(_CACHE_KEYS)}")
+                except Exception as e:  # a damaged cache file is re-encoded, not fatal
+                    logger.warning("re-encoding %s: its cache file %s is unreadable (%s)", r.path, path, e)
+                    tensors = None
+            if tensors is None:
                 try:
                     sample = dataset.load(i)
                 except Exception as e:
@@ -362,7 +409,15 @@ class CachedLatentDataset(torch.utils.data.Dataset):
                     continue
                 with torch.no_grad():
                     tensors = {k: v.detach().cpu().contiguous() for k, v in encode(sample["video"], r).items()}
-                save_file(tensors, path)
+                # Written under a temporary name and renamed: an interrupted run never leaves a truncated cache file.
+                tmp = f"{path}.{os.getpid()}.partial"
+                try:
+                    save_file(tensors, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    with deferred_interrupts():
+                        if os.path.exists(tmp):
+                            os.remove(tmp)
             self.items.append({**tensors, "path": r.path, **_text_fields(r)})
         if not self.items:
             raise ValueError(f"no usable clips in {dataset.root}: none could be decoded (see the warnings above)")

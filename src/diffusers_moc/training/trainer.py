@@ -5,6 +5,13 @@ mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(
 through `accelerator.save_state` whose hooks write the adapter in diffusers' LoRA format. On top of that it applies MoC
 (`apply_moc`), anneals `top_k` with the sparsity schedule and passes shots to MoC with `moc_context`.
 
+A run is built in steps, cheap checks first: the output folder and the run plan (`checkpoints.plan_run`: resume,
+nothing to do, or only the export left), the clips (`data`), the models, a check that the model takes the training
+and validation sizes, the encoders and latent cache (`encoding`), the optimiser, then the loop of optimizer steps
+(`step.FlowMatchingStep` per micro-batch), checkpoints (`checkpoints.save_checkpoint`) and validation videos
+(`validation`), and the export to `final/`. Every file is written all-or-nothing, so an interrupted run leaves
+complete checkpoints and the next run with `resume_from: latest` continues from the newest.
+
 Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
 shot caption are encoded separately and concatenated (`pipelines.captions`), and the MoC processor, installed on the
 cross-attention layers too (`prepare_moc_transformer`), gives each shot's tokens only the global caption plus their own
@@ -19,30 +26,39 @@ weights as training straight to M.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..apply import apply_moc, get_moc_config, update_moc_config
-from ..config import MoCConfig
-from ..context import moc_context
+from ..apply import apply_moc, update_moc_config
+from ..atomic import pause_point
+from ..config import MoCConfig, resolve_pretrained_source
 from ..hub import push_to_hub, save_moc_lora
 from ..layout import ChunkLayout
-from .config import TrainConfig
+from ..tiny import cast_like_from_pretrained
+from .checkpoints import (
+    RunPlan,
+    check_writable,
+    plan_run,
+    prepare_output_dir,
+    resume_differences,
+    save_checkpoint,
+    write_final,
+)
+from .config import ConfigError, TrainConfig
 from .data import CachedLatentDataset, StepBatchSampler, VideoClipDataset, collate_samples
+from .encoding import SampleEncoder
 from .schedule import SparsitySchedule, routed_density
+from .step import FlowMatchingStep
+from .validation import render_validation
 
 __all__ = ["MoCLoRATrainer", "TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -53,8 +69,10 @@ class TrainResult:
         losses (`list[float]`): the loss of every optimizer step run in this call.
         densities (`list[float]`): the attended fraction at every optimizer step run in this call.
         learning_rates (`list[float]`): the learning rate of every optimizer step run in this call.
-        final_dir (`str`, *optional*): the exported adapter folder (main process).
+        final_dir (`str`, *optional*): the exported adapter folder (main process; `None` when nothing was done).
         validation_videos (`list[str]`): written validation videos.
+        message (`str`, *optional*): why the call trained nothing, or only exported `final/` (the run had already
+            reached `training.max_steps`).
     """
 
     global_step: int
@@ -63,6 +81,7 @@ class TrainResult:
     learning_rates: list[float] = field(default_factory=list)
     final_dir: str | None = None
     validation_videos: list[str] = field(default_factory=list)
+    message: str | None = None
 
 
 class _TrainState:
@@ -78,24 +97,33 @@ class _TrainState:
         self.step = int(state["step"])
 
 
-def _cast_keeping_fp32_modules(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    r"""
-    Cast the floating-point weights of `module` to `dtype` in place, except those of its `_keep_in_fp32_modules`
-    (Wan's time embedder, norms and modulation tables), which stay fp32 as `from_pretrained(torch_dtype=...)` keeps
-    them: in bf16 they lose the precision the model relies on.
+#: Config sections that may change between a checkpoint and its resume without changing the training itself.
+_FREE_SECTIONS = ("checkpointing", "validation", "logging", "hub")
 
-    Returns:
-        `torch.nn.Module`: `module`.
-    """
-    keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if not tensor.is_floating_point():
-            continue
-        # The same name match as diffusers' loader: a keep entry is one component of the dotted name.
-        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
-        if tensor.dtype != target:
-            tensor.data = tensor.data.to(target)
-    return module
+
+@dataclass
+class _Run:
+    """What one `train()` call has set up, filled in the order the steps run."""
+
+    accelerator: Any
+    plan: RunPlan
+    weight_dtype: torch.dtype
+    trackers: list[str]
+    pipe: Any = None
+    transformer: Any = None  # as prepared by accelerate (DDP-wrapped with several processes)
+    model: Any = None  # the unwrapped transformer
+    dataset: Any = None
+    encoder: SampleEncoder | None = None
+    layout_of: Any = None  # shot frames -> the ChunkLayout of a sample
+    schedule: SparsitySchedule | None = None
+    dense_top_k: int = 0
+    params: list = field(default_factory=list)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    step_fn: FlowMatchingStep | None = None
+    batches: Any = None
+    state: _TrainState = field(default_factory=_TrainState)
+    last_validated: int = -1
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,26 +137,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _resolve_trackers(report_to: list[str]) -> list[str]:
     names: list[str] = []
     for name in report_to:
         if name == "none":
             continue
         if name == "auto":
-            names.append("tensorboard")
-            try:
-                import wandb  # noqa: F401
-
-                names.append("wandb")
-            except ImportError:
-                pass
+            names += [n for n in ("tensorboard", "wandb") if _installed(n)]
         else:
             names.append(name)
-    if "wandb" in names:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ImportError("logging.report_to lists 'wandb' but wandb is not installed: pip install wandb") from None
+    for name in dict.fromkeys(names):
+        if not _installed(name):
+            raise ConfigError(
+                "logging.report_to", f"lists {name!r} but {name} is not installed: pip install {name} (or use [])"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -155,50 +183,54 @@ class MoCLoRATrainer:
         self.config = config
         self.pipeline = None  # the WanPipeline holding the trained transformer, after `train()`
 
-    # ------------------------------------------------------------------ setup
-    def _load_components(self, weight_dtype: torch.dtype) -> dict[str, Any]:
-        m = self.config.model
-        if m.pretrained == "tiny":
-            from ..tiny import tiny_wan_components
-
-            return tiny_wan_components(seed=m.tiny_seed)
-        from diffusers import WanPipeline
-
-        pipe = WanPipeline.from_pretrained(
-            m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype
-        )
-        return dict(pipe.components)
-
-    def _latent_grid(self, pipe) -> tuple[int, int]:
-        """(latent frames, tokens per latent frame) of a training sample."""
-        d = self.config.data
-        p_t, p_h, p_w = pipe.transformer.config.patch_size
-        s = pipe.vae_scale_factor_spatial
-        frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
-        return frames, (d.height // s // p_h) * (d.width // s // p_w)
-
-    # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
-        """Run (or resume) training; returns a [`TrainResult`]. The trained pipeline stays in `self.pipeline`."""
+        r"""
+        Run (or resume) training; returns a [`TrainResult`]. The trained pipeline stays in `self.pipeline`.
+
+        Raises:
+            [`ConfigError`]: naming the field, for every problem found before training starts (folders that cannot
+                be written, a resume that would overwrite work, no usable clip, a model that cannot take the sizes).
+        """
+        run = self._start()
+        if run.plan.action == "done":
+            logger.info(run.plan.message)  # also in the result (the command line prints it)
+            run.accelerator.end_training()
+            return TrainResult(global_step=run.plan.start_step, message=run.plan.message)
+        clips = self._clips()
+        self._load_models(run, clips)
+        self._check_model_fits(run.pipe)
+        self._prepare_data(run, clips)
+        self._prepare_optimisation(run)
+        self._resume(run)
+        result = TrainResult(global_step=run.state.step, message=run.plan.message)
+        self._train_loop(run, result)
+        self._finish(run, result)
+        return result
+
+    # ------------------------------------------------------------------ setup: folders and plan, before any model
+    def _start(self) -> _Run:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
-        from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import (
-            cast_training_params,
-            compute_density_for_timestep_sampling,
-            compute_loss_weighting_for_sd3,
-        )
-        from peft import LoraConfig
-        from tqdm.auto import tqdm
+        from accelerate.utils import ProjectConfiguration
 
-        from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
-        from ..pipelines.long_video import prepare_moc_transformer
-
-        c = self.config
-        t = c.training
-        os.makedirs(c.output_dir, exist_ok=True)
+        c, t = self.config, self.config.training
+        if c.model.pretrained != "tiny":
+            try:
+                local = resolve_pretrained_source(c.model.pretrained)
+            except FileNotFoundError as e:
+                raise ConfigError("model.pretrained", str(e)) from None
+            if local is not None and not os.path.isfile(os.path.join(local, "model_index.json")):
+                raise ConfigError(
+                    "model.pretrained", f"{local} is not a diffusers pipeline folder (no model_index.json)"
+                )
         trackers = _resolve_trackers(c.logging.report_to)
+        if c.hub.push:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                logger.warning(
+                    "hub.push is true but no Hugging Face token is set: the upload at the end will fail; log in "
+                    "with `hf auth login` or set HF_TOKEN"
+                )
         accelerator = Accelerator(
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision,
@@ -207,27 +239,81 @@ class MoCLoRATrainer:
                 project_dir=c.output_dir, logging_dir=os.path.join(c.output_dir, "logs")
             ),
         )
-        self.accelerator = accelerator
+        # Every process checks (so all raise together); only the main one cleans up after interrupted runs.
+        prepare_output_dir(c.output_dir, clean_up=accelerator.is_main_process)
+        if c.data.cache:
+            check_writable(c.data.cache_dir or os.path.join(c.output_dir, "cache"), "data.cache_dir")
+        accelerator.wait_for_everyone()
+        plan = plan_run(c.output_dir, c.checkpointing.resume_from, t.max_steps)
+        if accelerator.is_main_process:
+            for warning in plan.warnings:
+                logger.warning(warning)
+            if plan.action == "export":
+                logger.warning(plan.message)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        set_seed(c.seed)
+        return _Run(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers)
 
-        components = self._load_components(weight_dtype)
+    def _clips(self) -> VideoClipDataset:
+        d = self.config.data
+        try:
+            return VideoClipDataset(
+                d.root, d.num_frames, d.height, d.width, metadata=d.metadata, validate=d.validate_clips and not d.cache
+            )
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError("data.root", str(e)) from None
+
+    # ------------------------------------------------------------------ setup: models
+    def _load_components(self, weight_dtype: torch.dtype) -> dict[str, Any]:
+        m = self.config.model
+        if m.pretrained == "tiny":
+            from ..tiny import tiny_wan_components
+
+            return tiny_wan_components(seed=m.tiny_seed)
+        from diffusers import WanPipeline
+
+        try:
+            pipe = WanPipeline.from_pretrained(
+                m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype
+            )
+        except OSError as e:  # missing files, unknown repo, no network
+            where = "the folder" if os.path.isdir(m.pretrained) else "it is not a local folder; as a Hub repo it"
+            reason = " ".join(str(e).split())
+            raise ConfigError(
+                "model.pretrained", f"{m.pretrained!r} cannot be loaded ({where} failed): {reason}"
+            ) from None
+        return dict(pipe.components)
+
+    def _load_models(self, run: _Run, clips: VideoClipDataset) -> None:
+        from accelerate.utils import set_seed
+        from diffusers import WanPipeline
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        from ..pipelines.captions import caption_layout
+        from ..pipelines.long_video import prepare_moc_transformer
+
+        c, t = self.config, self.config.training
+        set_seed(c.seed)
+        components = self._load_components(run.weight_dtype)
         set_seed(c.seed)  # the tiny builder reseeds; LoRA init must depend on `seed` only
         transformer, vae, text_encoder = components["transformer"], components["vae"], components["text_encoder"]
         for module in (transformer, vae, text_encoder):
             module.requires_grad_(False)
         # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
-        for module, dtype in ((vae, torch.float32), (text_encoder, weight_dtype), (transformer, weight_dtype)):
-            module.to(accelerator.device)
-            _cast_keeping_fp32_modules(module, dtype)
+        for module, dtype in ((vae, torch.float32), (text_encoder, run.weight_dtype), (transformer, run.weight_dtype)):
+            module.to(run.accelerator.device)
+            cast_like_from_pretrained(module, dtype)
         vae.eval()
         text_encoder.eval()
 
         # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
         # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
         # forward.
-        base_moc = c.moc
-        apply_moc(transformer, base_moc)
+        apply_moc(transformer, c.moc)
+        max_len = c.data.max_sequence_length
+        if any(caption_layout(r.global_caption, r.shot_captions, max_len).caption_spans for r in clips.records):
+            # Per-shot captions: the MoC processor goes on cross-attention too, as in LongVideoPipeline.
+            prepare_moc_transformer(transformer)
         lora = LoraConfig(
             r=c.lora.rank,
             lora_alpha=c.lora.alpha if c.lora.alpha is not None else c.lora.rank,
@@ -238,125 +324,107 @@ class MoCLoRATrainer:
         try:
             transformer.add_adapter(lora)
         except ValueError as e:
-            raise ValueError(f"lora.target_modules {c.lora.target_modules}: {e}") from None
-        if weight_dtype != torch.float32:
+            raise ConfigError("lora.target_modules", f"{c.lora.target_modules}: {e}") from None
+        if run.weight_dtype != torch.float32:
             cast_training_params(transformer, dtype=torch.float32)
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if t.compile:
+            import torch._inductor.config as inductor_config
 
-        pipe = WanPipeline(**components)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipeline = pipe
+            # Random draws inside the compiled blocks (MoC drop-off / drop-in, LoRA dropout) as eager mode draws
+            # them: a compiled run trains as the eager one does, and resumes exactly.
+            inductor_config.fallback_random = True
+            # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph. Static
+            # shapes: automatic dynamic shapes fail today in MoC's drop-off (`torch.rand` of a symbolic size); a shape
+            # dynamo has not seen recompiles, and past its recompile limit that code runs eagerly.
+            transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph, dynamic=False)
+        run.pipe = self.pipeline = WanPipeline(**components)
+        run.pipe.set_progress_bar_config(disable=True)
 
-        # ---------------------------------------------------------- data
-        d = c.data
-        dataset = VideoClipDataset(
-            d.root, d.num_frames, d.height, d.width, metadata=d.metadata, validate=d.validate_clips and not d.cache
-        )
-        latents_mean = torch.tensor(vae.config.latents_mean, device=accelerator.device).view(1, -1, 1, 1, 1)
-        latents_std = torch.tensor(vae.config.latents_std, device=accelerator.device).view(1, -1, 1, 1, 1)
+    def _check_model_fits(self, pipe) -> None:
+        """The training and validation sizes against the model, before anything is encoded."""
+        c = self.config
+        rope = getattr(pipe.transformer.config, "rope_max_seq_len", None)
+        p_t, p_h, p_w = pipe.transformer.config.patch_size
+        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        sizes = [("data", c.data)] + ([("validation", c.validation)] if c.validation.every else [])
+        for section, s in sizes:
+            latent_frames = ((s.num_frames - 1) // temporal + 1) // p_t
+            if rope is not None and latent_frames > rope:
+                raise ConfigError(
+                    f"{section}.num_frames",
+                    f"{s.num_frames} frames are {latent_frames} latent frames, more than the model's "
+                    f"rope_max_seq_len={rope} (model.pretrained={c.model.pretrained})",
+                )
+            for name, patch in (("height", p_h), ("width", p_w)):
+                value, multiple = getattr(s, name), spatial * patch
+                if value % multiple:
+                    raise ConfigError(f"{section}.{name}", f"must be a multiple of {multiple} for this model")
+                if rope is not None and value // multiple > rope:
+                    raise ConfigError(
+                        f"{section}.{name}",
+                        f"{value} pixels are {value // multiple} patches, more than the model's "
+                        f"rope_max_seq_len={rope} (model.pretrained={c.model.pretrained}; at most "
+                        f"{rope * multiple} pixels)",
+                    )
 
-        @torch.no_grad()
-        def encode_videos(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            dist = vae.encode(video.to(accelerator.device, torch.float32)).latent_dist
-            # Normalised as WanPipeline un-normalises before decoding.
-            return (dist.mean - latents_mean) / latents_std, dist.std / latents_std
-
-        @torch.no_grad()
-        def encode_prompts(prompts: list[str]) -> torch.Tensor:
-            embeds, _ = pipe.encode_prompt(
-                prompts,
-                do_classifier_free_guidance=False,
-                max_sequence_length=d.max_sequence_length,
-                device=accelerator.device,
-                dtype=weight_dtype,
-            )
-            return embeds
-
-        def text_layout(global_caption: str | None, shot_captions) -> CaptionLayout:
-            return caption_layout(global_caption, shot_captions, d.max_sequence_length)
-
-        @torch.no_grad()
-        def encode_contexts(layouts: list[CaptionLayout]) -> list[torch.Tensor]:
-            """The text context `(tokens, dim)` of each sample, each distinct caption of the batch encoded once."""
-            single = [i for i, lay in enumerate(layouts) if lay.caption_spans is None]
-            out: list[torch.Tensor | None] = [None] * len(layouts)
-            if single:  # one caption: WanPipeline's batched prompt encoding, as for any single-prompt sample
-                for i, embeds in zip(single, encode_prompts([layouts[i].segments[0] for i in single])):
-                    out[i] = embeds
-            captions: dict[str, torch.Tensor] = {}
-            for i, lay in enumerate(layouts):
-                if out[i] is not None:
-                    continue
-                for c in lay.segments:
-                    if c not in captions:
-                        embeds = encode_caption(
-                            pipe.tokenizer, pipe.text_encoder, c, d.max_sequence_length, accelerator.device
-                        )
-                        captions[c] = embeds[0].to(weight_dtype)
-                out[i] = torch.cat([captions[c] for c in lay.segments])
-            return out
-
+    # ------------------------------------------------------------------ setup: data, schedule, optimiser
+    def _prepare_data(self, run: _Run, clips: VideoClipDataset) -> None:
+        c, d = self.config, self.config.data
+        accelerator, pipe = run.accelerator, run.pipe
+        run.encoder = SampleEncoder(pipe, accelerator.device, run.weight_dtype, d.max_sequence_length)
+        run.dataset = clips
         if d.cache:
-
-            def encode_one(video: torch.Tensor, record) -> dict[str, torch.Tensor]:
-                mean, std = encode_videos(video[None])
-                (context,) = encode_contexts([text_layout(record.global_caption, record.shot_captions)])
-                return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": context}
-
             # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
+            m = c.model
             tag = json.dumps(
-                [
-                    c.model.pretrained,
-                    c.model.revision,
-                    c.model.variant,
-                    c.model.tiny_seed,
-                    str(weight_dtype),
-                    d.max_sequence_length,
-                ]
+                [m.pretrained, m.revision, m.variant, m.tiny_seed, str(run.weight_dtype), d.max_sequence_length]
             )
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
-                dataset = CachedLatentDataset(
-                    dataset, d.cache_dir or os.path.join(c.output_dir, "cache"), encode_one, tag=tag
+                run.dataset = CachedLatentDataset(
+                    clips, d.cache_dir or os.path.join(c.output_dir, "cache"), run.encoder.encode_one, tag=tag
                 )
-
-        empty_embeds = encode_prompts([""])[0] if t.caption_dropout > 0 else None
-        uncond = CaptionLayout(("",), d.max_sequence_length)
         frames, tokens_per_frame = self._latent_grid(pipe)
-        vae_frames = (d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        records = [r if isinstance(r, dict) else r.__dict__ for r in (dataset.items if d.cache else dataset.records)]
+        records = run.dataset.items if d.cache else [r.__dict__ for r in run.dataset.records]
         shot_sets = {r["shot_frames"] for r in records}
-        if any(text_layout(r["global_caption"], r["shot_captions"]).caption_spans is not None for r in records):
-            # Per-shot captions: the MoC processor goes on cross-attention too, as in LongVideoPipeline.
-            prepare_moc_transformer(transformer)
-
-        def layout_of(shots: tuple[int, ...] | None) -> ChunkLayout:
-            return ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
-
-        dense_top_k = max(layout_of(s).num_chunks for s in shot_sets)
+        run.layout_of = lambda shots: ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
+        run.dense_top_k = max(run.layout_of(s).num_chunks for s in shot_sets)
         sp = c.sparsity
-        start_top_k = dense_top_k if sp.start_top_k == "dense" else sp.start_top_k
-        schedule = SparsitySchedule(
+        start_top_k = run.dense_top_k if sp.start_top_k == "dense" else sp.start_top_k
+        run.schedule = SparsitySchedule(
             start_top_k=max(start_top_k, c.moc.top_k),
             target_top_k=c.moc.top_k,
             warmup_steps=sp.warmup_steps,
             anneal_steps=sp.anneal_steps,
             shape=sp.shape,
-            dense_top_k=dense_top_k,
+            dense_top_k=run.dense_top_k,
         )
-        if sp.warmup_steps + sp.anneal_steps > t.max_steps:
+        if sp.warmup_steps + sp.anneal_steps > c.training.max_steps:
             logger.warning(
                 "the sparsity schedule ends at step %d, after training.max_steps=%d: the model never trains at the "
                 "target top_k=%d it is exported with",
                 sp.warmup_steps + sp.anneal_steps,
-                t.max_steps,
+                c.training.max_steps,
                 c.moc.top_k,
             )
 
-        # ---------------------------------------------------------- optimisation
-        params = [p for p in transformer.parameters() if p.requires_grad]
+    def _latent_grid(self, pipe) -> tuple[int, int]:
+        """(latent frames, tokens per latent frame) of a training sample."""
+        d = self.config.data
+        p_t, p_h, p_w = pipe.transformer.config.patch_size
+        s = pipe.vae_scale_factor_spatial
+        frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
+        return frames, (d.height // s // p_h) * (d.width // s // p_w)
+
+    def _prepare_optimisation(self, run: _Run) -> None:
+        from diffusers.optimization import get_scheduler
+
+        c, t = self.config, self.config.training
+        accelerator, transformer = run.accelerator, run.pipe.transformer
+        run.params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params,
+            run.params,
             lr=t.learning_rate,
             betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay,
@@ -369,190 +437,187 @@ class MoCLoRATrainer:
             num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=t.max_steps * accelerator.num_processes,
         )
-        noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=t.flow_shift)
-        train_timesteps = noise_scheduler.timesteps.to(accelerator.device)
-        train_sigmas = noise_scheduler.sigmas.to(accelerator.device)
-        state = _TrainState()
-        self._register_hooks(accelerator, transformer, weight_dtype)
-        accelerator.register_for_checkpointing(state)
-        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-        model = accelerator.unwrap_model(transformer)
+        self._register_hooks(accelerator, transformer, run.weight_dtype)
+        accelerator.register_for_checkpointing(run.state)
+        run.transformer, run.optimizer, run.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        run.model = accelerator.unwrap_model(run.transformer)
+        vae_frames = (c.data.num_frames - 1) // run.pipe.vae_scale_factor_temporal + 1
+        run.step_fn = FlowMatchingStep(accelerator, run.transformer, run.encoder, t, c.data.cache, vae_frames)
 
-        resume = self._resume_path()
+    def _resume(self, run: _Run) -> None:
+        c, t = self.config, self.config.training
+        accelerator, resume = run.accelerator, run.plan.resume
         if resume is not None:
-            logger.info("resuming from %s", resume)
-            accelerator.load_state(resume)
-        global_step = state.step
-
-        if trackers:
+            logger.info("resuming from %s (step %d)", resume.path, resume.step)
+            changed = resume_differences(resume.path, self._run_info(run))
+            if changed and accelerator.is_main_process:
+                logger.warning(
+                    "resuming %s with different settings, so the run does not continue as it would have: %s",
+                    resume.path,
+                    "; ".join(changed[:8]),
+                )
+            try:
+                accelerator.load_state(resume.path)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                raise ConfigError(
+                    "checkpointing.resume_from",
+                    f"{resume.path} cannot be loaded (a damaged file, or written for another lora, model or "
+                    "optimizer config): " + " ".join(str(e).split())[:300],
+                ) from None
+            if run.state.step != resume.step:
+                raise ConfigError(
+                    "checkpointing.resume_from", f"{resume.path} holds step {run.state.step}, not {resume.step}"
+                )
+        if run.trackers:
             accelerator.init_trackers(c.logging.project_name, config=_flatten(c.to_dict()))
-
-        sampler = StepBatchSampler(
-            len(dataset),
-            t.batch_size,
-            seed=c.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            start=global_step * t.gradient_accumulation_steps,
-        )
+        if run.plan.action != "train":
+            return
+        try:
+            sampler = StepBatchSampler(
+                len(run.dataset),
+                t.batch_size,
+                seed=c.seed,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                start=run.state.step * t.gradient_accumulation_steps,
+            )
+        except ValueError as e:
+            raise ConfigError("training.batch_size", str(e)) from None
         loader = torch.utils.data.DataLoader(
-            dataset,
+            run.dataset,
             batch_sampler=sampler,
             collate_fn=collate_samples,
-            num_workers=d.num_workers,
+            num_workers=c.data.num_workers,
             # An own generator keeps DataLoader's per-iterator seed draw off the global RNG (exact resume).
             generator=torch.Generator().manual_seed(c.seed),
         )
-        batches = iter(loader)
+        run.batches = iter(loader)
 
-        def micro_step(batch: dict) -> torch.Tensor:
-            layouts = [text_layout(g, s) for g, s in zip(batch["global_caption"], batch["shot_captions"])]
-            if d.cache:
-                mean = batch["latent_mean"].to(accelerator.device)
-                std = batch["latent_std"].to(accelerator.device)
-                contexts = [e.to(accelerator.device, weight_dtype) for e in batch["prompt_embeds"]]
-            else:
-                mean, std = encode_videos(batch["video"])
-                contexts = encode_contexts(layouts)
-            if empty_embeds is not None:
-                # A dropped sample loses all its captions: the empty prompt with stock cross-attention, which is the
-                # unconditional input of classifier-free guidance in LongVideoPipeline and WanPipeline.
-                drop = (torch.rand(len(contexts)) < t.caption_dropout).tolist()
-                contexts = [empty_embeds.to(c.dtype) if dropped else c for dropped, c in zip(drop, contexts)]
-                layouts = [uncond if dropped else lay for dropped, lay in zip(drop, layouts)]
-            x0 = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior, as latent_dist.sample()
-            noise = torch.randn_like(x0)
-            bsz = x0.shape[0]
-            u = compute_density_for_timestep_sampling(
-                weighting_scheme=t.weighting_scheme,
-                batch_size=bsz,
-                logit_mean=t.logit_mean,
-                logit_std=t.logit_std,
-                mode_scale=t.mode_scale,
-            )
-            indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(train_timesteps) - 1)
-            indices = indices.to(accelerator.device)
-            timesteps = train_timesteps[indices]
-            sigmas = train_sigmas[indices].view(-1, 1, 1, 1, 1)
-            noisy = (1.0 - sigmas) * x0 + sigmas * noise
-            target = noise - x0
-            weighting = compute_loss_weighting_for_sd3(weighting_scheme=t.weighting_scheme, sigmas=sigmas)
+    # ------------------------------------------------------------------ the loop
+    def _train_loop(self, run: _Run, result: TrainResult) -> None:
+        from tqdm.auto import tqdm
 
-            # One forward per shot and caption structure in the batch (MoC's layout and the caption spans are per
-            # call). Backward runs inside the same moc_context: gradient checkpointing recomputes the forward during
-            # backward and must see the same shots.
-            groups: dict[Any, list[int]] = {}
-            for i, (shots, lay) in enumerate(zip(batch["shot_frames"], layouts)):
-                key = (shots, lay.caption_spans, lay.global_caption_span, contexts[i].shape[0])
-                groups.setdefault(key, []).append(i)
-            total = torch.zeros((), device=accelerator.device)
-            for g, ((shots, spans, global_span, _), idx) in enumerate(groups.items()):
-                sel = torch.tensor(idx, device=accelerator.device)
-                captions: dict[str, Any] = {}
-                if spans is not None:
-                    # Spans belong to shots: a single-shot clip with a global and a shot caption is one shot here.
-                    captions = {"caption_spans": spans, "global_caption_span": global_span}
-                    shots = shots or (vae_frames,)
-                # Under DDP only the last group's backward all-reduces, so ranks with different group counts agree.
-                sync = (
-                    accelerator.no_sync(transformer)
-                    if g < len(groups) - 1 and accelerator.num_processes > 1
-                    else contextlib.nullcontext()
-                )
-                with moc_context(shot_frames=shots, **captions), sync:
-                    pred = transformer(
-                        hidden_states=noisy[sel].to(weight_dtype),
-                        timestep=timesteps[sel],
-                        encoder_hidden_states=torch.stack([contexts[i] for i in idx]),
-                        return_dict=False,
-                    )[0]
-                    err = (weighting[sel].float() * (pred.float() - target[sel].float()) ** 2).reshape(len(idx), -1)
-                    loss = err.mean(1).sum() / bsz
-                    accelerator.backward(loss)
-                total = total + loss.detach()
-            return total
-
-        result = TrainResult(global_step=global_step)
+        c, t = self.config, self.config.training
+        accelerator = run.accelerator
         progress = tqdm(
-            total=t.max_steps,
-            initial=global_step,
-            desc="train",
-            disable=not accelerator.is_local_main_process,
+            total=t.max_steps, initial=run.state.step, desc="train", disable=not accelerator.is_local_main_process
         )
-        transformer.train()
+        run.transformer.train()
         current: MoCConfig | None = None
-        last_validated = -1
-        while global_step < t.max_steps:
-            step_config = schedule.moc_config(base_moc, global_step)
-            if step_config != current:
-                update_moc_config(model, **step_config.to_dict())
-                current = step_config
-            step_loss = torch.zeros((), device=accelerator.device)
-            shots_seen: list = []
-            for _ in range(t.gradient_accumulation_steps):
-                batch = next(batches)
-                shots_seen.extend(batch["shot_frames"])
-                with accelerator.accumulate(transformer):
-                    step_loss += micro_step(batch) / t.gradient_accumulation_steps
-                    if accelerator.sync_gradients and t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                raise RuntimeError("gradient accumulation went out of step with the optimizer (internal error)")
-            global_step += 1
-            state.step = global_step
-            loss_value = accelerator.gather(step_loss[None]).mean().item()
-            result.learning_rates.append(lr_scheduler.get_last_lr()[0])
-            density = sum(routed_density(layout_of(s), step_config) for s in shots_seen) / len(shots_seen)
-            result.losses.append(loss_value)
-            result.densities.append(density)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", density=f"{density:.3f}", top_k=step_config.top_k)
-            if global_step % c.logging.log_every == 0 and trackers:
-                accelerator.log(
-                    {
-                        "train/loss": loss_value,
-                        "train/density": density,
-                        "train/top_k": step_config.top_k,
-                        "train/lr": lr_scheduler.get_last_lr()[0],
-                    },
-                    step=global_step,
-                )
-            if c.checkpointing.every and global_step % c.checkpointing.every == 0:
-                self._save_checkpoint(accelerator, global_step)
-            if c.validation.every and global_step % c.validation.every == 0:
-                result.validation_videos += self._validate(accelerator, pipe, model, global_step, trackers)
-                last_validated = global_step
-        progress.close()
-        result.global_step = global_step
+        try:
+            while run.state.step < t.max_steps:
+                step_config = run.schedule.moc_config(c.moc, run.state.step)
+                if step_config != current:
+                    update_moc_config(run.model, **step_config.to_dict())
+                    current = step_config
+                loss, density = self._optimizer_step(run, step_config)
+                run.state.step += 1
+                self._record(run, result, progress, step_config.top_k, loss, density)
+                step = run.state.step
+                if c.checkpointing.every and step % c.checkpointing.every == 0:
+                    limit, protected = c.checkpointing.total_limit, run.plan.protected
+                    save_checkpoint(accelerator, c.output_dir, step, limit, protected, self._run_info(run))
+                if c.validation.every and step % c.validation.every == 0:
+                    result.validation_videos += self._validate(run, step)
+        finally:
+            progress.close()  # ends the bar line, also when interrupted
+        result.global_step = run.state.step
 
+    def _record(self, run: _Run, result: TrainResult, progress, top_k: int, loss: float, density: float) -> None:
+        """The step's loss, density and learning rate: into the result, the progress bar and the trackers."""
+        step, lr = run.state.step, run.lr_scheduler.get_last_lr()[0]
+        result.losses.append(loss)
+        result.densities.append(density)
+        result.learning_rates.append(lr)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=top_k)
+        if step % self.config.logging.log_every == 0 and run.trackers:
+            metrics = {"train/loss": loss, "train/density": density, "train/top_k": top_k, "train/lr": lr}
+            run.accelerator.log(metrics, step=step)
+
+    def _optimizer_step(self, run: _Run, step_config: MoCConfig) -> tuple[float, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches: `(loss, attended fraction)`."""
+        t = self.config.training
+        accelerator = run.accelerator
+        step_loss = torch.zeros((), device=accelerator.device)
+        shots_seen: list = []
+        for _ in range(t.gradient_accumulation_steps):
+            batch = next(run.batches)
+            shots_seen.extend(batch["shot_frames"])
+            with accelerator.accumulate(run.transformer):
+                step_loss += run.step_fn(batch) / t.gradient_accumulation_steps
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(run.params, t.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation went out of step with the optimizer (internal error)")
+        loss = accelerator.gather(step_loss[None]).mean().item()
+        density = sum(routed_density(run.layout_of(s), step_config) for s in shots_seen) / len(shots_seen)
+        return loss, density
+
+    def _validate(self, run: _Run, step: int) -> list[str]:
+        c = self.config
+        run.last_validated = step
+        out_dir = os.path.join(c.output_dir, "validation")
+        return render_validation(
+            run.accelerator,
+            run.pipe,
+            run.model,
+            c.validation,
+            c.moc,
+            c.data.max_sequence_length,
+            out_dir,
+            step,
+            run.trackers,
+        )
+
+    # ------------------------------------------------------------------ the export
+    def _finish(self, run: _Run, result: TrainResult) -> None:
+        c = self.config
+        accelerator, model, step = run.accelerator, run.model, run.state.step
+        result.global_step = step
         # The exported model is the target configuration: drop-off / drop-in off (eval) and moc as configured.
         model.eval()
         update_moc_config(model, **c.moc.to_dict())
-        if c.validation.every and last_validated != global_step:
-            result.validation_videos += self._validate(accelerator, pipe, model, global_step, trackers)
+        if c.validation.every and run.last_validated != step:
+            result.validation_videos += self._validate(run, step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            final_dir = os.path.join(c.output_dir, "final")
-            save_moc_lora(
-                model,
-                final_dir,
-                c.moc,
-                base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
-                repo_id=c.hub.repo_id,
-                training_info=self._training_info(global_step, dense_top_k),
-            )
-            result.final_dir = final_dir
-            logger.info("saved the MoC LoRA to %s", final_dir)
+
+            def write(folder: str) -> None:
+                save_moc_lora(
+                    model,
+                    folder,
+                    c.moc,
+                    base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
+                    repo_id=c.hub.repo_id,
+                    training_info=self._training_info(step, run.dense_top_k),
+                )
+
+            result.final_dir = write_final(c.output_dir, write)
+            logger.info("saved the MoC LoRA to %s", result.final_dir)
             if c.hub.push:
-                url = push_to_hub(final_dir, c.hub.repo_id, private=c.hub.private)
+                try:
+                    url = push_to_hub(result.final_dir, c.hub.repo_id, private=c.hub.private)
+                except Exception as e:  # the trained adapter is safe on disk: say so, and how to upload it later
+                    raise RuntimeError(
+                        f"training finished and {result.final_dir} is saved, but uploading it to {c.hub.repo_id} "
+                        f"failed ({type(e).__name__}: {e}); upload it later with "
+                        f"diffusers_moc.push_to_hub({result.final_dir!r}, {c.hub.repo_id!r})"
+                    ) from e
                 logger.info("uploaded to %s", url)
         accelerator.end_training()
-        return result
 
     # ------------------------------------------------------------------ helpers
+    def _run_info(self, run: _Run) -> dict[str, Any]:
+        """What an exact resume depends on (saved in each checkpoint's marker): the settings and the data size."""
+        keep = {k: v for k, v in _flatten(self.config.to_dict()).items() if k.split(".")[0] not in _FREE_SECTIONS}
+        keep.pop("training.max_steps", None)  # raising max_steps is how a run is continued
+        keep.pop("output_dir", None)
+        return {**keep, "data.usable_clips": len(run.dataset)}
+
     def _training_info(self, global_step: int, dense_top_k: int) -> dict[str, Any]:
         c = self.config
         t = c.training
@@ -596,6 +661,8 @@ class MoCLoRATrainer:
                         transformer_lora_layers=get_peft_model_state_dict(m),
                         transformer_lora_adapter_metadata=m.peft_config["default"].to_dict(),
                     )
+                    # output_dir is `.checkpoint-<step>.partial`: the pause point names the checkpoint being saved.
+                    pause_point(f"{os.path.basename(output_dir).strip('.').removesuffix('.partial')}:weights-saved")
             while weights:
                 weights.pop()
 
@@ -615,101 +682,6 @@ class MoCLoRATrainer:
 
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
-
-    def _checkpoints(self) -> list[str]:
-        out = self.config.output_dir
-        if not os.path.isdir(out):
-            return []
-        names = [
-            n for n in os.listdir(out) if n.startswith(_CHECKPOINT_PREFIX) and n[len(_CHECKPOINT_PREFIX) :].isdigit()
-        ]
-        return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[len(_CHECKPOINT_PREFIX) :]))]
-
-    def _resume_path(self) -> str | None:
-        resume = self.config.checkpointing.resume_from
-        if resume is None:
-            return None
-        if resume == "latest":
-            found = self._checkpoints()
-            if not found:
-                logger.info(
-                    "checkpointing.resume_from=latest: no checkpoint in %s, starting fresh", self.config.output_dir
-                )
-                return None
-            return found[-1]
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"checkpointing.resume_from: checkpoint folder {resume!r} does not exist")
-        return resume
-
-    def _save_checkpoint(self, accelerator, global_step: int) -> None:
-        limit = self.config.checkpointing.total_limit
-        if accelerator.is_main_process and limit is not None:
-            existing = self._checkpoints()
-            for old in existing[: max(0, len(existing) - limit + 1)]:
-                shutil.rmtree(old)
-        path = os.path.join(self.config.output_dir, f"{_CHECKPOINT_PREFIX}{global_step}")
-        accelerator.save_state(path)
-        if accelerator.is_main_process:
-            logger.info("saved checkpoint %s", path)
-
-    def _validate(self, accelerator, pipe, model: torch.nn.Module, step: int, trackers: list[str]) -> list[str]:
-        """Generate the validation videos with the target MoC settings; write mp4s and log them. No global RNG use."""
-        import imageio.v3 as iio
-        import numpy as np
-
-        v = self.config.validation
-        if not accelerator.is_main_process:
-            return []
-        was_training = model.training
-        before = get_moc_config(model)
-        model.eval()
-        update_moc_config(model, **self.config.moc.to_dict())
-        out_dir = os.path.join(self.config.output_dir, "validation")
-        os.makedirs(out_dir, exist_ok=True)
-        paths, videos = [], []
-        autocast = (
-            torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
-            if accelerator.mixed_precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        try:
-            with torch.no_grad(), autocast, moc_context(shot_frames=v.shot_frames):
-                for i, prompt in enumerate(v.prompts):
-                    generator = torch.Generator(device=accelerator.device).manual_seed(v.seed + i)
-                    frames = pipe(
-                        prompt=prompt,
-                        height=v.height,
-                        width=v.width,
-                        num_frames=v.num_frames,
-                        num_inference_steps=v.num_inference_steps,
-                        guidance_scale=v.guidance_scale,
-                        generator=generator,
-                        output_type="np",
-                        max_sequence_length=self.config.data.max_sequence_length,
-                    ).frames[0]
-                    video = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-                    path = os.path.join(out_dir, f"step-{step:06d}-{i}.mp4")
-                    iio.imwrite(path, video, plugin="pyav", fps=v.fps, codec="libx264")
-                    paths.append(path)
-                    videos.append(video)
-        finally:
-            update_moc_config(model, **before.to_dict())
-            model.train(was_training)
-        for name in trackers:
-            tracker = accelerator.get_tracker(name, unwrap=True)
-            if name == "tensorboard":
-                for i, video in enumerate(videos):
-                    keep = np.linspace(0, len(video) - 1, num=min(8, len(video))).round().astype(int)
-                    tracker.add_images(f"validation/{i}", video[keep], step, dataformats="NHWC")
-            elif name == "wandb":
-                import wandb
-
-                tracker.log(
-                    {"validation": [wandb.Video(p, caption=pr, format="mp4") for p, pr in zip(paths, v.prompts)]},
-                    step=step,
-                )
-        logger.info("validation videos at step %d: %s", step, paths)
-        return paths
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -1,0 +1,96 @@
+"""The frozen encoders of training: clips to normalised VAE latent distributions, captions to text contexts.
+
+A multi-shot sample's text context is built as `LongVideoPipeline` builds it (`pipelines.captions`): the global
+caption and each distinct shot caption encoded separately and concatenated; a single-caption sample is one prompt
+encoded as `WanPipeline.encode_prompt` encodes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
+
+__all__ = ["SampleEncoder"]
+
+
+class SampleEncoder:
+    r"""
+    Encodes training samples with the pipeline's frozen VAE and text encoder (no gradients).
+
+    Args:
+        pipe (`WanPipeline`): the pipeline holding the VAE, tokenizer and text encoder.
+        device (`torch.device`): where encoding runs.
+        weight_dtype (`torch.dtype`): dtype of the text contexts.
+        max_sequence_length (`int`): text tokens per caption.
+    """
+
+    def __init__(self, pipe, device: torch.device, weight_dtype: torch.dtype, max_sequence_length: int):
+        self.pipe, self.device, self.weight_dtype = pipe, device, weight_dtype
+        self.max_sequence_length = max_sequence_length
+        vae = pipe.vae
+        self.latents_mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        self.latents_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def videos(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, 3, F, H, W)` pixels in [-1, 1] -> posterior `(mean, std)`, normalised as WanPipeline un-normalises."""
+        dist = self.pipe.vae.encode(video.to(self.device, torch.float32)).latent_dist
+        return (dist.mean - self.latents_mean) / self.latents_std, dist.std / self.latents_std
+
+    @torch.no_grad()
+    def prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Single prompts, batched, as `WanPipeline.encode_prompt` encodes them."""
+        embeds, _ = self.pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+            dtype=self.weight_dtype,
+        )
+        return embeds
+
+    def layout(self, global_caption: str | None, shot_captions) -> CaptionLayout:
+        """The caption layout of a sample (which captions, and which shot attends which span)."""
+        return caption_layout(global_caption, shot_captions, self.max_sequence_length)
+
+    @torch.no_grad()
+    def contexts(self, layouts: list[CaptionLayout]) -> list[torch.Tensor]:
+        """The text context `(tokens, dim)` of each sample, each distinct caption of the batch encoded once."""
+        single = [i for i, lay in enumerate(layouts) if lay.caption_spans is None]
+        out: list[torch.Tensor | None] = [None] * len(layouts)
+        if single:  # one caption: WanPipeline's batched prompt encoding, as for any single-prompt sample
+            for i, embeds in zip(single, self.prompts([layouts[i].segments[0] for i in single])):
+                out[i] = embeds
+        captions: dict[str, torch.Tensor] = {}
+        for i, lay in enumerate(layouts):
+            if out[i] is not None:
+                continue
+            for text in lay.segments:
+                if text not in captions:
+                    embeds = encode_caption(
+                        self.pipe.tokenizer, self.pipe.text_encoder, text, self.max_sequence_length, self.device
+                    )
+                    captions[text] = embeds[0].to(self.weight_dtype)
+            out[i] = torch.cat([captions[text] for text in lay.segments])
+        return out
+
+    def encode_one(self, video: torch.Tensor, record) -> dict[str, torch.Tensor]:
+        """One clip for the latent cache (`CachedLatentDataset`): unbatched latent distribution and text context."""
+        mean, std = self.videos(video[None])
+        (context,) = self.contexts([self.layout(record.global_caption, record.shot_captions)])
+        return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": context}
+
+    def batch(self, batch: dict[str, Any], cached: bool):
+        """`(latent mean, latent std, text contexts, caption layouts)` of a collated batch."""
+        layouts = [self.layout(g, s) for g, s in zip(batch["global_caption"], batch["shot_captions"])]
+        if cached:
+            mean = batch["latent_mean"].to(self.device)
+            std = batch["latent_std"].to(self.device)
+            contexts = [e.to(self.device, self.weight_dtype) for e in batch["prompt_embeds"]]
+        else:
+            mean, std = self.videos(batch["video"])
+            contexts = self.contexts(layouts)
+        return mean, std, contexts, layouts
