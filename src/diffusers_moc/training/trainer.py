@@ -7,7 +7,7 @@ through `accelerator.save_state` whose hooks write the adapter in diffusers' LoR
 
 Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
 shot caption are encoded separately and concatenated (`pipelines.captions`), and the MoC processor, installed on the
-cross-attention layers too (`prepare_moc_transformer`), gives each shot's tokens only the global caption plus their own
+cross-attention layers too (`apply_moc`), gives each shot's tokens only the global caption plus their own
 caption. Clips with a single caption train with one prompt and stock cross-attention. Caption dropout replaces all
 captions of a sample with the empty prompt (stock cross-attention), the unconditional input of guidance.
 
@@ -193,7 +193,6 @@ class MoCLoRATrainer:
         from tqdm.auto import tqdm
 
         from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
-        from ..pipelines.long_video import prepare_moc_transformer
 
         c = self.config
         t = c.training
@@ -326,9 +325,6 @@ class MoCLoRATrainer:
         vae_frames = (d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
         records = [r if isinstance(r, dict) else r.__dict__ for r in (dataset.items if d.cache else dataset.records)]
         shot_sets = {r["shot_frames"] for r in records}
-        if any(text_layout(r["global_caption"], r["shot_captions"]).caption_spans is not None for r in records):
-            # Per-shot captions: the MoC processor goes on cross-attention too, as in LongVideoPipeline.
-            prepare_moc_transformer(transformer)
 
         def layout_of(shots: tuple[int, ...] | None) -> ChunkLayout:
             return ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
