@@ -174,3 +174,40 @@ def test_hunyuan_video15_fullgraph_fails_in_diffusers_itself(moc):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad(), pytest.raises(Exception, match="(?i)data.dependent|dynamic shape|guard"):
         _out(compiled, inputs)
+
+
+def test_shots_captions_and_settings_are_guarded_not_baked_in():
+    """A compiled model follows `moc_context` and `update_moc_config`: each change recompiles (never a stale
+    graph); returning to a setting seen before reuses its graph."""
+    from diffusers_moc import update_moc_config
+
+    model, inputs = MODELS["wan"]()
+    apply_moc(model, SPARSE.replace(local_window=1))  # with a local window, shot cuts change the routing
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    captions = {"caption_spans": [(0, 2), (2, 5)], "global_caption_span": (0, 2)}
+    settings = [{}, {"shot_frames": [1, 3]}, {"shot_frames": [1, 3], **captions}, {"shot_frames": [2, 2], **captions}]
+    with torch.no_grad():
+        outputs = []
+        for context in settings:
+            with moc_context(**context):
+                outputs.append(_out(model, inputs))
+                torch.testing.assert_close(_out(compiled, inputs), outputs[-1], atol=1e-5, rtol=1e-5)
+        assert all((a - b).abs().max() > 1e-4 for a, b in zip(outputs, outputs[1:]))  # every change matters
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for context, expected in zip(settings, outputs):
+                with moc_context(**context):
+                    torch.testing.assert_close(_out(compiled, inputs), expected, atol=1e-5, rtol=1e-5)
+        update_moc_config(model, top_k=2)
+        torch.testing.assert_close(_out(compiled, inputs), _out(model, inputs), atol=1e-5, rtol=1e-5)
+        assert (_out(model, inputs) - outputs[0]).abs().max() > 1e-4
+
+
+def test_set_attn_processor_alone_under_compile_names_apply_moc():
+    from diffusers_moc import MoCWanAttnProcessor
+
+    model, inputs = MODELS["wan"]()
+    model.set_attn_processor(MoCWanAttnProcessor(SPARSE))
+    with torch.no_grad():
+        _out(model, inputs)  # eager: works (the grid is read off the rotary table)
+        with pytest.raises(Exception, match="apply_moc"):
+            _out(torch.compile(model, fullgraph=True, backend="eager"), inputs)

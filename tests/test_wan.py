@@ -267,3 +267,16 @@ def test_wan_vace_full_density_equals_stock_and_sparse_matches_reference():
     fast = run(model, **x)
     apply_moc(model, SPARSE.replace(backend="reference"))
     torch.testing.assert_close(fast, run(model, **x), atol=1e-5, rtol=1e-5)
+
+
+def test_pipeline_left_in_train_mode_equals_dense_at_full_density():
+    """Issue 11: a transformer built from config is in train mode; pipelines run under torch.no_grad(), so MoC's
+    drop-off / drop-in (on by default in the config) must stay off without anyone calling `.eval()`."""
+    components = tiny_wan_components()
+    components["transformer"].train()
+    pipe = WanPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    stock = _pipe_call(pipe)
+    apply_moc(pipe.transformer, DENSE)
+    assert pipe.transformer.training and DENSE.drop_off > 0 and DENSE.drop_in > 0
+    torch.testing.assert_close(_pipe_call(pipe), stock, atol=1e-5, rtol=1e-5)

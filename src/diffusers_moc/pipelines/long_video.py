@@ -25,9 +25,9 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..apply import apply_moc, get_moc_config, update_moc_config
+from ..captions import caption_layout, encode_caption
 from ..config import MoCConfig
 from ..context import moc_context
-from .captions import caption_layout, encode_caption
 
 __all__ = [
     "LongVideoPipeline",

@@ -192,7 +192,7 @@ class MoCLoRATrainer:
         from peft import LoraConfig
         from tqdm.auto import tqdm
 
-        from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
+        from ..captions import CaptionLayout, caption_layout, encode_caption
 
         c = self.config
         t = c.training
