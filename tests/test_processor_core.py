@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from _tiny_models import MODELS
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_moc.attention as attention
@@ -21,22 +22,51 @@ SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 _READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2", "unique_consecutive"}
 
 
-class HostReads(TorchDispatchMode):
-    """Counts host reads at the aten level. The MoC op is seen as one call: what runs inside it is not counted."""
+# Tensor methods that read to the host (`.tolist()` never reaches the dispatcher, so it is counted here).
+_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"}
 
-    def __init__(self):
+
+class _AtenReads(TorchDispatchMode):
+    def __init__(self, reads: collections.Counter):
         super().__init__()
-        self.reads: collections.Counter = collections.Counter()
-        self.moc_calls = 0
+        self.reads, self.moc_calls = reads, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
         if func._schema.name.startswith("diffusers_moc::"):
             self.moc_calls += 1
         elif name in _READS:
-            self.reads[name] += 1
+            self.reads[f"aten.{name}"] += 1
         elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-            self.reads["index with a boolean mask"] += 1
+            self.reads["aten.index with a boolean mask"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads, as Tensor method calls and as aten ops. The MoC op is seen as one call by both modes: what
+    runs inside it is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: collections.Counter = collections.Counter()
+        self._aten = _AtenReads(self.reads)
+
+    @property
+    def moc_calls(self) -> int:
+        return self._aten.moc_calls
+
+    def __enter__(self):
+        self._aten.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._aten.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _METHODS:
+            self.reads[f"Tensor.{name}"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -114,3 +144,20 @@ def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
     assert calls == [1]  # once per forward, not once per layer
     facts = hook.processor.state.facts
     assert facts.grid == (4, 2, 2) and facts.layout.shots == (0, 1, 1, 1) and facts.regularise is False
+
+
+def test_ltx_condition_style_video_coords_give_the_frame_grid():
+    """LTXConditionPipeline passes `video_coords`, not num_frames/height/width: the hook reads the frames off their
+    time coordinates once per forward (eager)."""
+    model, inputs = MODELS["ltx"]()
+    frames, height, width = (inputs.pop(n) for n in ("num_frames", "height", "width"))
+    inputs.pop("rope_interpolation_scale")
+    grid = torch.stack(
+        torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (frames, height, width)), indexing="ij")
+    )
+    inputs["video_coords"] = grid.flatten(1)[None].expand(2, -1, -1) * torch.tensor([0.32, 32.0, 32.0])[None, :, None]
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        apply_moc(model, MoCConfig(top_k=100, causal=False, backend="torch"))
+        torch.testing.assert_close(model(**inputs).sample, stock, atol=1e-5, rtol=1e-5)
+    assert _hook(model).processor.state.facts.grid == (frames, 1, height * width)

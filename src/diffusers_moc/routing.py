@@ -22,8 +22,8 @@ __all__ = ["MoCRouting", "route", "chunk_means", "dense_mask", "drop_in_slots"]
 
 # Queries scored per step; bounds the transient (B, H, tile, C) score tensor.
 _ROUTE_TILE = 8192
-# Elements of one float64 (B, chunks, size, H, D) gather when computing chunk means; bounds that transient.
-_MEAN_TILE_ELEMS = 1 << 26
+# Elements of one (B, chunks, size, H, D) working copy of the keys when computing chunk means; bounds that transient.
+_MEAN_TILE_ELEMS = 1 << 24
 # Drop-in draws `m ~ Poisson(drop_in)` extra chunks per query, capped at the smallest `M` with
 # `P(Poisson(drop_in) > M) <= _DROP_IN_TAIL`, so that the routing has a static number of slots.
 _DROP_IN_TAIL = 1e-12
@@ -95,23 +95,26 @@ def drop_in_slots(drop_in: float, num_chunks: int) -> int:
     return min(m, num_chunks)
 
 
-def _size_groups(layout: ChunkLayout) -> list[tuple[int, list[int]]]:
-    """Chunks grouped by size (in order of first appearance): `(size, chunk ids)`."""
-    groups: dict[int, list[int]] = {}
+def _runs(layout: ChunkLayout) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive chunks of one size: `(first chunk, number of chunks, size)`. A video with one
+    chunk per frame is one run; its chunks' keys are then one `(n, size)` view, no gather."""
+    runs: list[tuple[int, int, int]] = []
     for c, size in enumerate(layout.sizes):
-        groups.setdefault(size, []).append(c)
-    return list(groups.items())
+        if runs and runs[-1][2] == size and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, size)
+        else:
+            runs.append((c, 1, size))
+    return runs
 
 
 def chunk_means(k: torch.Tensor, layout: ChunkLayout, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""
-    The chunk descriptors: mean-pooled keys per chunk, `(B, L, H, D) -> (B, C, H, D)` in float64.
+    The chunk descriptors: mean-pooled keys per chunk, `(B, L, H, D) -> (B, C, H, D)`, at least float32.
 
     Computed so that chunks with identical keys get bitwise identical descriptors, whatever their sizes, the dtype
-    and the device (`docs/semantics.md` section 2.5): each chunk's keys are shifted by its first (valid) key, the
-    shifts are summed in float64 in one fixed-order reduction per chunk, and the first key is added back. Identical
-    keys shift to exact zeros, so their mean is exactly that key; chunks holding the same keys in the same order
-    reduce identically.
+    and the device (`docs/semantics.md` section 2.5): a component on which all of a chunk's keys agree is taken as
+    that value, exactly (a plain sum / n rounds differently for different n); the others are one fixed-order sum per
+    chunk divided by its size, so chunks holding the same keys in the same order reduce identically.
 
     Args:
         k (`torch.Tensor` of shape `(B, L, H, D)`): the keys.
@@ -127,33 +130,36 @@ def _descriptors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[`chunk_means`] and `(B, C)` bool, True where a chunk has no valid token in that sample."""
     B, L, H, D = k.shape
-    device = k.device
-    C = layout.num_chunks
-    means = torch.zeros(B, C, H, D, dtype=torch.float64, device=device)
-    empty = torch.zeros(B, C, dtype=torch.bool, device=device)
+    work = torch.promote_types(k.dtype, torch.float32)
     offsets = layout.offsets
-    for size, chunks in _size_groups(layout):
+    means, empties = [], []
+    for first_chunk, count, size in _runs(layout):
+        # Tiles of whole chunks bound the transient copy in the working dtype.
         step = max(1, _MEAN_TILE_ELEMS // max(1, B * size * H * D))
-        for i in range(0, len(chunks), step):
-            part = chunks[i : i + step]
-            starts = torch.tensor([offsets[c] for c in part], device=device)
-            tokens = (starts[:, None] + torch.arange(size, device=device)[None, :]).reshape(-1)
-            x = k.index_select(1, tokens).to(torch.float64).view(B, len(part), size, H, D)
-            ids = torch.tensor(part, device=device)
+        for c0 in range(first_chunk, first_chunk + count, step):
+            n = min(step, first_chunk + count - c0)
+            lo, hi = offsets[c0], offsets[c0 + n]
+            x = k[:, lo:hi].to(work).view(B, n, size, H, D)
+            first = x[:, :, :1]
             if padding_mask is None:
-                first = x[:, :, :1]
-                mean = first[:, :, 0] + (x - first).sum(2) / size
-                means.index_copy_(1, ids, mean)
-                continue
-            valid = padding_mask.index_select(1, tokens).view(B, len(part), size)
-            # Shift by the first valid key (argmax returns the first True), so identical valid keys shift to 0.
-            first = x.gather(2, valid.to(torch.uint8).argmax(2)[:, :, None, None, None].expand(B, len(part), 1, H, D))
-            shifted = torch.where(valid[..., None, None], x - first, 0.0)
-            count = valid.sum(2)
-            mean = first[:, :, 0] + shifted.sum(2) / count.clamp(min=1)[..., None, None]
-            means.index_copy_(1, ids, torch.where((count > 0)[..., None, None], mean, 0.0))
-            empty.index_copy_(1, ids, count == 0)
-    return means, empty
+                valid, tokens, summed = None, None, x.sum(2)
+            else:
+                valid = padding_mask[:, lo:hi].view(B, n, size)
+                # Padded keys take the first valid key's value for the min/max test (argmax: the first True).
+                first = x.gather(2, valid.to(torch.uint8).argmax(2)[:, :, None, None, None].expand(B, n, 1, H, D))
+                x = torch.where(valid[..., None, None], x, first)
+                tokens = valid.sum(2)
+                summed = torch.where(valid[..., None, None], x, 0.0).sum(2)
+            # A component on which all (valid) keys agree is that value exactly: the mean of identical keys is the
+            # key, whatever the chunk size (a plain sum / n rounds differently for different n).
+            constant = x.amax(2) == x.amin(2)
+            divisor = size if tokens is None else tokens.clamp(min=1)[..., None, None]
+            mean = torch.where(constant, first[:, :, 0], summed / divisor)
+            if tokens is not None:
+                mean = torch.where((tokens > 0)[..., None, None], mean, 0.0)
+            means.append(mean)
+            empties.append(torch.zeros(B, n, dtype=torch.bool, device=k.device) if tokens is None else tokens == 0)
+    return torch.cat(means, dim=1), torch.cat(empties, dim=1)
 
 
 def _canonical_chunks(phi: torch.Tensor) -> torch.Tensor:
@@ -191,6 +197,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, layout: ChunkLayout, padding
         raise ValueError(f"q and k must be shaped (B, L, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape != k.shape:
         raise ValueError(f"MoC self-attention needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
     if q.shape[1] != layout.num_tokens:
         raise ValueError(
             f"the layout covers {layout.num_tokens} tokens but the sequence has {q.shape[1]} tokens "
@@ -239,12 +247,11 @@ def route(
     )
     n_slots = min(config.top_k, C)
     tok_chunk = layout.token_chunks(device)
-    # Scores in float32 (float64 inputs: float64); descriptors are exact float64 means, rounded once to that dtype.
-    score_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Descriptors and scores in float32 (float64 inputs: float64).
+    score_dtype = torch.promote_types(q.dtype, torch.float32)
 
     with torch.no_grad():  # hard top-k: no gradient flows through routing
         phi, empty = _descriptors(k.detach(), layout, padding_mask)
-        phi = phi.to(score_dtype)
         canonical = _canonical_chunks(phi)[:, :, None, :]  # (B, H, 1, C)
         q_units, unit_chunk = _query_units(q.detach(), layout, config, padding_mask, score_dtype)
         U = q_units.shape[1]
