@@ -91,17 +91,21 @@ def route_before(q: torch.Tensor, k: torch.Tensor, layout: ChunkLayout, config: 
     return MoCRouting(layout, selected, anchors)
 
 
-def best_time(fn, args: tuple, device: torch.device, repeats: int) -> float:
-    fn(*args)  # warm-up
-    best = float("inf")
+def best_times(fns, args: tuple, device: torch.device, repeats: int) -> list[float]:
+    """Best wall time of each function; the functions alternate within every repeat, so that load from other
+    processes on a shared machine hits them alike."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
+        fn(*args)  # warm-up
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -117,8 +121,7 @@ def routing_rows(frames_list, dtypes, heads, head_dim, repeats, device) -> list[
                 torch.randn(1, layout.num_tokens, heads, head_dim, generator=g, device=device).to(DTYPES[dtype_name])
                 for _ in range(2)
             )
-            before = best_time(route_before, (q, k, layout, config), device, repeats)
-            after = best_time(route, (q, k, layout, config), device, repeats)
+            before, after = best_times((route_before, route), (q, k, layout, config), device, repeats)
             # Rows (query, head) whose selection differs: near-ties that the two summation orders round apart.
             differ = (route_before(q, k, layout, config).selected != route(q, k, layout, config).selected).any(-1)
             rows.append(
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     reads = host_read_rows()
     result = {
         "machine": machine(),
+        # Other processes share the machine: its load average says how noisy the timings are.
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "device": device.type,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -245,7 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(f"Machine: {result['machine']} ({result['date']}, torch {result['torch']})\n\n")
+        f.write(
+            f"Machine: {result['machine']} ({result['date']}, torch {result['torch']}, load average "
+            f"{result['load_average_1min']} when done)\n\n"
+        )
         f.write("Routing cost, before (commit 5f76f78) and after the exact-tie fix (best of runs):\n\n")
         f.write(_table(routing, ROUTING_COLUMNS) + "\n\n")
         f.write("Host reads inside `diffusers_moc::attention`, one forward and one backward call:\n\n")

@@ -117,10 +117,17 @@ def _per_sample(padding_mask: torch.Tensor, layout: ChunkLayout, selected: torch
 
 def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_text, scale, backend):
     r"""
-    The op's forward. Host reads, all here (a backend's kernel launch needs them): `backend="torch"` reads how many
-    queries attend each key chunk (one `.item()` per chunk and direction) and whether the routing is dense (one
-    `bool`); `"triton"` reads the size of its tile plan; with a `padding_mask` that has padding, the mask is read
-    once (`bool`) plus per sample (`nonzero`, `tolist`), and each sample runs as its own kernel call.
+    The op's forward. Every host read MoC makes happens in this op (a backend's kernel launch needs them), per call:
+
+    - `backend="torch"`: how many queries attend each key chunk (one `.item()` per chunk, in the forward and again in
+      the backward) and whether the routing is dense (one `bool` each);
+    - `backend="triton"`: its tile plan's compacted chunk lists (`nonzero`, in the forward and the backward);
+    - `backend="reference"`: none;
+    - with a `padding_mask`: whether it pads at all (one `bool`); if it does, whether it hides video tokens (one
+      `bool`) and per sample its valid tokens (`nonzero`) and chunk sizes (`tolist`), each sample then running as its
+      own kernel call.
+
+    `benchmarks/bench_routing.py` counts them.
     """
     layout = _layout(tuple(sizes), tuple(shots), tuple(is_text))
     kernel = load_kernel(resolve_backend(backend, q.device))

@@ -261,10 +261,12 @@ def route(
             end = min(start + _ROUTE_TILE, U)
             scores = torch.einsum("bthd,bchd->bhtc", q_units[:, start:end].to(score_dtype), phi)
             scores = scores.gather(-1, canonical.expand(B, H, end - start, C))
-            allowed = cands[unit_chunk[start:end]] & ~empty[:, None, None, :]
+            blocked = ~cands[unit_chunk[start:end]]
+            if padding_mask is not None:
+                blocked = blocked | empty[:, None, None, :]
             # NaN (and -inf) scores rank below every finite score but above non-candidates (-inf), so a slot never
             # holds a non-candidate, nor one chunk twice.
-            scores = torch.nan_to_num(scores, nan=lowest, neginf=lowest).masked_fill(~allowed, float("-inf"))
+            scores = scores.nan_to_num_(nan=lowest, neginf=lowest).masked_fill_(blocked, float("-inf"))
             # Stable descending sort: among equal scores the earlier chunk wins (spec: ties go to the earlier chunk).
             values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
             values, order = values[..., :n_slots], order[..., :n_slots]
@@ -274,7 +276,9 @@ def route(
             selected = selected[:, :, token_block]
 
         if training and (config.drop_off > 0 or config.drop_in > 0):
-            allowed = cands[tok_chunk][None, None] & ~empty[:, None, None, :]
+            allowed = cands[tok_chunk][None, None]
+            if padding_mask is not None:
+                allowed = allowed & ~empty[:, None, None, :]
             selected = _regularise(selected, allowed, config, generator)
     return MoCRouting(layout=layout, selected=selected, anchors=anchors)
 
