@@ -2,9 +2,9 @@
 
 Matrix (kept small: an inductor compile takes 10-30 s on a 2-core CPU, a dynamo trace a second or two):
 
-- every model, sparse, inference: `torch.compile(transformer, fullgraph=True)` traces whole (dynamo, `backend="eager"`)
-  and equals eager; the second call with the same shapes does not recompile (HunyuanVideo 1.5: diffusers' own forward
-  is data-dependent, asserted below);
+- every model, sparse and at full density, inference: `torch.compile(transformer, fullgraph=True)` traces whole
+  (dynamo, `backend="eager"`) and equals eager; the second call with the same shapes does not recompile
+  (HunyuanVideo 1.5: diffusers' own forward is data-dependent, asserted below);
 - every model, full density, a training step: regional compile (`compile_repeated_blocks(fullgraph=True)`) with
   AOTAutograd (`backend="aot_eager"`: fake tensors, the op's fake implementation and registered autograd) gives the
   eager output, which is the stock output, and the eager gradients; no recompile;
@@ -64,10 +64,11 @@ def _assert_grads_close(got: dict, expected: dict):
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("density", ["sparse", "dense"])
 @pytest.mark.parametrize("name", [n for n in MODELS if n not in NO_FULLGRAPH])
-def test_fullgraph_compile_equals_eager_without_recompiling(name):
+def test_fullgraph_compile_equals_eager_without_recompiling(name, density):
     model, inputs = MODELS[name]()
-    apply_moc(model, SPARSE)
+    apply_moc(model, SPARSE if density == "sparse" else DENSE)
     with torch.no_grad():
         eager = _out(model, inputs)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
