@@ -54,6 +54,8 @@ class _Support(NamedTuple):
 
 
 _FULL = "fullgraph, regional, export"
+# diffusers 0.42.1 declares no `_repeated_blocks` for these: regional compile is `block.compile()` on each block.
+_NO_REPEATED = "fullgraph, export; regional as `block.compile()` per block"
 _WAN = dict(
     processor=MoCWanAttnProcessor,
     targets=_WAN_TARGETS,
@@ -103,7 +105,7 @@ def _registry() -> dict[type, _Support]:
             _BLOCK_ATTN1_TARGETS,
             "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
             "joint: one caption chunk before the video, mandatory anchor",
-            _FULL,
+            _NO_REPEATED,
         ),
         LTXVideoTransformer3DModel: _Support(
             MoCLTXVideoAttnProcessor,
@@ -117,7 +119,7 @@ def _registry() -> dict[type, _Support]:
             _BLOCK_ATTN1_TARGETS,
             "MochiPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
-            _FULL,
+            _NO_REPEATED,
         ),
     }
 
