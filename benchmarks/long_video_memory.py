@@ -42,8 +42,7 @@ def gib(n_bytes: int) -> float:
 def main() -> None:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from diffusers_moc import MoCConfig, moc_context
-    from diffusers_moc.pipelines import prepare_moc_transformer
+    from diffusers_moc import MoCConfig, apply_moc, moc_context
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(WAN_CONFIGS), default="1.3b")
@@ -95,7 +94,8 @@ def main() -> None:
         )
     transformer = transformer.to(dtype).eval()
     moc = MoCConfig(top_k=args.top_k, anchor_own_shot=True, causal=True, backend=args.backend)
-    config = prepare_moc_transformer(transformer, moc)
+    config = moc
+    apply_moc(transformer, config)  # self-attention and the per-shot caption cross-attention
     weights = sum(t.numel() * t.element_size() for t in transformer.parameters())
 
     g = torch.Generator(device).manual_seed(0)

@@ -167,3 +167,92 @@ def test_value_head_size_may_differ(rng):
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ bad input (issue 11)
+def test_bad_input_gets_named_errors():
+    layout = ChunkLayout.for_video(2, 3)
+    q = torch.randn(1, 6, 2, 4)
+    with pytest.raises(ValueError, match=r"one dtype, got torch.float32, torch.float16 and torch.float32"):
+        moc_attention(q, q.half(), q, layout)
+    with pytest.raises(TypeError, match="one ChunkLayout for the whole batch, got a list of 2.*padding_mask"):
+        moc_attention(torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 4), torch.randn(2, 6, 2, 4), [layout, layout])
+    for scale in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            moc_attention(q, q, q, layout, scale=scale)
+    with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor shaped \(B, L\) = \(1, 6\)"):
+        moc_attention(q, q, q, layout, padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    video_hidden = torch.ones(1, 6, dtype=torch.bool)
+    video_hidden[0, 1] = False
+    with pytest.raises(ValueError, match="padding_mask hides video tokens"):
+        moc_attention(q, q, q, layout, padding_mask=video_hidden)
+
+
+def test_training_regularisers_are_explicit_for_function_callers():
+    layout = ChunkLayout.for_video(8, 3)
+    q, k, v = _qkv(layout)
+    cfg = MoCConfig(top_k=2, drop_off=1.0, drop_in=2.0)
+    plain = moc_attention(q, k, v, layout, cfg.replace(drop_off=0.0, drop_in=0.0))
+    torch.testing.assert_close(moc_attention(q, k, v, layout, cfg), plain, atol=0, rtol=0)  # training=False
+    assert (moc_attention(q, k, v, layout, cfg, training=True) - plain).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ padding_mask
+def _padded_case(seed: int = 0):
+    # [video (3 frames of 4), caption of 5 tokens]; sample 0 keeps 3 caption tokens, sample 1 all, sample 2 none.
+    g = torch.Generator().manual_seed(seed)
+    layout = ChunkLayout.concat(ChunkLayout.for_video(3, 4), ChunkLayout.for_captions([5], [-1]))
+    q, k, v = (torch.randn(3, 17, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[0, 15:] = False
+    mask[2, 12:] = False
+    return layout, q, k, v, mask
+
+
+@pytest.mark.parametrize(
+    "cfg", [MoCConfig(top_k=1, local_window=0), MoCConfig(top_k=1, route_by="block", block_size=3)]
+)
+def test_padding_mask_equals_each_sample_without_its_padding(cfg, block_path):
+    layout, q, k, v, mask = _padded_case()
+    out = moc_attention(q, k, v, layout, cfg.replace(backend="torch"), padding_mask=mask)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    for b in range(3):
+        keep = mask[b]
+        n_text = int(keep[12:].sum())
+        sub = (
+            ChunkLayout.for_video(3, 4)
+            if n_text == 0
+            else ChunkLayout.concat(ChunkLayout.for_video(3, 4), ChunkLayout.for_captions([n_text], [-1]))
+        )
+        qb, kb, vb = (x[b : b + 1, keep] for x in (q, k, v))
+        ref = moc_attention(qb, kb, vb, sub, cfg.replace(backend="reference"))
+        torch.testing.assert_close(out[b, keep], ref[0], atol=1e-5, rtol=1e-5)
+        assert bool((out[b, ~keep] == 0).all())  # padded tokens' outputs are zero
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad[b : b + 1, keep])
+        for got, expected in zip(grads, ref_grads):
+            torch.testing.assert_close(got[b], expected[b], atol=1e-5, rtol=1e-5)
+        assert all(bool((g[b, ~keep] == 0).all()) for g in grads)
+
+
+def test_padding_mask_compiles_whole_with_inductor():
+    """Routing plus the op with per-sample caption padding, through inductor, forward and backward."""
+    torch._dynamo.reset()
+    layout, q, k, v, mask = _padded_case(1)
+    cfg = MoCConfig(top_k=1, local_window=0)
+
+    def f(q, k, v, mask):
+        return moc_attention(q, k, v, layout, cfg, padding_mask=mask)
+
+    eager = f(q, k, v, mask)
+    grad = torch.randn_like(eager)
+    eager_grads = torch.autograd.grad(eager, (q, k, v), grad)
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(q, k, v, mask)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), eager_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    mask[1, 13] = False  # other padding, same shapes: no recompile, the op reads it at run time
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(q, k, v, mask), f(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

@@ -187,3 +187,136 @@ class TestTrainingRegularisers:
         b = route(q, k, self.layout, cfg, training=True, generator=torch.Generator().manual_seed(3)).selected
         c = route(q, k, self.layout, cfg, training=True, generator=torch.Generator().manual_seed(4)).selected
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ ties (issue 11)
+def _constant_keys_case(seed: int, dtype: torch.dtype, top_k: int):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 6, (int(torch.randint(3, 13, (1,), generator=g)),), generator=g).tolist()
+    layout = ChunkLayout.from_chunks(sizes)
+    H, D = 2, 16
+    k = torch.randn(1, 1, H, D, generator=g).to(dtype).expand(1, layout.num_tokens, H, D)
+    q = torch.randn(1, layout.num_tokens, H, D, generator=g).to(dtype)
+    return layout, q, k
+
+
+def _earliest(layout: ChunkLayout, top_k: int) -> torch.Tensor:
+    """Causal, no local window: with every chunk scoring the same, query chunk a routes to chunks 0..top_k-1 < a."""
+    own = layout.token_chunks()[:, None]
+    slots = torch.arange(min(top_k, layout.num_chunks))[None, :]
+    return torch.where(slots < own, slots, -1)
+
+
+def test_ties_the_issue_example():
+    # fp32 means of identical keys used to differ by one ulp: the last query routed to chunk 1, not 0.
+    layout = ChunkLayout.from_chunks([1, 3, 1])
+    k = torch.full((1, 5, 1, 4), -1.6052763462)
+    q = torch.randn(1, 5, 1, 4)
+    routing = route(q, k, layout, MoCConfig(top_k=1, local_window=0, causal=True))
+    assert routing.selected[0, 0, :, 0].tolist() == [-1, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_constant_keys_of_chunks_of_any_size_tie_to_the_earlier_chunk(dtype, top_k):
+    for seed in range(25):
+        layout, q, k = _constant_keys_case(seed, dtype, top_k)
+        sel = route(q, k, layout, MoCConfig(top_k=top_k, local_window=0)).selected
+        assert torch.equal(sel[0], _earliest(layout, top_k).expand_as(sel[0])), (seed, layout.sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_duplicated_chunk_ties_to_its_earlier_copy(dtype):
+    for seed in range(25):
+        g = torch.Generator().manual_seed(seed)
+        frame = torch.randn(1, 3, 2, 8, generator=g).to(dtype)
+        other = torch.randn(1, 3, 2, 8, generator=g).to(dtype)
+        layout = ChunkLayout.for_video(5, 3)
+        # chunks: A, B, A (a copy), B (a copy), query chunk; q = mean(A) - mean(B) scores A above B.
+        k = torch.cat([frame, other, frame, other, torch.randn(1, 3, 2, 8, generator=g).to(dtype)], 1)
+        q = (frame.float().mean(1, keepdim=True) - other.float().mean(1, keepdim=True)).to(dtype).expand(1, 15, 2, 8)
+        one = route(q, k, layout, MoCConfig(top_k=1, local_window=0)).selected
+        two = route(q, k, layout, MoCConfig(top_k=2, local_window=0)).selected
+        assert one[0, :, 12:].tolist() == [[[0]] * 3] * 2, seed  # the earlier copy of A
+        assert two[0, :, 12:].tolist() == [[[0, 2]] * 3] * 2, seed  # both copies, the earlier first
+
+
+def test_equal_descriptors_get_equal_scores_whatever_the_matmul_rounds(monkeypatch):
+    """Simulate a score matmul that rounds each column differently (as blocked GEMMs do in their tails): the
+    canonicalisation must still give equal descriptors equal scores, so the tie rule decides."""
+    real_einsum = torch.einsum
+
+    def column_dependent(equation, a, b):
+        out = real_einsum(equation, a, b)
+        return out + torch.arange(out.shape[-1], dtype=out.dtype) * 1e-6 * out.abs().clamp(min=1)
+
+    layout = ChunkLayout.for_video(6, 2)
+    k = torch.randn(1, 1, 2, 4).expand(1, 12, 2, 4)
+    q = torch.randn(1, 12, 2, 4)
+    monkeypatch.setattr(torch, "einsum", column_dependent)
+    sel = route(q, k, layout, MoCConfig(top_k=2, local_window=0)).selected
+    assert torch.equal(sel[0], _earliest(layout, 2).expand_as(sel[0]))
+
+
+# ------------------------------------------------------------------------------------------------ NaN (issue 11)
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_queries_and_keys_never_give_invalid_or_duplicate_slots(rng, causal):
+    cfg = MoCConfig(top_k=3, local_window=1, causal=causal)
+    for _ in range(6):
+        layout = random_layout(rng)
+        q, k = torch.randn(2, layout.num_tokens, 2, 4), torch.randn(2, layout.num_tokens, 2, 4)
+        q[0, :: max(1, layout.num_tokens // 3)] = float("nan")
+        k[1, : layout.sizes[0]] = float("nan")  # one chunk's descriptor is NaN
+        k[0, -1, 0, 0] = float("inf")
+        routing = route(q, k, layout, cfg)
+        sel = routing.selected
+        assert bool(((sel >= -1) & (sel < layout.num_chunks)).all())
+        tok_chunk = layout.token_chunks()
+        cands = layout.candidate_mask(cfg.local_window, cfg.anchor_own_shot, cfg.text_anchors, cfg.causal)[tok_chunk]
+        n_cands = cands.sum(-1)
+        # Exactly min(top_k, candidates) slots filled, all distinct candidates.
+        assert torch.equal((sel >= 0).sum(-1), n_cands.clamp(max=cfg.top_k).expand(2, 2, -1))
+        for row, allowed in zip(sel.reshape(-1, sel.shape[-1]), cands.repeat(4, 1)):
+            picked = row[row >= 0]
+            assert picked.unique().numel() == picked.numel() and bool(allowed[picked].all())
+
+
+# ---------------------------------------------------------------------------------------------- regularisers (issue 11)
+def test_drop_off_counts_what_the_query_routed_to_not_top_k():
+    # top_k far beyond the candidates (dense): each query drops floor(p * k) of its k routed chunks, never all.
+    layout = ChunkLayout.for_video(6, 2)
+    q, k = torch.randn(2, 12, 2, 4), torch.randn(2, 12, 2, 4)
+    cfg = MoCConfig(top_k=50, local_window=0, drop_off=1.0, drop_in=0.0)
+    plain = (route(q, k, layout, cfg).selected >= 0).sum(-1)
+    kept = (route(q, k, layout, cfg, training=True, generator=torch.Generator().manual_seed(0)).selected >= 0).sum(-1)
+    routed = plain > 0
+    assert bool((kept[routed] >= 1).all())  # floor(p * k) < k for p < 1
+    assert bool((kept < plain).any())  # and it does drop
+
+
+def test_drop_in_slots_is_a_poisson_tail_bound():
+    import math
+
+    from diffusers_moc.routing import drop_in_slots
+
+    assert drop_in_slots(0.0, 10) == 0
+    for rate in (0.1, 1.0, 3.0):
+        m = drop_in_slots(rate, 1000)
+        tail = 1 - sum(math.exp(-rate) * rate**i / math.factorial(i) for i in range(m + 1))
+        below = 1 - sum(math.exp(-rate) * rate**i / math.factorial(i) for i in range(m))
+        assert tail <= 1e-12 < below  # the smallest such bound
+    assert drop_in_slots(3.0, 4) == 4  # never more than the chunks
+
+
+def test_drop_in_draws_beyond_the_slot_bound_are_capped(monkeypatch):
+    import diffusers_moc.routing as routing_module
+
+    monkeypatch.setattr(routing_module, "_DROP_IN_TAIL", 1 - 1e-8)  # M = 1: Poisson(20) is at most 1 once in 2e7 draws
+    layout = ChunkLayout.for_video(12, 2)
+    q, k = torch.randn(1, 24, 2, 4), torch.randn(1, 24, 2, 4)
+    cfg = MoCConfig(top_k=1, local_window=0, drop_off=0.0, drop_in=20.0, causal=False)
+    bound = routing_module.drop_in_slots(20.0, layout.num_chunks)
+    assert 0 < bound < 4
+    sel = route(q, k, layout, cfg, training=True, generator=torch.Generator().manual_seed(0)).selected
+    assert sel.shape[-1] == 1 + bound  # static: top_k slots plus the bound
+    assert bool(((sel[..., 1:] >= 0).sum(-1) == bound).all())  # every query drew more, capped at the bound

@@ -71,13 +71,18 @@ def test_sparse_torch_backend_equals_reference_inside_the_model():
     assert (fast - stock).abs().max() > 1e-4  # sparse routing really changes the output
 
 
-def test_only_self_attention_is_replaced_and_remove_restores_stock():
+def test_apply_routes_self_attention_and_remove_restores_stock():
     model, x = tiny_transformer(), inputs()
     stock = run(model, **x)
     apply_moc(model, SPARSE)
     procs = model.attn_processors
-    assert all(isinstance(p, MoCWanAttnProcessor) for n, p in procs.items() if ".attn1." in n)
-    assert all(type(p) is WanAttnProcessor for n, p in procs.items() if ".attn2." in n)
+    # Self-attention is routed; cross-attention gets the MoC processor too (per-shot caption anchors when the
+    # context has caption spans), which runs the stock cross-attention otherwise (issue 10: apply_moc installs
+    # everything a model needs).
+    assert all(isinstance(p, MoCWanAttnProcessor) for p in procs.values())
+    attn2 = model.blocks[0].attn2
+    h, e = torch.randn(1, 24, 24), torch.randn(1, 5, 24)
+    torch.testing.assert_close(attn2.processor(attn2, h, e), WanAttnProcessor()(attn2, h, e), atol=0, rtol=0)
     assert get_moc_config(model) == SPARSE
     remove_moc(model)
     assert get_moc_config(model) is None
@@ -139,12 +144,17 @@ def test_training_mode_drops_and_is_seeded_and_differentiable():
     apply_moc(model, cfg)
     eval_out = run(model, **x)
     model.train()
+    # Regularisers run in training mode with gradients enabled (issue 11: not under torch.no_grad()).
     torch.manual_seed(5)
-    a = run(model, **x)
+    a = model(**x).sample.detach()
     torch.manual_seed(5)  # drop-off / drop-in follow the global RNG
-    b = run(model, **x)
+    b = model(**x).sample.detach()
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert (a - eval_out).abs().max() > 1e-5
+    torch.testing.assert_close(run(model, **x), eval_out, atol=0, rtol=0)  # train mode, no_grad: deterministic
+    with moc_context(regularise=True):  # ... unless asked for explicitly
+        torch.manual_seed(5)
+        torch.testing.assert_close(run(model, **x), a, atol=0, rtol=0)
     out = model(**x).sample
     out.square().mean().backward()
     grad = model.blocks[0].attn1.to_q.weight.grad
@@ -257,3 +267,16 @@ def test_wan_vace_full_density_equals_stock_and_sparse_matches_reference():
     fast = run(model, **x)
     apply_moc(model, SPARSE.replace(backend="reference"))
     torch.testing.assert_close(fast, run(model, **x), atol=1e-5, rtol=1e-5)
+
+
+def test_pipeline_left_in_train_mode_equals_dense_at_full_density():
+    """Issue 11: a transformer built from config is in train mode; pipelines run under torch.no_grad(), so MoC's
+    drop-off / drop-in (on by default in the config) must stay off without anyone calling `.eval()`."""
+    components = tiny_wan_components()
+    components["transformer"].train()
+    pipe = WanPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    stock = _pipe_call(pipe)
+    apply_moc(pipe.transformer, DENSE)
+    assert pipe.transformer.training and DENSE.drop_off > 0 and DENSE.drop_in > 0
+    torch.testing.assert_close(_pipe_call(pipe), stock, atol=1e-5, rtol=1e-5)

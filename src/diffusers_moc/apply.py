@@ -10,6 +10,8 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
+    MoCForwardPreHook,
+    MoCForwardState,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
@@ -28,15 +30,16 @@ __all__ = [
     "MOC_PROCESSORS",
 ]
 
-#: Every MoC processor class; `remove_moc` / `get_moc_config` / `update_moc_config` recognise these.
-MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase, MoCWanAttnProcessor)
+#: The base of every MoC processor (kept as a tuple for `isinstance` checks written against earlier versions).
+MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase,)
 
 # Which attention modules of each model get MoC (module names as in `named_modules()`):
-# - Wan: the self-attention `attn1` of each block and VACE block (cross-attention keeps its processor);
+# - Wan: `attn1` (self-attention, routed) and `attn2` (cross-attention: stock, or per-shot caption anchors when
+#   `moc_context` has caption spans) of each block and VACE block;
 # - HunyuanVideo / 1.5: the joint attention of the dual- and single-stream blocks, not the caption refiner;
 # - CogVideoX, Mochi: the joint `attn1`;
 # - LTX-Video: `attn1` and `attn2`; the processor runs the cross-attention densely (context-parallel safe).
-_WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn1$"
+_WAN_TARGETS = r"^(blocks|vace_blocks)\.\d+\.attn[12]$"
 _HUNYUAN_TARGETS = r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$"
 _BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
 _LTX_TARGETS = r"^transformer_blocks\.\d+\.attn[12]$"
@@ -47,14 +50,17 @@ class _Support(NamedTuple):
     targets: str  # regex over `named_modules()` names of the attention modules that get MoC
     pipelines: str
     captions: str  # where the caption tokens are, as seen by MoC
-    grid: str  # where the processor reads the latent frame grid from
+    compile: str  # what torch.compile does with MoC applied (see the README's torch.compile section)
 
 
+_FULL = "fullgraph, regional, export"
+# diffusers 0.42.1 declares no `_repeated_blocks` for these: regional compile is `block.compile()` on each block.
+_NO_REPEATED = "fullgraph, export; regional as `block.compile()` per block"
 _WAN = dict(
     processor=MoCWanAttnProcessor,
     targets=_WAN_TARGETS,
-    captions="cross-attention (dense, not routed)",
-    grid="rotary embeddings",
+    captions="cross-attention (dense; per-shot caption spans from `moc_context`)",
+    compile=_FULL,
 )
 
 
@@ -84,7 +90,7 @@ def _registry() -> dict[type, _Support]:
             _HUNYUAN_TARGETS,
             "HunyuanVideoPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
-            "rotary embeddings",
+            _FULL,
         ),
         HunyuanVideo15Transformer3DModel: _Support(
             MoCHunyuanVideo15AttnProcessor,
@@ -92,28 +98,28 @@ def _registry() -> dict[type, _Support]:
             "HunyuanVideo15Pipeline, HunyuanVideo15ImageToVideoPipeline",
             "joint: valid condition tokens (image, glyph, caption) as one chunk after the video, mandatory anchor; "
             "padded tokens dropped",
-            "rotary embeddings",
+            "regional (diffusers' forward is data-dependent)",
         ),
         CogVideoXTransformer3DModel: _Support(
             MoCCogVideoXAttnProcessor,
             _BLOCK_ATTN1_TARGETS,
             "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
             "joint: one caption chunk before the video, mandatory anchor",
-            "rotary embeddings, else the input shape (needs `apply_moc`)",
+            _NO_REPEATED,
         ),
         LTXVideoTransformer3DModel: _Support(
             MoCLTXVideoAttnProcessor,
             _LTX_TARGETS,
             "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
             "cross-attention (dense, not routed)",
-            "rotary embeddings",
+            _FULL + " (with `num_frames`, `height`, `width`)",
         ),
         MochiTransformer3DModel: _Support(
             MoCMochiAttnProcessor,
             _BLOCK_ATTN1_TARGETS,
             "MochiPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
-            "the input shape (needs `apply_moc`)",
+            _NO_REPEATED,
         ),
     }
 
@@ -142,12 +148,12 @@ def supported_models_table() -> str:
     A test compares it with the table in README.md, so the two cannot drift apart.
     """
     rows = [
-        "| Transformer | Pipelines | MoC processor | Caption tokens | Frame grid from | Context parallel |",
+        "| Transformer | Pipelines | MoC processor | Caption tokens | torch.compile | Context parallel |",
         "|---|---|---|---|---|---|",
     ]
     for model_cls, sup in _registry().items():
         rows.append(
-            f"| `{model_cls.__name__}` | {sup.pipelines} | `{sup.processor.__name__}` | {sup.captions} | {sup.grid} "
+            f"| `{model_cls.__name__}` | {sup.pipelines} | `{sup.processor.__name__}` | {sup.captions} | {sup.compile} "
             f"| {_context_parallel(model_cls, sup)} |"
         )
     return "\n".join(rows) + "\n"
@@ -177,25 +183,11 @@ def _set_processor(module: torch.nn.Module, processor) -> None:
         module.processor = processor
 
 
-def _record_grid_hook(transformer: torch.nn.Module, proc_cls: type):
-    # Models whose attention call carries no rotary table to read the frame grid from (CogVideoX without RoPE):
-    # record the post-patchify grid of every forward on the MoC processors. Set on all of them (not a captured
-    # instance) so that processors installed later with `set_attn_processor` see it too.
-    def hook(module, args, kwargs):
-        grid = proc_cls.input_grid(module, args, kwargs)
-        for m in module.modules():
-            proc = getattr(m, "processor", None)
-            if isinstance(proc, MoCAttnProcessorBase):
-                proc._grid = grid
-
-    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def _remove_grid_hook(transformer: torch.nn.Module) -> None:
-    handle = getattr(transformer, "_moc_grid_hook", None)
-    if handle is not None:
-        handle.remove()
-        transformer._moc_grid_hook = None
+def _remove_hooks(transformer: torch.nn.Module) -> None:
+    for key, hook in list(transformer._forward_pre_hooks.items()):
+        if isinstance(hook, MoCForwardPreHook):
+            del transformer._forward_pre_hooks[key]
+            transformer._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> torch.nn.Module:
@@ -205,9 +197,14 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     Which layers change depends on the model (see [`supported_models_table`]): the video self-attention of
     cross-attention models (Wan, LTX-Video), the joint video-caption attention of joint-attention models
     (HunyuanVideo, CogVideoX, Mochi), where the caption is a mandatory anchor chunk. Caption cross-attention stays
-    dense, with the attention backend set by `set_attention_backend`, and a context-parallel config set by
-    `enable_parallelism` (before or after this call) is kept. For models whose attention calls do not reveal the
-    frame grid (Mochi, CogVideoX without RoPE), a forward pre-hook records it from the transformer input. Call
+    dense, with the attention backend set by `set_attention_backend`; on Wan it gives each shot's tokens only their
+    own caption plus the global one when [`moc_context`] has caption spans (multi-shot videos). A context-parallel
+    config set by `enable_parallelism` (before or after this call) is kept.
+
+    A forward pre-hook computes, once per forward, the latent frame grid (from the input shape and the model
+    config), the chunk layout, the shots and caption spans of [`moc_context`] and whether drop-off / drop-in run;
+    the processors read nothing back from the device, so `torch.compile(transformer, fullgraph=True)`,
+    `transformer.compile_repeated_blocks(fullgraph=True)` and `torch.export` work. The model stays picklable. Call
     [`remove_moc`] to go back to the processors that were there before.
 
     Args:
@@ -232,6 +229,7 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
         raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
     proc_cls, pattern = _processor_class(transformer)
     processor = proc_cls(config)
+    processor.state = MoCForwardState()
     modules = list(_target_modules(transformer, pattern))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
@@ -243,9 +241,8 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
         if not isinstance(module.processor, MOC_PROCESSORS):
             module._moc_original_processor = module.processor
         _set_processor(module, processor)
-    _remove_grid_hook(transformer)
-    if hasattr(proc_cls, "input_grid"):
-        transformer._moc_grid_hook = _record_grid_hook(transformer, proc_cls)
+    _remove_hooks(transformer)
+    transformer.register_forward_pre_hook(MoCForwardPreHook(processor), with_kwargs=True)
     return transformer
 
 
@@ -266,7 +263,7 @@ def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
         original._attention_backend = proc._attention_backend
         original._parallel_config = proc._parallel_config
         _set_processor(module, original)
-    _remove_grid_hook(transformer)
+    _remove_hooks(transformer)
     return transformer
 
 

@@ -1,9 +1,15 @@
-"""Per-call information that MoC processors read but the transformer's forward does not carry: the shots.
+"""Per-call information that MoC reads but the transformer's forward does not carry: the shots, caption spans and
+whether the training regularisers run.
 
-A pipeline (or the user) sets it around the denoising loop; processors read it when they build their layout::
+A pipeline (or the user) sets it around the denoising loop; the forward pre-hook that `apply_moc` installs reads it
+once per transformer forward::
 
     with moc_context(shot_frames=[6, 5, 5]):   # latent frames per shot
         video = pipe(prompt, num_frames=61).frames
+
+The context lives in a context variable (each thread and asyncio task sees its own). `torch.compile` cannot read
+context variables, so a compiled transformer forward reads a process-wide mirror of the innermost context instead
+(and recompiles when it changes): do not run one compiled model under different contexts in several threads at once.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ class MoCContext:
             share a span. `None` (default) keeps cross-attention stock: every token attends to every text token.
         global_caption_span (`tuple[int, int]`, *optional*): token range of the global caption, attended by every
             shot. Only used with `caption_spans`.
+        regularise (`bool`, *optional*): whether context drop-off and drop-in run (`docs/semantics.md` section 3).
+            `None` (default): only while the transformer is in training mode *and* gradients are enabled, so a model
+            left in train mode but run under `torch.no_grad()` is deterministic. `True` / `False` force them on / off.
     """
 
     shot_frames: tuple[int, ...] | None = None
     caption_spans: tuple[tuple[int, int], ...] | None = None
     global_caption_span: tuple[int, int] | None = None
+    regularise: bool | None = None
 
     def __post_init__(self):
         if self.shot_frames is not None:
@@ -54,6 +64,8 @@ class MoCContext:
             if self.caption_spans is None:
                 raise ValueError("global_caption_span is only used together with caption_spans")
             object.__setattr__(self, "global_caption_span", _span("global_caption_span", self.global_caption_span))
+        if self.regularise is not None and not isinstance(self.regularise, bool):
+            raise ValueError(f"regularise must be True, False or None, got {self.regularise!r}")
 
 
 def _span(name: str, span: Sequence[int]) -> tuple[int, int]:
@@ -70,9 +82,26 @@ _DEFAULT = MoCContext()
 _CURRENT: contextvars.ContextVar[MoCContext | None] = contextvars.ContextVar("diffusers_moc_context", default=None)
 
 
+class _Mirror:
+    """The innermost context entered in this process: what a `torch.compile`d forward reads (and guards on)."""
+
+    context: MoCContext = _DEFAULT
+
+
+_MIRROR = _Mirror()
+
+
 def current_moc_context() -> MoCContext:
-    """The context MoC processors see now (default: one shot)."""
+    """The context MoC sees now (default: one shot, regularisers in training only)."""
+    if _is_dynamo_compiling():
+        return _MIRROR.context
     return _CURRENT.get() or _DEFAULT
+
+
+def _is_dynamo_compiling() -> bool:
+    import torch  # noqa: PLC0415  (this module stays importable without loading torch)
+
+    return torch.compiler.is_dynamo_compiling()
 
 
 @contextmanager
@@ -80,23 +109,30 @@ def moc_context(
     shot_frames: Sequence[int] | None = None,
     caption_spans: Sequence[tuple[int, int]] | None = None,
     global_caption_span: tuple[int, int] | None = None,
+    regularise: bool | None = None,
 ) -> Iterator[MoCContext]:
     r"""
-    Set the shots seen by MoC processors inside the `with` block.
+    Set the shots (and caption spans, regularisers) MoC sees inside the `with` block.
 
     Args:
         shot_frames (`Sequence[int]`, *optional*): latent frames of each shot, in order.
         caption_spans (`Sequence[tuple[int, int]]`, *optional*): token range of each shot's caption in the
             cross-attention `encoder_hidden_states` (per-shot caption anchors); see [`MoCContext`].
         global_caption_span (`tuple[int, int]`, *optional*): token range of the global caption.
+        regularise (`bool`, *optional*): force context drop-off / drop-in on (`True`) or off (`False`); `None`
+            (default) runs them only while the transformer is training with gradients enabled.
     """
     ctx = MoCContext(
         shot_frames=None if shot_frames is None else tuple(shot_frames),
         caption_spans=None if caption_spans is None else tuple(caption_spans),
         global_caption_span=global_caption_span,
+        regularise=regularise,
     )
     token = _CURRENT.set(ctx)
+    outer = _MIRROR.context
+    _MIRROR.context = ctx
     try:
         yield ctx
     finally:
         _CURRENT.reset(token)
+        _MIRROR.context = outer

@@ -10,7 +10,6 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -207,17 +206,30 @@ class ChunkLayout:
     def num_chunks(self) -> int:
         return len(self.sizes)
 
-    @cached_property
-    def num_tokens(self) -> int:
-        return sum(self.sizes)
+    def _memo(self, key: str, build):
+        # Python facts derived once per layout (not `cached_property`: its lock is opaque to torch.compile in
+        # Python 3.11). Under compilation they are recomputed: no dict mutation enters the graph.
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._device_cache:
+            self._device_cache[key] = build()
+        return self._device_cache[key]
 
-    @cached_property
+    @property
+    def num_tokens(self) -> int:
+        return self._memo("num_tokens", lambda: sum(self.sizes))
+
+    @property
     def offsets(self) -> tuple[int, ...]:
         """Start of each chunk plus the total length (`cu_seqlens`-style, length `num_chunks + 1`)."""
-        out = [0]
-        for s in self.sizes:
-            out.append(out[-1] + s)
-        return tuple(out)
+
+        def build():
+            out = [0]
+            for s in self.sizes:
+                out.append(out[-1] + s)
+            return tuple(out)
+
+        return self._memo("offsets", build)
 
     @property
     def num_shots(self) -> int:
@@ -230,62 +242,83 @@ class ChunkLayout:
             f"shots={self.num_shots})"
         )
 
-    def _cached(self, key: str, device: torch.device, build):
+    def _cached(self, key: str, device: torch.device | str, build):
+        """`build(device)`, cached per device in eager mode. Under `torch.compile` / `torch.export` the tensors are
+        rebuilt from the layout's integers as graph constants, so no cache dict (nor its guards) enters the graph."""
         device = torch.device(device)
+        if torch.compiler.is_compiling():
+            return build(device)
         k = (key, str(device))
         if k not in self._device_cache:
-            self._device_cache[k] = build().to(device)
+            self._device_cache[k] = build(device)
         return self._device_cache[k]
 
     def token_chunks(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """`(L,)` long tensor: the chunk index of every token."""
-        return self._cached(
-            "token_chunks",
-            device,
-            lambda: torch.repeat_interleave(torch.arange(self.num_chunks), torch.tensor(self.sizes)),
-        )
+
+        def build(device):
+            sizes = torch.tensor(self.sizes, device=device)
+            return torch.repeat_interleave(
+                torch.arange(self.num_chunks, device=device), sizes, output_size=self.num_tokens
+            )
+
+        return self._cached("token_chunks", device, build)
 
     def chunk_sizes(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """`(C,)` long tensor of chunk sizes."""
-        return self._cached("chunk_sizes", device, lambda: torch.tensor(self.sizes, dtype=torch.long))
+        return self._cached("chunk_sizes", device, lambda d: torch.tensor(self.sizes, dtype=torch.long, device=d))
 
     def anchor_mask(
         self, local_window: int, anchor_own_shot: bool, text_anchors: str, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
         """`(C, C)` bool: `[a, c]` is True when chunk `c` is a mandatory anchor for queries of chunk `a`."""
+        if text_anchors not in ("all", "shot"):
+            raise ValueError(f"text_anchors must be 'all' or 'shot', got {text_anchors!r}")
         key = f"anchors:{local_window}:{anchor_own_shot}:{text_anchors}"
-        return self._cached(key, device, lambda: self._build_anchor_mask(local_window, anchor_own_shot, text_anchors))
+        return self._cached(
+            key, device, lambda d: self._build_anchor_mask(local_window, anchor_own_shot, text_anchors, d)
+        )
 
-    def _build_anchor_mask(self, local_window: int, anchor_own_shot: bool, text_anchors: str) -> torch.Tensor:
+    def _video_ranks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per chunk: how many video chunks of its shot lie strictly before it, and at or before it."""
+        before, upto, seen = [], [], {}
+        for shot, is_text in zip(self.shots, self.is_text):
+            n = seen.get(shot, 0)
+            before.append(n)
+            if not is_text:
+                n += 1
+                seen[shot] = n
+            upto.append(n)
+        return tuple(before), tuple(upto)
+
+    def _build_anchor_mask(
+        self, local_window: int, anchor_own_shot: bool, text_anchors: str, device: torch.device
+    ) -> torch.Tensor:
+        # Built from per-chunk vectors with broadcasting (no host reads, no data-dependent shapes), so that it is
+        # cheap to trace; rows are queries' chunks `a`, columns attended chunks `c`.
         C = self.num_chunks
-        shots = torch.tensor(self.shots)
-        is_text = torch.tensor(self.is_text)
-        mask = torch.eye(C, dtype=torch.bool)
-        # Local window: the nearest `local_window` video chunks of the same shot on each side of `a`,
-        # counted among that shot's video chunks only. `rank` numbers those chunks in order.
+        shots = torch.tensor(self.shots, device=device)
+        is_text = torch.tensor(self.is_text, device=device)
+        idx = torch.arange(C, device=device)
+        mask = idx[:, None] == idx[None, :]
+        same_shot = (shots[:, None] == shots[None, :]) & (shots[:, None] >= 0)
         if local_window > 0:
-            for a in range(C):
-                s = self.shots[a]
-                if s < 0:
-                    continue
-                same = (~is_text) & (shots == s)
-                idx = torch.nonzero(same).flatten()
-                if idx.numel() == 0:
-                    continue
-                before = idx[idx < a][-local_window:]
-                after = idx[idx > a][:local_window]
-                mask[a, before] = True
-                mask[a, after] = True
+            # Local window: the nearest `local_window` video chunks of the same shot on each side of `a`, counted
+            # among that shot's video chunks only. `before[x]` / `upto[x]` count the shot's video chunks strictly
+            # before / up to chunk x, so a video chunk c < a is within the window when before[a] - before[c] <= w.
+            before, upto = (torch.tensor(v, device=device) for v in self._video_ranks())
+            video_c = same_shot & ~is_text[None, :]
+            left = (idx[None, :] < idx[:, None]) & (before[:, None] - before[None, :] <= local_window)
+            right = (idx[None, :] > idx[:, None]) & (before[None, :] - upto[:, None] < local_window)
+            mask |= video_c & (left | right)
         if anchor_own_shot:
-            mask |= (shots[:, None] == shots[None, :]) & (shots[:, None] >= 0)
+            mask |= same_shot
         if text_anchors == "all":
             mask |= is_text[None, :]
-        elif text_anchors == "shot":
-            own_caption = is_text[None, :] & (shots[None, :] == shots[:, None]) & (shots[:, None] >= 0)
+        else:
+            own_caption = is_text[None, :] & same_shot
             global_caption = is_text[None, :] & (shots[None, :] == GLOBAL_SHOT)
             mask |= own_caption | global_caption
-        else:
-            raise ValueError(f"text_anchors must be 'all' or 'shot', got {text_anchors!r}")
         return mask
 
     def candidate_mask(
@@ -299,13 +332,18 @@ class ChunkLayout:
         """`(C, C)` bool: `[a, c]` is True when chunk `c` may be routed to (top-k) by queries of chunk `a`."""
         key = f"cands:{local_window}:{anchor_own_shot}:{text_anchors}:{causal}"
 
-        def build():
-            cand = ~self._build_anchor_mask(local_window, anchor_own_shot, text_anchors)
+        def build(device):
+            cand = ~self.anchor_mask(local_window, anchor_own_shot, text_anchors, device)
             if causal:
-                cand &= torch.ones(self.num_chunks, self.num_chunks, dtype=torch.bool).tril(-1)
+                idx = torch.arange(self.num_chunks, device=device)
+                cand = cand & (idx[None, :] < idx[:, None])
             return cand
 
         return self._cached(key, device, build)
+
+    def block_counts(self, block_size: int) -> tuple[int, ...]:
+        """Query blocks of `route_by="block"` in each chunk: `ceil(size / block_size)`."""
+        return tuple(math.ceil(s / block_size) for s in self.sizes)
 
     def token_blocks(self, block_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -313,15 +351,19 @@ class ChunkLayout:
 
         Returns `(token_block, block_chunk)`: the block of every token `(L,)` and the chunk of every block `(G,)`.
         """
+        counts = self.block_counts(block_size)
 
-        def build_blocks():
-            counts = [math.ceil(s / block_size) for s in self.sizes]
-            block_chunk = torch.repeat_interleave(torch.arange(self.num_chunks), torch.tensor(counts))
-            first_block = torch.tensor([0] + counts).cumsum(0)[:-1]
-            tok_chunk = torch.repeat_interleave(torch.arange(self.num_chunks), torch.tensor(self.sizes))
-            pos_in_chunk = torch.arange(self.num_tokens) - torch.tensor(self.offsets[:-1])[tok_chunk]
-            return torch.stack([first_block[tok_chunk] + pos_in_chunk // block_size]), block_chunk
+        def build_block_chunk(device):
+            n = torch.tensor(counts, device=device)
+            return torch.repeat_interleave(torch.arange(self.num_chunks, device=device), n, output_size=sum(counts))
 
-        token_block = self._cached(f"tb:{block_size}", device, lambda: build_blocks()[0][0])
-        block_chunk = self._cached(f"bc:{block_size}", device, lambda: build_blocks()[1])
+        def build_token_block(device):
+            first_block = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)
+            starts = torch.tensor(self.offsets[:-1], device=device)
+            tok_chunk = self.token_chunks(device)
+            pos_in_chunk = torch.arange(self.num_tokens, device=device) - starts[tok_chunk]
+            return first_block[tok_chunk] + torch.div(pos_in_chunk, block_size, rounding_mode="floor")
+
+        token_block = self._cached(f"tb:{block_size}", device, build_token_block)
+        block_chunk = self._cached(f"bc:{block_size}", device, build_block_chunk)
         return token_block, block_chunk

@@ -1,6 +1,13 @@
-"""MoC attention processors for diffusers transformers (set with `set_attn_processor` or `apply_moc`)."""
+"""MoC attention processors for diffusers transformers (installed by `apply_moc`, or set with `set_attn_processor`)."""
 
-from .base import MoCAttnProcessorBase, frames_from_rotary
+from .base import (
+    MoCAttnProcessorBase,
+    MoCForwardFacts,
+    MoCForwardPreHook,
+    MoCForwardState,
+    forward_facts,
+    frames_from_rotary,
+)
 from .cogvideox import MoCCogVideoXAttnProcessor
 from .hunyuan_video import MoCHunyuanVideoAttnProcessor
 from .hunyuan_video15 import MoCHunyuanVideo15AttnProcessor
@@ -11,11 +18,15 @@ from .wan import MoCWanAttnProcessor, video_grid_from_rotary
 __all__ = [
     "MoCAttnProcessorBase",
     "MoCCogVideoXAttnProcessor",
+    "MoCForwardFacts",
+    "MoCForwardPreHook",
+    "MoCForwardState",
     "MoCHunyuanVideo15AttnProcessor",
     "MoCHunyuanVideoAttnProcessor",
     "MoCLTXVideoAttnProcessor",
     "MoCMochiAttnProcessor",
     "MoCWanAttnProcessor",
+    "forward_facts",
     "frames_from_rotary",
     "video_grid_from_rotary",
 ]

@@ -1,50 +1,166 @@
-"""What every MoC attention processor shares: config, drop-off/drop-in generator, layout building, grid reading."""
+"""The core every MoC attention processor shares: per-forward facts, the forward pre-hook, one MoC attention step.
+
+Per transformer forward, a forward pre-hook (installed by [`apply_moc`]) computes the facts MoC needs once, from the
+input's shape and the model config, never from tensor values: the latent frame grid, the video [`ChunkLayout`], the
+shots and caption spans of [`moc_context`] and whether the training regularisers run. It writes them on a small
+[`MoCForwardState`] that the model's processors hold. A model's processor is diffusers' own processor of that model
+(same projections, norms, RoPE) with its dense attention call replaced by [`MoCAttnProcessorBase.moc_attend`], which
+takes the layout of this forward, does the Ulysses exchange under context parallelism and calls `moc_attention`.
+
+Adding a model: subclass [`MoCAttnProcessorBase`], copy the stock processor's `__call__` with `moc_attend` where it
+calls `dispatch_attention_fn`, implement `input_grid` (post-patchify `(frames, height, width)` of a forward call), and
+add a registry entry in `apply.py`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ..attention import moc_attention
 from ..config import MoCConfig
-from ..context import current_moc_context
+from ..context import MoCContext, current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
-from ..parallel import ulysses_config
+from ..parallel import heads_to_sequence, sequence_to_heads, ulysses_config
 
-__all__ = ["MoCAttnProcessorBase", "frames_from_rotary", "video_text_layout"]
+__all__ = [
+    "MoCAttnProcessorBase",
+    "MoCForwardFacts",
+    "MoCForwardPreHook",
+    "MoCForwardState",
+    "frames_from_rotary",
+    "forward_facts",
+    "qkv_heads",
+    "video_padding_mask",
+]
 
 
+# ---------------------------------------------------------------------------------------------- per-forward facts
+@dataclass(frozen=True)
+class MoCForwardFacts:
+    r"""
+    What MoC needs to know about one transformer forward, computed once before it runs.
+
+    Attributes:
+        grid (`tuple[int, int, int]`): latent `(frames, height, width)` after patchify.
+        layout (`ChunkLayout`): the chunks of the video tokens (shots and `chunk_tokens` applied).
+        context (`MoCContext`): the [`moc_context`] of this forward (shots, caption spans).
+        regularise (`bool`): whether context drop-off and drop-in run in this forward.
+    """
+
+    grid: tuple[int, int, int]
+    layout: ChunkLayout
+    context: MoCContext
+    regularise: bool
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    def stream_layout(self, text_tokens: int = 0, text_first: bool = False) -> ChunkLayout:
+        """The layout of a joint stream: the video and, with `text_tokens > 0`, one global caption chunk."""
+        return _with_caption(self.layout, text_tokens, text_first)
+
+
+def _with_caption(video: ChunkLayout, text_tokens: int, text_first: bool) -> ChunkLayout:
+    if text_tokens <= 0:
+        return video
+    if torch.compiler.is_compiling():
+        return _build_with_caption(video, text_tokens, text_first)
+    return _cached_with_caption(video, text_tokens, text_first)
+
+
+def _build_with_caption(video: ChunkLayout, text_tokens: int, text_first: bool) -> ChunkLayout:
+    text = ChunkLayout.for_captions([text_tokens], [GLOBAL_SHOT])
+    return ChunkLayout.concat(text, video) if text_first else ChunkLayout.concat(video, text)
+
+
+_cached_with_caption = lru_cache(maxsize=128)(_build_with_caption)
+
+
+def _video_layout(
+    frames: int, tokens_per_frame: int, shot_frames: tuple[int, ...] | None, chunk_tokens: int | None
+) -> ChunkLayout:
+    if shot_frames is not None and sum(shot_frames) != frames:
+        raise ValueError(
+            f"the MoC context says the shots have {list(shot_frames)} latent frames (sum {sum(shot_frames)}), but the "
+            f"transformer input has {frames} latent frames; set `moc_context(shot_frames=...)` to match"
+        )
+    return ChunkLayout.for_video(frames, tokens_per_frame, shot_frames, chunk_tokens)
+
+
+_cached_video_layout = lru_cache(maxsize=128)(_video_layout)
+
+
+def forward_facts(
+    grid: tuple[int, int, int], context: MoCContext, chunk_tokens: int | None, training: bool
+) -> MoCForwardFacts:
+    r"""
+    The facts of one forward: `grid` is the post-patchify `(frames, height, width)`, `training` whether the module is
+    in training mode. Regularisers run when the context forces them, else in training with gradients enabled.
+    """
+    frames, height, width = (int(n) for n in grid)
+    build = _video_layout if torch.compiler.is_compiling() else _cached_video_layout
+    layout = build(frames, height * width, context.shot_frames, chunk_tokens)
+    regularise = context.regularise
+    if regularise is None:
+        regularise = bool(training) and torch.is_grad_enabled()
+    return MoCForwardFacts((frames, height, width), layout, context, regularise)
+
+
+class MoCForwardState:
+    r"""
+    Per model: the [`MoCForwardFacts`] of the forward that runs now, written by [`MoCForwardPreHook`] and read by
+    the model's MoC processors. A plain object, so models with MoC stay picklable and `copy.deepcopy`-able.
+    """
+
+    def __init__(self):
+        self.facts: MoCForwardFacts | None = None
+
+    def __repr__(self) -> str:
+        return f"MoCForwardState({self.facts})"
+
+
+class MoCForwardPreHook:
+    r"""
+    Forward pre-hook of a transformer with MoC (`register_forward_pre_hook(hook, with_kwargs=True)`): computes the
+    forward's facts from its input shape (via the processor class's `input_grid`), the current [`moc_context`] and
+    the processor's `chunk_tokens`, and stores them on the processor's state. A module-level class (no closure), so
+    the model pickles.
+    """
+
+    def __init__(self, processor: MoCAttnProcessorBase):
+        self.processor = processor
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = type(self.processor).input_grid(module, args, kwargs)
+        context = current_moc_context()
+        facts = forward_facts(grid, context, self.processor.config.chunk_tokens, module.training)
+        self.processor.state.facts = facts
+
+
+# ---------------------------------------------------------------------------------------------- RoPE fallback
 def first_change(x: torch.Tensor) -> int:
-    """Index of the first row of `x` (L, d) that differs from row 0, or L when none does."""
+    """Index of the first row of `x` (L, d) that differs from row 0, or L when none does. Reads to the host."""
     diff = (x != x[:1]).any(-1)
     return int(torch.argmax(diff.to(torch.uint8)).item()) if bool(diff.any()) else x.shape[0]
-
-
-def qkv_heads(
-    attn: torch.nn.Module,
-    x: torch.Tensor,
-    projections: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
-    norms: tuple[str, str] = ("norm_q", "norm_k"),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query, key and value of `x` through the named projections of `attn`, as `(B, L, H, D)`, with the per-head
-    QK-norms the module has (as diffusers' HunyuanVideo, CogVideoX and Mochi processors apply them)."""
-    q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
-    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
-    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
 def frames_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor], time_column: int = 0) -> tuple[int, int]:
     r"""
     `(frames, tokens_per_frame)` of a video token stream in `(frame, row, column)` order, read off its 3D RoPE.
 
+    Only the fallback of a processor set with `set_attn_processor` alone uses this (eager mode; it reads the table to
+    the host); [`apply_moc`] computes the grid from the input shape instead.
+
     Args:
         rotary_emb (`tuple[torch.Tensor, torch.Tensor]`): rotary cosines and sines of the video tokens, each
             `(L, D)` (one row per token).
         time_column (`int`, defaults to 0): a column whose angle depends on the frame index only (HunyuanVideo and
             CogVideoX put the time axis first; LTX-Video interleaves the axes after `D % 6` padding columns). Cosine
-            and sine are read together: a cosine alone cannot tell angles `a` and `-a` apart (LTX-Video's frames 0 and
-            1 are at `-a` and `a`).
+            and sine are read together: a cosine alone cannot tell angles `a` and `-a` apart.
 
     Raises:
         `ValueError`: when the column is not constant within frames of equal size, i.e. the table is not a 3D RoPE
@@ -67,37 +183,34 @@ def frames_from_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor], time_colum
     return L // per_frame, per_frame
 
 
-@lru_cache(maxsize=128)
-def video_text_layout(
-    frames: int,
-    tokens_per_frame: int,
-    shot_frames: tuple[int, ...] | None,
-    chunk_tokens: int | None,
-    text_tokens: int = 0,
-    text_first: bool = False,
-) -> ChunkLayout:
-    r"""
-    Layout of one joint-attention stream: the video (one chunk per latent frame, or `chunk_tokens`) and, when
-    `text_tokens > 0`, one caption chunk (the global caption, a mandatory anchor) before or after it.
-    """
-    if shot_frames is not None and sum(shot_frames) != frames:
-        raise ValueError(
-            f"the MoC context says the shots have {list(shot_frames)} latent frames (sum {sum(shot_frames)}), but the "
-            f"transformer input has {frames} latent frames; set `moc_context(shot_frames=...)` to match"
-        )
-    video = ChunkLayout.for_video(frames, tokens_per_frame, shot_frames, chunk_tokens)
-    if text_tokens <= 0:
-        return video
-    text = ChunkLayout.for_captions([text_tokens], [GLOBAL_SHOT])
-    return ChunkLayout.concat(text, video) if text_first else ChunkLayout.concat(video, text)
+# ---------------------------------------------------------------------------------------------- processors
+def qkv_heads(
+    attn: torch.nn.Module,
+    x: torch.Tensor,
+    projections: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
+    norms: tuple[str, str] = ("norm_q", "norm_k"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of `x` through the named projections of `attn`, as `(B, L, H, D)`, with the per-head
+    QK-norms the module has (as diffusers' HunyuanVideo, CogVideoX and Mochi processors apply them)."""
+    q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name, None) for name in norms)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+def video_padding_mask(text_mask: torch.Tensor, video_len: int) -> torch.Tensor:
+    """`(B, T)` caption mask (nonzero: a real token) -> `(B, video_len + T)` bool padding mask of `[video, caption]`."""
+    video = torch.ones(text_mask.shape[0], video_len, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([video, text_mask.bool()], dim=1)
 
 
 class MoCAttnProcessorBase:
     r"""
-    Base class of the MoC processors of joint-attention and cross-attention video transformers.
+    Base of every MoC attention processor: the per-forward facts, and [`~MoCAttnProcessorBase.moc_attend`], the one
+    MoC attention step a model's processor calls where its stock processor calls `dispatch_attention_fn`.
 
-    Subclasses implement `__call__` with the signature of the model's stock processor and call
-    [`~MoCAttnProcessorBase.attend`] where the stock processor calls `dispatch_attention_fn`.
+    Subclasses implement `__call__` with the signature of the model's stock processor and the static method
+    `input_grid(transformer, args, kwargs) -> (frames, height, width)`; optionally `grid_from_rotary`, the eager
+    fallback for processors set with `set_attn_processor` alone.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
@@ -112,12 +225,24 @@ class MoCAttnProcessorBase:
         if not isinstance(config, MoCConfig):
             raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
         self.config = config
-        # (frames, height, width) of the latest transformer input, recorded by the pre-hook `apply_moc` registers;
-        # used by models whose attention call carries no rotary table to read the grid from.
-        self._grid: tuple[int, int, int] | None = None
+        # Bound by `apply_moc`; `None` for a processor set with `set_attn_processor` alone.
+        self.state: MoCForwardState | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+    @staticmethod
+    def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)` of a forward call of the transformer (from shapes and config)."""
+        raise NotImplementedError
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int] | None:
+        """`(frames, tokens_per_frame)` read off a rotary table (eager fallback); `None` when the table cannot tell."""
+        return None
+
+    @staticmethod
+    def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
+        return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
 
     def refuse_context_parallel(self, model: str) -> None:
         """Raise when diffusers' context parallelism is on: `model` has no context-parallel plan in diffusers."""
@@ -127,50 +252,80 @@ class MoCAttnProcessorBase:
                 "LTX-Video"
             )
 
-    def layout(self, frames: int, tokens_per_frame: int, text_tokens: int = 0, text_first: bool = False) -> ChunkLayout:
-        """The layout of a stream of `frames` latent frames (shots from [`moc_context`]) and one caption chunk."""
-        shots = current_moc_context().shot_frames
-        return video_text_layout(frames, tokens_per_frame, shots, self.config.chunk_tokens, text_tokens, text_first)
+    def forward_facts(self, attn: torch.nn.Module, rotary_emb=None) -> MoCForwardFacts:
+        r"""
+        The facts of the running forward: from the state [`apply_moc`] binds, or (processor set with
+        `set_attn_processor` alone, eager only) read off the rotary table `rotary_emb`.
+        """
+        if self.state is not None:
+            facts = self.state.facts
+            if facts is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no facts for this forward: its forward pre-hook did not run. Call "
+                    "the transformer itself (not a block), or re-install MoC with `apply_moc(transformer, config)`"
+                )
+            return facts
+        name = type(self).__name__
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{name} was set with `set_attn_processor` alone, which reads the frame grid off the rotary "
+                "embeddings on the host; torch.compile and torch.export need the grid from the input shape: install "
+                "MoC with `apply_moc(transformer, config)`"
+            )
+        if ulysses_config(self._parallel_config) is not None:
+            raise NotImplementedError(
+                f"{name} was set with `set_attn_processor` alone; under context parallelism install MoC with "
+                "`apply_moc(transformer, config)`, which computes the global frame grid from the input shape"
+            )
+        grid = None if rotary_emb is None else self.grid_from_rotary(rotary_emb)
+        if grid is None:
+            raise ValueError(
+                f"{name} cannot find the video frame grid of this call (its rotary embeddings do not reveal it); "
+                "install it with `apply_moc(transformer, config)`, whose forward pre-hook computes the grid from the "
+                "input shape"
+            )
+        frames, per_frame = grid
+        return forward_facts((frames, 1, per_frame), current_moc_context(), self.config.chunk_tokens, attn.training)
 
-    def attend(
-        self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: ChunkLayout
-    ) -> torch.Tensor:
-        """MoC attention of `(B, L, H, D)` tensors, with drop-off/drop-in when `attn` is in training mode."""
-        if layout.num_tokens != query.shape[1]:
-            raise ValueError(f"the MoC layout covers {layout.num_tokens} tokens but the sequence has {query.shape[1]}")
-        # Drop-off / drop-in draw from the global RNG, which activation checkpointing replays.
-        return moc_attention(query, key, value, layout, self.config, training=attn.training)
-
-    def attend_video_then_text(
+    def moc_attend(
         self,
         attn: torch.nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        frames: int,
-        tokens_per_frame: int,
-        valid_text: list[torch.Tensor | None] | None = None,
+        *,
+        rotary_emb=None,
+        text_tokens: int = 0,
+        text_first: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
-        MoC attention of a `[video, caption]` stream whose caption may be padded differently in each sample.
+        The MoC attention step: `(B, L, H, D)` query, key and value of a `[video]`, `[video, caption]` or
+        `[caption, video]` stream -> `(B, L, H, Dv)`.
+
+        Takes this forward's layout (one global caption chunk of `text_tokens` tokens, a mandatory anchor), exchanges
+        sequence shards for head shards under Ulysses context parallelism and calls `moc_attention`, with drop-off
+        and drop-in when this forward regularises.
 
         Args:
-            valid_text (`list`, *optional*): per sample, the indices (into the caption) of its valid caption tokens,
-                or `None` when all are valid. Padded caption tokens are dropped before routing (neither keys nor
-                part of a chunk mean) and get a zero output, as no other token attends to them.
+            rotary_emb: the rotary table of the call, only read by the `set_attn_processor` fallback.
+            padding_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): False marks padded caption tokens.
         """
-        B, N = query.shape[:2]
-        video_len = frames * tokens_per_frame
-        text_len = N - video_len
-        if valid_text is None or all(v is None for v in valid_text):
-            return self.attend(attn, query, key, value, self.layout(frames, tokens_per_frame, text_len))
-        # Valid caption lengths differ per sample: route each sample over its video and valid caption tokens only.
-        outs = []
-        video = torch.arange(video_len, device=query.device)
-        for b, keep in enumerate(valid_text):
-            keep = torch.arange(text_len, device=query.device) if keep is None else keep.to(query.device)
-            idx = torch.cat([video, video_len + keep])
-            q, k, v = (x[b : b + 1, idx] for x in (query, key, value))
-            res = self.attend(attn, q, k, v, self.layout(frames, tokens_per_frame, keep.numel()))
-            outs.append(res.new_zeros((N,) + res.shape[2:]).index_copy(0, idx, res[0]))
-        return torch.stack(outs)
+        facts = self.forward_facts(attn, rotary_emb)
+        cp = ulysses_config(self._parallel_config)
+        if cp is not None:
+            if padding_mask is not None or text_tokens:
+                raise NotImplementedError("MoC context parallelism supports video-only self-attention streams")
+            # Each rank holds L/P tokens of all heads; route over all tokens for H/P heads, then exchange back.
+            query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
+        layout = facts.stream_layout(text_tokens, text_first)
+        if layout.num_tokens != query.shape[1]:
+            f, h, w = facts.grid
+            raise ValueError(
+                f"the MoC layout covers {layout.num_tokens} tokens ({f}x{h}x{w} video + {text_tokens} text) but the "
+                f"attention call has {query.shape[1]} tokens"
+            )
+        out = moc_attention(
+            query, key, value, layout, self.config, training=facts.regularise, padding_mask=padding_mask
+        )
+        return heads_to_sequence(out, cp) if cp is not None else out

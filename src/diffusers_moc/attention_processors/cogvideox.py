@@ -17,23 +17,23 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
     The stream is `[caption tokens, video tokens]`; the caption (all its tokens: CogVideoX attends to its T5 padding
     too, without a mask) is one text chunk, a mandatory anchor; video chunks are latent frames.
 
-    The frame grid is read off the rotary table when the model uses RoPE (CogVideoX 1.0 5B, CogVideoX 1.5). Without
-    RoPE (CogVideoX-2b) the grid comes from the transformer input, recorded by the pre-hook that [`apply_moc`]
-    registers; so for those checkpoints use `apply_moc`, not `set_attn_processor` alone.
+    With [`apply_moc`] the frame grid comes from the input shape. `set_attn_processor` alone works in eager mode for
+    checkpoints with RoPE (CogVideoX 1.0 5B, CogVideoX 1.5: the grid is read off the rotary table); without RoPE
+    (CogVideoX-2b) nothing in the attention call reveals the grid, so use `apply_moc`.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
     """
 
     @staticmethod
-    def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-        """Post-patchify `(frames, height, width)` of a `CogVideoXTransformer3DModel.forward` call."""
-        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden_states is None or hidden_states.ndim != 5:
-            return None
-        _, frames, _, height, width = hidden_states.shape
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, F, C, H, W)`."""
+        _, frames, _, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         return (frames if p_t is None else frames // p_t), height // p, width // p
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
+        return frames_from_rotary(rotary_emb, time_column=0)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):
@@ -69,27 +69,12 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
                     [key[:, :text_len], apply_rotary_emb(key[:, text_len:], image_rotary_emb, sequence_dim=1)], 1
                 )
 
-        frames, per_frame = self._video_grid(image_rotary_emb, query.shape[1] - text_len)
-        layout = self.layout(frames, per_frame, text_tokens=text_len, text_first=True)
-        hidden_states = self.attend(attn, query, key, value, layout)
+        hidden_states = self.moc_attend(
+            attn, query, key, value, rotary_emb=image_rotary_emb, text_tokens=text_len, text_first=True
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         encoder_hidden_states, hidden_states = hidden_states.split([text_len, hidden_states.shape[1] - text_len], dim=1)
         return hidden_states, encoder_hidden_states
-
-    def _video_grid(self, image_rotary_emb, video_len: int) -> tuple[int, int]:
-        if image_rotary_emb is not None:
-            frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
-        elif self._grid is not None:
-            frames, height, width = self._grid
-            per_frame = height * width
-        else:
-            raise ValueError(
-                "MoCCogVideoXAttnProcessor found neither rotary embeddings nor a recorded input grid; for CogVideoX "
-                "models without RoPE install it with `apply_moc(transformer, config)`, which records the grid"
-            )
-        if frames * per_frame != video_len:
-            raise ValueError(f"the video grid has {frames}x{per_frame} tokens but the video stream has {video_len}")
-        return frames, per_frame

@@ -19,15 +19,15 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
     r"""
     Drop-in for diffusers' `HunyuanVideoAttnProcessor2_0` that computes the joint video-text attention with MoC.
 
-    The stream is `[video tokens, caption tokens]`. Video chunks are latent frames (grid read off the rotary
-    table); the caption is one text chunk, a mandatory anchor of every query (`docs/semantics.md` section 1).
-    HunyuanVideo pads the caption to a fixed length and masks the padded keys; here padded caption tokens are
-    dropped from the stream before routing, so they are neither keys nor chunk-mean contributors, exactly as the
-    stock mask hides them. Their own (query) outputs are zero: no other token ever attends to them, so the video is
-    unaffected.
+    The stream is `[video tokens, caption tokens]`. Video chunks are latent frames; the caption is one text chunk, a
+    mandatory anchor of every query (`docs/semantics.md` section 1). HunyuanVideo pads the caption to a fixed length
+    and masks the padded keys; here the mask becomes MoC's `padding_mask`: padded caption tokens are neither keys nor
+    chunk-mean contributors, exactly as the stock mask hides them. Their own (query) outputs are zero: no other token
+    ever attends to them, so the video is unaffected.
 
-    `transformer.set_attn_processor(MoCHunyuanVideoAttnProcessor(config))` works: on the caption refiner's
-    text-only attention (no rotary table), the processor falls back to diffusers' dense `AttnProcessor2_0`.
+    `transformer.set_attn_processor(MoCHunyuanVideoAttnProcessor(config))` works in eager mode (the frame grid is
+    then read off the rotary table); on the caption refiner's text-only attention the processor falls back to
+    diffusers' dense `AttnProcessor2_0`. Use [`apply_moc`] for `torch.compile`.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
@@ -36,6 +36,16 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
     def __init__(self, config=None):
         super().__init__(config)
         self._refiner = AttnProcessor2_0()
+
+    @staticmethod
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
+        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return frames // p_t, height // p, width // p
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
+        return frames_from_rotary(rotary_emb, time_column=0)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):
@@ -56,7 +66,7 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
             # The token refiner's text-only self-attention: not part of the video stream.
             return self._refiner(attn, hidden_states, encoder_hidden_states, attention_mask)
         if image_rotary_emb is None:
-            raise ValueError("MoCHunyuanVideoAttnProcessor needs the rotary embeddings to find the video frame grid")
+            raise ValueError("MoCHunyuanVideoAttnProcessor needs the rotary embeddings of the video stream")
         self.refuse_context_parallel("HunyuanVideoTransformer3DModel")
 
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
@@ -83,8 +93,11 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
 
-        # 5. MoC attention over [video, valid caption tokens]
-        hidden_states = self._joint_attention(attn, query, key, value, image_rotary_emb, text_len, attention_mask)
+        # 5. MoC attention over [video, caption], padded caption tokens dropped
+        padding = self._padding_mask(attention_mask, query.shape[0], query.shape[1] - text_len, text_len)
+        hidden_states = self.moc_attend(
+            attn, query, key, value, rotary_emb=image_rotary_emb, text_tokens=text_len, padding_mask=padding
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         # 6. Output projection
@@ -97,32 +110,15 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
 
-    def _valid_text(self, attention_mask: torch.Tensor | None, batch: int, video_len: int, text_len: int):
-        """Per batch element, the indices of the caption tokens the stock mask lets through (None: all of them)."""
+    @staticmethod
+    def _padding_mask(attention_mask, batch: int, video_len: int, text_len: int) -> torch.Tensor | None:
+        """HunyuanVideo's boolean key mask `(B, 1, 1, N)` as MoC's `(B, N)` padding mask (shape checks only)."""
         if attention_mask is None or text_len == 0:
-            return [None] * batch
+            return None
         mask = attention_mask.reshape(attention_mask.shape[0], -1)
         if mask.shape[-1] != video_len + text_len or mask.dtype != torch.bool:
             raise ValueError(
                 "MoCHunyuanVideoAttnProcessor expects HunyuanVideo's boolean key mask shaped (B, 1, 1, N) with "
                 f"N = {video_len + text_len} tokens, got {tuple(attention_mask.shape)} of {attention_mask.dtype}"
             )
-        mask = mask.expand(batch, -1)
-        if not bool(mask[:, :video_len].all()):
-            raise ValueError("the attention mask hides video tokens; MoC only drops padded caption tokens")
-        out = []
-        for b in range(batch):
-            keep = mask[b, video_len:]
-            out.append(None if bool(keep.all()) else torch.nonzero(keep).flatten())
-        return out
-
-    def _joint_attention(self, attn, query, key, value, image_rotary_emb, text_len, attention_mask):
-        B, N = query.shape[:2]
-        video_len = N - text_len
-        if image_rotary_emb[0].shape[0] != video_len:
-            raise ValueError(
-                f"rotary embeddings cover {image_rotary_emb[0].shape[0]} tokens but the video stream has {video_len}"
-            )
-        frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
-        valid = self._valid_text(attention_mask, B, video_len, text_len)
-        return self.attend_video_then_text(attn, query, key, value, frames, per_frame, valid)
+        return mask.expand(batch, -1)

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
+from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads, video_padding_mask
 
 __all__ = ["MoCHunyuanVideo15AttnProcessor"]
 
@@ -24,8 +24,11 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
     form one text chunk, a mandatory anchor; padded ones are dropped before routing (the stock mask hides them as
     keys and as queries), and their outputs are zero. Video chunks are latent frames, read off the rotary table.
 
-    `transformer.set_attn_processor(MoCHunyuanVideo15AttnProcessor(config))` works: the caption refiner's
-    text-only attention falls back to diffusers' dense `AttnProcessor2_0`.
+    `transformer.set_attn_processor(MoCHunyuanVideo15AttnProcessor(config))` works in eager mode (the frame grid is
+    then read off the rotary table): the caption refiner's text-only attention falls back to diffusers' dense
+    `AttnProcessor2_0`. With [`apply_moc`] the blocks compile with `fullgraph=True` (`compile_repeated_blocks`); the
+    whole model does not, because diffusers' own forward branches on `torch.all(image_embeds == 0)` and packs the
+    condition tokens with boolean masks (data-dependent shapes).
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
@@ -34,6 +37,16 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
     def __init__(self, config=None):
         super().__init__(config)
         self._refiner = AttnProcessor2_0()
+
+    @staticmethod
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
+        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return frames // p_t, height // p, width // p
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
+        return frames_from_rotary(rotary_emb, time_column=0)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):
@@ -67,16 +80,13 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
         encoder_query, encoder_key, encoder_value = qkv_heads(attn, encoder_hidden_states, _ADDED, _ADDED_NORMS)
 
         video_len, text_len = query.shape[1], encoder_query.shape[1]
-        if image_rotary_emb[0].shape[0] != video_len:
-            raise ValueError(
-                f"rotary embeddings cover {image_rotary_emb[0].shape[0]} tokens but the video stream has {video_len}"
-            )
-        frames, per_frame = frames_from_rotary(image_rotary_emb, time_column=0)
-        valid = self._valid_text(attention_mask, query.shape[0], video_len, text_len)
+        padding = self._padding_mask(attention_mask, query.shape[0], video_len, text_len)
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)
-        hidden_states = self.attend_video_then_text(attn, query, key, value, frames, per_frame, valid)
+        hidden_states = self.moc_attend(
+            attn, query, key, value, rotary_emb=image_rotary_emb, text_tokens=text_len, padding_mask=padding
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         hidden_states, encoder_hidden_states = hidden_states[:, :video_len], hidden_states[:, video_len:]
@@ -88,17 +98,16 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
         return hidden_states, encoder_hidden_states
 
     @staticmethod
-    def _valid_text(attention_mask, batch: int, video_len: int, text_len: int) -> list[torch.Tensor | None]:
+    def _padding_mask(attention_mask, batch: int, video_len: int, text_len: int) -> torch.Tensor | None:
+        """The condition mask as MoC's `(B, N)` padding mask (shape checks only)."""
         if attention_mask is None:
-            return [None] * batch
+            return None
         # The stock processor left-pads a (B, T) condition mask with True up to the whole sequence; accept both.
         mask = attention_mask.reshape(attention_mask.shape[0], -1).bool()
         if mask.shape[-1] == video_len + text_len:
-            if not bool(mask[:, :video_len].all()):
-                raise ValueError("the attention mask hides video tokens; MoC only drops padded condition tokens")
-            mask = mask[:, video_len:]
-        if mask.shape != (batch, text_len):
+            return mask.expand(batch, -1)
+        if tuple(mask.shape) != (batch, text_len):
             raise ValueError(
                 f"expected a condition mask shaped ({batch}, {text_len}), got {tuple(attention_mask.shape)}"
             )
-        return [None if bool(m.all()) else torch.nonzero(m).flatten() for m in mask]
+        return video_padding_mask(mask, video_len)

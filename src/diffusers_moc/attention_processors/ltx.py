@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
-from ..parallel import all_gather_sequence, gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_config
+from ..parallel import all_gather_sequence, gather_sequence, ulysses_config
 from .base import MoCAttnProcessorBase, frames_from_rotary
 
 __all__ = ["MoCLTXVideoAttnProcessor"]
@@ -18,10 +18,13 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
 
     Cross-attention to the caption (`attn2`) is delegated to the stock processor, so one instance can be set on
     every attention module: `transformer.set_attn_processor(MoCLTXVideoAttnProcessor(config))`. Video chunks are
-    latent frames, read off LTX's rotary table (the time axis is its column `D % 6`, after the padding columns).
+    latent frames: with [`apply_moc`] the grid is the forward's `num_frames`, `height`, `width` (or, when only
+    `video_coords` are given, as `LTXConditionPipeline` does, read off their time coordinates once per forward, in
+    eager mode); with `set_attn_processor` alone it is read off LTX's rotary table (eager only; the time axis is its
+    column `D % 6`, after the padding columns).
 
-    Works under diffusers' Ulysses context parallelism (`ContextParallelConfig(ulysses_degree=N)`): the processor
-    exchanges sequence shards for head shards around MoC and reads the grid off the gathered rotary table. Under context
+    Works under diffusers' Ulysses context parallelism (`ContextParallelConfig(ulysses_degree=N)`, with
+    [`apply_moc`]): the shared MoC step exchanges sequence shards for head shards around MoC. Under context
     parallelism it also runs the cross-attention itself (caption gathered on every rank, local video queries):
     diffusers' own LTX processor fails there in 0.42.1 with a caption mask, and in every backward pass.
 
@@ -32,6 +35,33 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
     def __init__(self, config=None):
         super().__init__(config)
         self._dense = LTXVideoAttnProcessor()
+
+    @staticmethod
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """`(frames, height, width)` of the latent tokens: the `num_frames`, `height`, `width` of the call, or the
+        frames of its `video_coords` (a host read of that input; not traceable)."""
+        call = MoCAttnProcessorBase._call_arg
+        grid = tuple(call(args, kwargs, name, i) for name, i in (("num_frames", 4), ("height", 5), ("width", 6)))
+        if all(n is not None for n in grid):
+            return grid
+        coords = call(args, kwargs, "video_coords", 8)
+        if coords is None:
+            raise ValueError(
+                "MoC on LTX-Video needs the latent grid of the call: pass num_frames, height and width (as LTXPipeline "
+                "does) or video_coords"
+            )
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "under torch.compile / torch.export MoC on LTX-Video needs num_frames, height and width (the grid of "
+                "video_coords can only be read on the host)"
+            )
+        time = coords[0, 0].float()[:, None]
+        frames, per_frame = frames_from_rotary((time, torch.zeros_like(time)))
+        return frames, 1, per_frame
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
+        cos, sin = rotary_emb
+        return frames_from_rotary((cos[0], sin[0]), time_column=cos.shape[-1] % 6)
 
     def __call__(
         self,
@@ -60,17 +90,7 @@ class MoCLTXVideoAttnProcessor(MoCAttnProcessorBase):
         key = apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
 
-        cp = ulysses_config(self._parallel_config)
-        cos, sin = image_rotary_emb
-        if cp is not None:
-            # Each rank holds L/P tokens (and their rotary rows): gather heads-sharded full sequences for routing.
-            query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
-            cos, sin = gather_sequence(cos, 1, cp), gather_sequence(sin, 1, cp)
-        frames, per_frame = frames_from_rotary((cos[0], sin[0]), time_column=cos.shape[-1] % 6)
-        hidden_states = self.attend(attn, query, key, value, self.layout(frames, per_frame))
-        if cp is not None:
-            hidden_states = heads_to_sequence(hidden_states, cp)
-
+        hidden_states = self.moc_attend(attn, query, key, value, rotary_emb=image_rotary_emb)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)

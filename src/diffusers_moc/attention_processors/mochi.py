@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MoCAttnProcessorBase, qkv_heads
+from .base import MoCAttnProcessorBase, qkv_heads, video_padding_mask
 
 __all__ = ["MoCMochiAttnProcessor"]
 
@@ -26,25 +26,24 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
     r"""
     Drop-in for diffusers' `MochiAttnProcessor2_0` that computes the joint video-caption attention with MoC.
 
-    The stream is `[video tokens, valid caption tokens]`: like the stock processor, padded caption tokens (by the
-    `encoder_attention_mask`) are left out of each sample's attention, and their outputs are zero. Video chunks are
-    latent frames; the caption is one text chunk, a mandatory anchor.
+    The stream is `[video tokens, caption tokens]`: like the stock processor, padded caption tokens (by the
+    `encoder_attention_mask`) are left out of each sample's attention (MoC's `padding_mask`), and their outputs are
+    zero. Video chunks are latent frames; the caption is one text chunk, a mandatory anchor. Unlike the stock
+    processor (which finds the valid tokens with `nonzero`), nothing here reads the mask on the host outside the
+    attention op, so the model compiles with `fullgraph=True`.
 
     Mochi's RoPE mixes the three axes in every column (learned frequencies), so the frame grid cannot be read off
-    it: it comes from the transformer input, recorded by the pre-hook that [`apply_moc`] registers. Install this
-    processor with `apply_moc(transformer, config)`; `set_attn_processor` alone raises a clear error.
+    it: it comes from the transformer input, through the forward pre-hook of [`apply_moc`]. Install this processor
+    with `apply_moc(transformer, config)`; `set_attn_processor` alone raises a clear error.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
     """
 
     @staticmethod
-    def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-        """Post-patchify `(frames, height, width)` of a `MochiTransformer3DModel.forward` call."""
-        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden_states is None or hidden_states.ndim != 5:
-            return None
-        _, _, frames, height, width = hidden_states.shape
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`, no time patching."""
+        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
         p = transformer.config.patch_size
         return frames, height // p, width // p
 
@@ -65,20 +64,24 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.refuse_context_parallel("MochiTransformer3DModel")
         query, key, value = qkv_heads(attn, hidden_states)
-
         encoder_query, encoder_key, encoder_value = qkv_heads(attn, encoder_hidden_states, _ADDED, _ADDED_NORMS)
 
         if image_rotary_emb is not None:
             query = _apply_rotary_emb(query, *image_rotary_emb)
             key = _apply_rotary_emb(key, *image_rotary_emb)
 
-        video_len, text_len = query.shape[1], encoder_query.shape[1]
-        frames, per_frame = self._video_grid(video_len)
-        valid = self._valid_text(attention_mask, query.shape[0], text_len)
+        batch, video_len, text_len = query.shape[0], query.shape[1], encoder_query.shape[1]
+        padding = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, text_len):
+                raise ValueError(
+                    f"expected Mochi's caption mask shaped ({batch}, {text_len}), got {tuple(attention_mask.shape)}"
+                )
+            padding = video_padding_mask(attention_mask, video_len)
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)
-        hidden_states = self.attend_video_then_text(attn, query, key, value, frames, per_frame, valid)
+        hidden_states = self.moc_attend(attn, query, key, value, text_tokens=text_len, padding_mask=padding)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         hidden_states, encoder_hidden_states = hidden_states.split_with_sizes((video_len, text_len), dim=1)
@@ -87,27 +90,3 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
         if hasattr(attn, "to_add_out"):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
-
-    def _video_grid(self, video_len: int) -> tuple[int, int]:
-        if self._grid is None:
-            raise ValueError(
-                "MoCMochiAttnProcessor has no recorded input grid (Mochi's RoPE does not reveal it); install it with "
-                "`apply_moc(transformer, config)`, which records the grid of every forward"
-            )
-        frames, height, width = self._grid
-        if frames * height * width != video_len:
-            raise ValueError(
-                f"the recorded input grid {frames}x{height}x{width} does not match the {video_len} video tokens"
-            )
-        return frames, height * width
-
-    @staticmethod
-    def _valid_text(attention_mask: torch.Tensor | None, batch: int, text_len: int) -> list[torch.Tensor | None]:
-        if attention_mask is None:
-            return [None] * batch
-        if attention_mask.shape != (batch, text_len):
-            raise ValueError(
-                f"expected Mochi's caption mask shaped ({batch}, {text_len}), got {tuple(attention_mask.shape)}"
-            )
-        # Indices of the valid caption tokens (the stock processor keeps the same ones with `nonzero`).
-        return [None if bool(m.all()) else torch.nonzero(m).flatten() for m in attention_mask.bool()]

@@ -8,6 +8,7 @@ shot's caption plus the global caption (per-shot caption anchors).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,9 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..apply import apply_moc, get_moc_config, update_moc_config
-from ..attention_processors import MoCWanAttnProcessor
+from ..captions import caption_layout, encode_caption
 from ..config import MoCConfig
 from ..context import moc_context
-from .captions import caption_layout, encode_caption
 
 __all__ = [
     "LongVideoPipeline",
@@ -185,19 +185,23 @@ class LongVideoPipelineOutput(BaseOutput):
 
 def prepare_moc_transformer(transformer: torch.nn.Module, moc_config: MoCConfig | None = None) -> MoCConfig:
     r"""
-    Make a Wan transformer ready for [`LongVideoPipeline`]: apply MoC (or set `moc_config` on the applied processors
-    when it differs) and put the MoC processor on the cross-attention layers too, for per-shot caption anchors.
-
-    Without caption spans in the [`moc_context`] the MoC processor runs the stock cross-attention, so the extra
-    cross-attention processors change nothing for other callers.
-
-    Args:
-        transformer (`WanTransformer3DModel`): the transformer.
-        moc_config (`MoCConfig`, *optional*): settings; `None` keeps the applied ones (or applies `MoCConfig()`).
+    Deprecated: [`apply_moc`] now installs everything a Wan transformer needs for [`LongVideoPipeline`], the per-shot
+    caption cross-attention included. Applies MoC (or sets `moc_config` on the applied processors when it differs).
 
     Returns:
         `MoCConfig`: the config in use.
     """
+    warnings.warn(
+        "prepare_moc_transformer is deprecated and will be removed: call apply_moc(transformer, config), which "
+        "installs the per-shot caption cross-attention too",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return _use_moc(transformer, moc_config)
+
+
+def _use_moc(transformer: torch.nn.Module, moc_config: MoCConfig | None) -> MoCConfig:
+    """Apply MoC when the transformer has none; set `moc_config` when given and different. Returns the config."""
     if moc_config is not None and not isinstance(moc_config, MoCConfig):
         raise TypeError(f"moc_config must be a MoCConfig, got {type(moc_config).__name__}")
     current = get_moc_config(transformer)
@@ -205,17 +209,7 @@ def prepare_moc_transformer(transformer: torch.nn.Module, moc_config: MoCConfig 
         apply_moc(transformer, moc_config)
     elif moc_config is not None and moc_config != current:
         update_moc_config(transformer, **moc_config.to_dict())
-    processor = next(
-        m.processor
-        for m in transformer.modules()
-        if isinstance(getattr(m, "processor", None), MoCWanAttnProcessor)
-        and not getattr(m, "is_cross_attention", False)
-    )
-    for module in transformer.modules():
-        if getattr(module, "is_cross_attention", False) and hasattr(module, "set_processor"):
-            if not isinstance(module.processor, MoCWanAttnProcessor):
-                module.set_processor(processor)
-    return processor.config
+    return get_moc_config(transformer)
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
@@ -319,7 +313,7 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------------------------------------ MoC
     def _prepare_moc(self, moc_config: MoCConfig | None) -> MoCConfig:
-        return prepare_moc_transformer(self.transformer, moc_config)
+        return _use_moc(self.transformer, moc_config)
 
     # ------------------------------------------------------------------------------------------------ checks
     def check_inputs(

@@ -1,6 +1,6 @@
 """The frozen encoders of training: clips to normalised VAE latent distributions, captions to text contexts.
 
-A multi-shot sample's text context is built as `LongVideoPipeline` builds it (`pipelines.captions`): the global
+A multi-shot sample's text context is built as `LongVideoPipeline` builds it (`diffusers_moc.captions`): the global
 caption and each distinct shot caption encoded separately and concatenated; a single-caption sample is one prompt
 encoded as `WanPipeline.encode_prompt` encodes it.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..pipelines.captions import CaptionLayout, caption_layout, encode_caption
+from ..captions import CaptionLayout, caption_layout, encode_caption
 
 __all__ = ["SampleEncoder"]
 

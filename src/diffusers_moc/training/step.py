@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..captions import CaptionLayout
 from ..context import moc_context
-from ..pipelines.captions import CaptionLayout
 from .config import OptimConfig
 from .encoding import SampleEncoder
 

@@ -13,8 +13,8 @@ and validation sizes, the encoders and latent cache (`encoding`), the optimiser,
 complete checkpoints and the next run with `resume_from: latest` continues from the newest.
 
 Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
-shot caption are encoded separately and concatenated (`pipelines.captions`), and the MoC processor, installed on the
-cross-attention layers too (`prepare_moc_transformer`), gives each shot's tokens only the global caption plus their own
+shot caption are encoded separately and concatenated (`diffusers_moc.captions`), and the MoC processor, installed on the
+cross-attention layers too (`apply_moc`), gives each shot's tokens only the global caption plus their own
 caption. Clips with a single caption train with one prompt and stock cross-attention. Caption dropout replaces all
 captions of a sample with the empty prompt (stock cross-attention), the unconditional input of guidance.
 
@@ -197,7 +197,7 @@ class MoCLoRATrainer:
             run.accelerator.end_training()
             return TrainResult(global_step=run.plan.start_step, message=run.plan.message)
         clips = self._clips()
-        self._load_models(run, clips)
+        self._load_models(run)
         self._check_model_fits(run.pipe)
         self._prepare_data(run, clips)
         self._prepare_optimisation(run)
@@ -283,14 +283,11 @@ class MoCLoRATrainer:
             ) from None
         return dict(pipe.components)
 
-    def _load_models(self, run: _Run, clips: VideoClipDataset) -> None:
+    def _load_models(self, run: _Run) -> None:
         from accelerate.utils import set_seed
         from diffusers import WanPipeline
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
-
-        from ..pipelines.captions import caption_layout
-        from ..pipelines.long_video import prepare_moc_transformer
 
         c, t = self.config, self.config.training
         set_seed(c.seed)
@@ -309,11 +306,8 @@ class MoCLoRATrainer:
         # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
         # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
         # forward.
+        # `apply_moc` installs the per-shot caption cross-attention too (used when a sample has shot captions).
         apply_moc(transformer, c.moc)
-        max_len = c.data.max_sequence_length
-        if any(caption_layout(r.global_caption, r.shot_captions, max_len).caption_spans for r in clips.records):
-            # Per-shot captions: the MoC processor goes on cross-attention too, as in LongVideoPipeline.
-            prepare_moc_transformer(transformer)
         lora = LoraConfig(
             r=c.lora.rank,
             lora_alpha=c.lora.alpha if c.lora.alpha is not None else c.lora.rank,

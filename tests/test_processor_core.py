@@ -1,0 +1,172 @@
+"""The shared processor core: per-forward facts, no host reads outside the attention op, whole model objects."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import io
+
+import pytest
+import torch
+from _tiny_models import MODELS
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import diffusers_moc.attention as attention
+from diffusers_moc import MoCConfig, apply_moc, moc_context
+from diffusers_moc.attention_processors import MoCAttnProcessorBase, MoCForwardPreHook, MoCWanAttnProcessor
+
+SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
+# aten ops that read a tensor back to the host or give a data-dependent shape (`.item()`, `bool(t)`, `int(t)` and
+# `.tolist()` all reach `_local_scalar_dense`).
+_READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2", "unique_consecutive"}
+
+
+# Tensor methods that read to the host (`.tolist()` never reaches the dispatcher, so it is counted here).
+_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"}
+
+
+class _AtenReads(TorchDispatchMode):
+    def __init__(self, reads: collections.Counter):
+        super().__init__()
+        self.reads, self.moc_calls = reads, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if func._schema.name.startswith("diffusers_moc::"):
+            self.moc_calls += 1
+        elif name in _READS:
+            self.reads[f"aten.{name}"] += 1
+        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.reads["aten.index with a boolean mask"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads, as Tensor method calls and as aten ops. The MoC op is seen as one call by both modes: what
+    runs inside it is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: collections.Counter = collections.Counter()
+        self._aten = _AtenReads(self.reads)
+
+    @property
+    def moc_calls(self) -> int:
+        return self._aten.moc_calls
+
+    def __enter__(self):
+        self._aten.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._aten.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _METHODS:
+            self.reads[f"Tensor.{name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _hook(model) -> MoCForwardPreHook:
+    return next(h for h in model._forward_pre_hooks.values() if isinstance(h, MoCForwardPreHook))
+
+
+def _reads(model, inputs) -> HostReads:
+    with torch.no_grad(), HostReads() as mode:
+        model(**inputs)
+    return mode
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_no_host_reads_outside_the_attention_op(name):
+    model, inputs = MODELS[name]()
+    stock = _reads(model, inputs).reads
+    apply_moc(model, SPARSE)
+    mode = _reads(model, inputs)
+    assert mode.moc_calls > 0
+    if name == "hunyuan_video15":
+        # diffusers' own forward reads (`if torch.all(image_embeds == 0)`, boolean-mask packing); MoC adds none.
+        assert stock and mode.reads == stock
+    else:
+        # Mochi's stock processor finds valid caption tokens with `nonzero`; MoC's reads nothing.
+        assert mode.reads == {}, dict(mode.reads)
+
+
+def test_the_counter_sees_host_reads():
+    """The counter is not blind: the rotary fallback of `set_attn_processor` alone reads, and so does the op's body."""
+    model, inputs = MODELS["wan"]()
+    model.set_attn_processor(MoCWanAttnProcessor(SPARSE))
+    assert sum(_reads(model, inputs).reads.values()) > 0
+    q = torch.randn(1, 6, 1, 4)
+    layout = attention.ChunkLayout.for_video(3, 2)
+    routing = attention.route(q, q, layout, SPARSE)
+    with HostReads() as mode:
+        attention._forward_impl(
+            q, q, q, routing.selected, routing.anchors, None, [2, 2, 2], [0] * 3, [False] * 3, 1.0, "torch"
+        )
+    assert sum(mode.reads.values()) > 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_with_moc_pickle_and_deepcopy(name):
+    model, inputs = MODELS[name]()
+    apply_moc(model, SPARSE)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(model)
+    for other in (loaded, twin):
+        with torch.no_grad():
+            torch.testing.assert_close(other(**inputs).sample, expected, atol=0, rtol=0)
+        # The copy has its own forward state, shared by its own hook and processors.
+        hook = _hook(other)
+        procs = {
+            id(m.processor) for m in other.modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)
+        }
+        assert procs == {id(hook.processor)} and hook.processor.state is not _hook(model).processor.state
+
+
+def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
+    model, inputs = MODELS["wan"]()
+    apply_moc(model, SPARSE)
+    hook = _hook(model)
+    calls = []
+    original = MoCWanAttnProcessor.input_grid
+    monkeypatch.setattr(MoCWanAttnProcessor, "input_grid", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    with torch.no_grad(), moc_context(shot_frames=[1, 3]):
+        model(**inputs)
+    assert calls == [1]  # once per forward, not once per layer
+    facts = hook.processor.state.facts
+    assert facts.grid == (4, 2, 2) and facts.layout.shots == (0, 1, 1, 1) and facts.regularise is False
+
+
+def test_ltx_condition_style_video_coords_give_the_frame_grid():
+    """LTXConditionPipeline passes `video_coords`, not num_frames/height/width: the hook reads the frames off their
+    time coordinates once per forward (eager)."""
+    model, inputs = MODELS["ltx"]()
+    frames, height, width = (inputs.pop(n) for n in ("num_frames", "height", "width"))
+    inputs.pop("rope_interpolation_scale")
+    grid = torch.stack(
+        torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (frames, height, width)), indexing="ij")
+    )
+    inputs["video_coords"] = grid.flatten(1)[None].expand(2, -1, -1) * torch.tensor([0.32, 32.0, 32.0])[None, :, None]
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        apply_moc(model, MoCConfig(top_k=100, causal=False, backend="torch"))
+        torch.testing.assert_close(model(**inputs).sample, stock, atol=1e-5, rtol=1e-5)
+    assert _hook(model).processor.state.facts.grid == (frames, 1, height * width)
+
+
+def test_prepare_moc_transformer_is_a_deprecated_alias_of_apply_moc():
+    from diffusers_moc import prepare_moc_transformer
+
+    model, _ = MODELS["wan"]()
+    with pytest.warns(FutureWarning, match="apply_moc"):
+        assert prepare_moc_transformer(model, SPARSE) == SPARSE
+    assert all(isinstance(p, MoCWanAttnProcessor) for p in model.attn_processors.values())  # cross-attention too
