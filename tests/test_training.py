@@ -284,15 +284,12 @@ def test_compiled_training_matches_eager(data_root, tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", False)  # restored after the test (the trainer sets it)
-    # One sparse optimizer step with drop-off and drop-in; the reference backend keeps shapes static (one compile).
-    sections = {
-        "sparsity": {"start_top_k": 1, "warmup_steps": 0, "anneal_steps": 0},
-        "moc": {"backend": "reference"},
-    }
+    # One sparse optimizer step with drop-off and drop-in on the default backend, each block compiled whole.
+    sections = {"sparsity": {"start_top_k": 1, "warmup_steps": 0, "anneal_steps": 0}}
     runs = {}
     for compile in (False, True):
         _reset_accelerate()
-        training = {"max_steps": 1, "gradient_checkpointing": False, "compile": compile}
+        training = {"max_steps": 1, "gradient_checkpointing": False, "compile": compile, "compile_fullgraph": compile}
         trainer = MoCLoRATrainer(_config(data_root, tmp_path / f"compile-{compile}", training=training, **sections))
         runs[compile] = (trainer.train().losses, _lora_state(trainer), trainer.pipeline.transformer)
     (eager_loss, eager, eager_model), (compiled_loss, compiled, compiled_model) = runs[False], runs[True]

@@ -330,8 +330,7 @@ class MoCLoRATrainer:
             # them: a compiled run trains as the eager one does, and resumes exactly.
             inductor_config.fallback_random = True
             # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph. Static
-            # shapes: automatic dynamic shapes fail today in MoC's drop-off (`torch.rand` of a symbolic size); a shape
-            # dynamo has not seen recompiles, and past its recompile limit that code runs eagerly.
+            # shapes: a training run has one sample shape, and MoC's layout is a per-shape constant.
             transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph, dynamic=False)
         run.pipe = self.pipeline = WanPipeline(**components)
         run.pipe.set_progress_bar_config(disable=True)
