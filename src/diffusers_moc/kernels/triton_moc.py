@@ -57,6 +57,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import MoCRouting
 from .base import MoCKernel, kernel_attention
+from .nan_guard import sdpa_nan
 
 __all__ = ["TRITON", "triton_attention", "build_plan", "MoCTritonPlan"]
 
@@ -668,7 +669,9 @@ def _triton_backward(grad_out, q, k, v, out, lse, routing, scale, plan=None, blo
     return dq[..., :D], dk[..., :D], dv[..., :DV]
 
 
-TRITON = MoCKernel("triton", _triton_forward, _triton_backward)
+# NaN inputs: the kernels would spread a key block's NaN values to the tile's rows that do not attend it (zero
+# probabilities times NaN); `sdpa_nan` gives SDPA's semantics instead.
+TRITON = sdpa_nan(MoCKernel("triton", _triton_forward, _triton_backward))
 
 
 def triton_attention(
@@ -705,10 +708,8 @@ def triton_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # One plan for forward and backward: planning is a fair share of the work.
     plan, _ = _plan_for(q, v, routing, plan, block_m, reorder)
-    kernel = MoCKernel(
-        "triton",
-        lambda *a: _triton_forward(*a, plan=plan),
-        lambda *a: _triton_backward(*a, plan=plan),
+    kernel = sdpa_nan(
+        MoCKernel("triton", lambda *a: _triton_forward(*a, plan=plan), lambda *a: _triton_backward(*a, plan=plan))
     )
     out, lse = kernel_attention(kernel, q, k, v, routing, scale)
     return (out, lse) if return_lse else out
