@@ -11,13 +11,14 @@ from conftest import random_layout
 
 import diffusers_moc.kernels.executors as executors
 import diffusers_moc.kernels.flash_attn_executors as fa_executors
-import diffusers_moc.kernels.varlen as varlen
+import diffusers_moc.kernels.varlen_plan as varlen_plan
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, moc_attention, route
 from diffusers_moc.kernels import FLASH, reference_attention
 from diffusers_moc.kernels.executors import TorchExecutor, TorchFlashExecutor
 from diffusers_moc.kernels.flash_attn_executors import FlashAttnExecutor
-from diffusers_moc.kernels.varlen import build_varlen_plan, varlen_backward, varlen_forward
+from diffusers_moc.kernels.varlen import varlen_backward, varlen_forward
 from diffusers_moc.kernels.varlen_contract import RecordingExecutor, varlen_contract_violations
+from diffusers_moc.kernels.varlen_plan import build_varlen_plan, call_costs
 from diffusers_moc.routing import expand_routing
 
 
@@ -60,7 +61,7 @@ def executor(request):
 @pytest.mark.parametrize("budget", [None, 2000], ids=["default-budget", "tiny-budget"])
 def test_forward_and_gradients_equal_reference_on_random_layouts(rng, executor, budget, monkeypatch):
     # A tiny budget splits segments into query ranges and spreads chunks over calls (staged dk, dv).
-    monkeypatch.setattr(varlen, "MEMORY_BUDGET_BYTES", budget)
+    monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", budget)
     for trial in range(6):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, seed=trial)
@@ -79,23 +80,29 @@ def test_tiny_budget_splits_calls_and_segments(monkeypatch):
     layout = ChunkLayout.for_video(4, 40)
     q, k, v = _qkv(layout, B=1, H=2)
     routing = route(q, k, layout, MoCConfig(top_k=2, local_window=0))
-    row_cost, key_cost = varlen._costs(q, v)
+    row_cost, key_cost = call_costs(q, v)
     budget = 30 * row_cost + 40 * key_cost
     plan = build_varlen_plan(routing, q, v, budget=budget)
-    assert len(plan.calls) > 8
-    pieces = [p for call in plan.calls for p in call]
+    backward_calls = plan.segment_calls(with_anchors=True)
+    assert len(backward_calls) > 8 and len(plan.anchor_calls()) > 1
+    pieces = [p for call in backward_calls for p in call]
     assert any(p.lo > 0 for p in pieces)  # a segment split into query ranges
-    for call in plan.calls:  # every call within the budget (a call of one piece may hold more)
+    for call in backward_calls:  # every call within the budget (a call of one piece may hold more)
         cost = sum((p.hi - p.lo) * row_cost + 40 * key_cost for p in call)
         assert cost <= budget or len(call) == 1
-    # Every attended pair is packed exactly once.
-    assert sum(p.hi - p.lo for p in pieces) * 40 == plan.pairs() == routing.attended_tokens().sum().item()
+    # Every attended pair is packed exactly once: in the backward's segments, and in the forward's anchor calls
+    # (own chunk: 40 x 40 per chunk and head) plus routed segments.
+    pairs = routing.attended_tokens().sum().item()
+    assert sum(p.hi - p.lo for p in pieces) * 40 == plan.pairs() == pairs
+    routed = sum(p.hi - p.lo for call in plan.segment_calls(with_anchors=False) for p in call)
+    assert (routed + 4 * 40 * 2) * 40 == pairs
     rec = RecordingExecutor(TorchExecutor(), dtypes=None)
     out, _, grad, grads = _fwd_bwd(rec, q, k, v, routing, plan=plan)
     want = _reference(q, k, v, routing, grad)
     for got, ref in zip((out, *grads), want):
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
-    assert rec.violations == [] and len(rec.calls) == 2 * len(plan.calls)
+    n_calls = len(plan.anchor_calls()) + len(plan.segment_calls(False)) + len(backward_calls)
+    assert rec.violations == [] and len(rec.calls) == n_calls
 
 
 def test_plan_is_linear_in_tokens():
@@ -123,7 +130,7 @@ def test_one_token_segments_and_chunks_no_query_attends(executor):
     routing = _custom_routing(layout, B, H, selected, anchors)
     q, k, v = _qkv(layout, B=B, H=H)
     plan = build_varlen_plan(routing, q, v)
-    pieces = [p for call in plan.calls for p in call]
+    pieces = [p for call in plan.segment_calls(with_anchors=True) for p in call]
     assert all(p.chunk != 2 for p in pieces)  # no segment for the chunk no query attends
     assert any(p.chunk == 1 and p.bh == 0 and p.hi - p.lo == 6 for p in pieces)  # 5 anchors + the one routed token
     assert any(p.chunk == 3 and p.bh == 1 and p.hi - p.lo == 6 for p in pieces)
@@ -196,7 +203,7 @@ def test_low_precision_merges_in_float32(dtype, executor):
 
 
 def test_every_executor_call_satisfies_flash_attn_contract(rng, monkeypatch):
-    monkeypatch.setattr(varlen, "MEMORY_BUDGET_BYTES", 3000)
+    monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", 3000)
     for trial, dtype in enumerate([torch.bfloat16, torch.float16] * 3):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, D=16, dtype=dtype, seed=trial)
@@ -226,7 +233,7 @@ def test_torch_flash_executor_end_to_end_on_stand_in_kernels(rng, monkeypatch, D
     monkeypatch.setattr(
         executors, "_flash_ops", lambda: (flash_fakes.aten_flash_forward, flash_fakes.aten_flash_backward)
     )
-    monkeypatch.setattr(varlen, "MEMORY_BUDGET_BYTES", 4000)
+    monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", 4000)
     for trial in range(3):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, D=D, dtype=torch.bfloat16, seed=trial)

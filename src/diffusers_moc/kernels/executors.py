@@ -15,7 +15,6 @@ The flash executor reads nothing.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
@@ -30,10 +29,10 @@ __all__ = [
 ]
 
 # BLAS computes a row of a product of very few rows (1 to 7, a GEMV-like path) differently from the same row in a
-# larger product, and the fused CPU kernel inherits this for its last, partial query block. Padding every segment
-# (and every matmul row tile) to whole 32-row blocks keeps every product at least 32 rows (the fused kernel's query
-# blocks are 32, 64 or 256 rows), so a row's result never depends on how many rows share its segment: the exactness
-# the causal DAG property needs (tested).
+# larger product, and the fused CPU kernel inherits this for its last, partial query block. With every segment
+# padded to whole 32-row blocks (the packing does it, see `row_multiple`) and matmul row tiles of whole blocks,
+# every product has at least 32 rows (the fused kernel's query blocks are 32, 64 or 256 rows), so a row's result
+# never depends on how many rows share its segment: the exactness the causal DAG property needs (tested).
 _ROW_MULTIPLE = 32
 # Upper bound on the elements of one float32 score tile in the matmul path.
 _TILE_ELEMS = 1 << 24
@@ -46,69 +45,45 @@ def _fused_cpu_available() -> bool:
 # ---------------------------------------------------------------------------------------------- portable executor
 def _matmul_fwd(q, k, v, scale):
     """`q (m, D), k (n, D), v (n, Dv)` -> `(out (m, Dv), lse (m,))` in float32 (float64 stays float64)."""
-    m = q.shape[0]
     work = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(_padded_rows(q.to(work), _whole_blocks(m)), k.to(work).T).mul_(scale)
+    s = torch.matmul(q.to(work), k.to(work).T).mul_(scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(s.sub_(lse[:, None]).exp_(), v.to(work))[:m], lse[:m]
+    return torch.matmul(s.sub_(lse[:, None]).exp_(), v.to(work)), lse
 
 
 def _matmul_bwd(do, q, k, v, o, lse, scale):
-    m, rows = q.shape[0], _whole_blocks(q.shape[0])
     work = lse.dtype
-    q, do, o = (_padded_rows(x.to(work), rows) for x in (q, do, o))
-    lse = _padded_rows(lse, rows, math.inf)  # padding rows get probability 0
-    k, v = k.to(work), v.to(work)
+    q, k, v, do = q.to(work), k.to(work), v.to(work), do.to(work)
     p = torch.matmul(q, k.T).mul_(scale).sub_(lse[:, None]).exp_()
     dv = torch.matmul(p.T, do)
-    delta = (do * o).sum(-1, keepdim=True)
+    delta = (do * o.to(work)).sum(-1, keepdim=True)
     ds = p.mul_(torch.matmul(do, v.T).sub_(delta))
-    return torch.matmul(ds, k).mul_(scale)[:m], torch.matmul(ds.T, q).mul_(scale), dv
+    return torch.matmul(ds, k).mul_(scale), torch.matmul(ds.T, q).mul_(scale), dv
 
 
-def _padded_rows(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    out = x.new_full((rows, *x.shape[1:]), fill)
-    out[: x.shape[0]] = x
-    return out
-
-
-def _whole_blocks(m: int) -> int:
-    return -(-m // _ROW_MULTIPLE) * _ROW_MULTIPLE
+def _batched(x: torch.Tensor, start: int, count: int, rows: int) -> torch.Tensor:
+    """Rows `start : start + count * rows` of `x` `(total, H, D)` as `(count, H, rows, D)` (a view)."""
+    return x[start : start + count * rows].view(count, rows, *x.shape[1:]).transpose(1, 2)
 
 
 def _cpu_fwd(q, k, v, scale):
-    m = q.shape[0]
-    rows = _whole_blocks(m)  # the packing pads segments already; this only copies for other callers
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _padded_rows(q, rows)[None, None], k[None, None], v[None, None], 0.0, False, scale=scale
-    )
-    return out[0, 0, :m], lse[0, 0, :m]
+    """The fused CPU kernel on `(g, H, m, D)` views."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
 
 
 def _cpu_bwd(do, q, k, v, o, lse, scale):
-    m = q.shape[0]
-    rows = _whole_blocks(m)
-    # Padding rows: an infinite log-sum-exp gives them probabilities exp(s - inf) = 0, so no share of dk and dv.
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(_padded_rows(x, rows)[None, None] for x in (do, q)),
-        k[None, None],
-        v[None, None],
-        _padded_rows(o, rows)[None, None],
-        _padded_rows(lse, rows, math.inf)[None, None].contiguous(),
-        0.0,
-        False,
-        scale=scale,
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, o, lse.contiguous(), 0.0, False, scale=scale
     )
-    return dq[0, 0, :m], dk[0, 0], dv[0, 0]
 
 
 class TorchExecutor:
     r"""
     Portable executor: loops over the segments of a call. On the CPU with one head size for queries and values it
-    runs PyTorch's fused flash-attention kernel on each (rows padded to whole 32-row blocks); otherwise float32
-    matmuls, in row tiles of at most 2^24 scores.
+    runs PyTorch's fused flash-attention kernel, on every run of consecutive segments of one shape at once, all
+    heads; otherwise float32 matmuls per segment and head, in row tiles of whole 32-row blocks and at most 2^24
+    scores. Asks the packing for segments of whole 32-row blocks (`row_multiple`) and, where that wastes little,
+    for the segments of a chunk padded to one length (`uniform_segments`).
 
     Args:
         fused (`bool`, *optional*): force (`True`) or avoid (`False`) the fused CPU kernel; default: where it runs.
@@ -117,6 +92,8 @@ class TorchExecutor:
     name = "torch"
     #: The packing pads every segment to whole blocks of this many rows (see `_ROW_MULTIPLE`).
     row_multiple = _ROW_MULTIPLE
+    #: ... and the segments of one chunk to one length when that adds at most this share of rows (one kernel call).
+    uniform_segments = 0.125
 
     def __init__(self, fused: bool | None = None):
         self.fused = fused
@@ -130,16 +107,17 @@ class TorchExecutor:
         work = torch.promote_types(q.dtype, torch.float32)
         out = q.new_empty(total, heads, v.shape[-1])
         lse = torch.empty(heads, total, dtype=work, device=q.device)
-        fused = self._fused(q, v)
+        if self._fused(q, v):
+            # Runs of segments of one shape go through the kernel at once, all heads: it parallelises over them.
+            for a, m, c0, n, g in _runs(cu_q, cu_k):
+                o, l_ = _cpu_fwd(_batched(q, a, g, m), _batched(k, c0, g, n), _batched(v, c0, g, n), scale)
+                _batched(out, a, g, m).copy_(o)
+                lse[:, a : a + g * m].view(heads, g, m).copy_(l_.transpose(0, 1))
+            return out, lse
         for a, b, c0, c1 in _segments(cu_q, cu_k):
             for h in range(heads):
-                qs, ks, vs = q[a:b, h], k[c0:c1, h], v[c0:c1, h]
-                if fused:
-                    o, l_ = _cpu_fwd(qs, ks, vs, scale)
-                    out[a:b, h], lse[h, a:b] = o, l_
-                    continue
                 for r, e in _row_tiles(b - a, c1 - c0):
-                    o, l_ = _matmul_fwd(qs[r:e], ks, vs, scale)
+                    o, l_ = _matmul_fwd(q[a + r : a + e, h], k[c0:c1, h], v[c0:c1, h], scale)
                     out[a + r : a + e, h], lse[h, a + r : a + e] = o, l_
         return out, lse
 
@@ -147,13 +125,18 @@ class TorchExecutor:
         heads = q.shape[1]
         work = torch.promote_types(q.dtype, torch.float32)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        fused = self._fused(q, v)
+        if self._fused(q, v):
+            for a, m, c0, n, g in _runs(cu_q, cu_k):
+                rows = [_batched(x, a, g, m) for x in (grad_out, q)]
+                keys = [_batched(x, c0, g, n) for x in (k, v)]
+                lse_g = lse[:, a : a + g * m].view(heads, g, m).transpose(0, 1)
+                grads = _cpu_bwd(*rows, *keys, _batched(out, a, g, m), lse_g, scale)
+                for dst, src, start, length in zip((dq, dk, dv), grads, (a, c0, c0), (m, n, n)):
+                    _batched(dst, start, g, length).copy_(src)
+            return dq, dk, dv
         for a, b, c0, c1 in _segments(cu_q, cu_k):
             for h in range(heads):
                 args = (grad_out[a:b, h], q[a:b, h], k[c0:c1, h], v[c0:c1, h], out[a:b, h], lse[h, a:b])
-                if fused:
-                    dq[a:b, h], dk[c0:c1, h], dv[c0:c1, h] = _cpu_bwd(*args, scale)
-                    continue
                 gk = torch.zeros(c1 - c0, k.shape[-1], dtype=work, device=k.device)
                 gv = torch.zeros(c1 - c0, v.shape[-1], dtype=work, device=v.device)
                 for r, e in _row_tiles(b - a, c1 - c0):
@@ -176,6 +159,18 @@ def _segments(cu_q: torch.Tensor, cu_k: torch.Tensor):
     for i in range(len(cq) - 1):
         if cq[i + 1] > cq[i]:
             yield cq[i], cq[i + 1], ck[i], ck[i + 1]
+
+
+def _runs(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """`(first q row, q rows, first k row, k rows, count)` for every run of consecutive non-empty segments of one
+    shape."""
+    runs = []
+    for a, b, c0, c1 in _segments(cu_q, cu_k):
+        if runs and runs[-1][1] == b - a and runs[-1][3] == c1 - c0 and runs[-1][0] + runs[-1][4] * (b - a) == a:
+            runs[-1][4] += 1
+        else:
+            runs.append([a, b - a, c0, c1 - c0, 1])
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch flash

@@ -111,6 +111,11 @@ class RecordingExecutor:
     def name(self) -> str:
         return self.inner.name
 
+    def __getattr__(self, attr):  # the packing options the wrapped executor asks for (`row_multiple`, ...)
+        if attr in ("row_multiple", "uniform_segments"):
+            return getattr(self.inner, attr)
+        raise AttributeError(attr)
+
     def _record(self, kind, q, k, v, cu_q, cu_k, max_q, max_k, **extra):
         bad = varlen_contract_violations(q, k, v, cu_q, cu_k, max_q, max_k, dtypes=self.dtypes, **extra)
         n = len(self.calls)
