@@ -83,6 +83,10 @@ class _Buffers:
             buf = self._bufs[name] = torch.empty(max(rows, 1), cols, dtype=dtype, device=like.device)
         return buf[:rows]
 
+    def gather(self, name: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of `x` `(n, D)` as `(len(rows), 1, D)`, into a reused buffer."""
+        return torch.index_select(x, 0, rows, out=self.take(name, rows.numel(), x, x.shape[-1])).unsqueeze(1)
+
 
 def _token_ranges(ranges: list[tuple[int, int]], device) -> torch.Tensor:
     """The token ids of a few `(start, end)` ranges, without a host read: an arange plus a per-range shift."""
@@ -151,7 +155,7 @@ def _pack(plan: VarlenPlan, pieces: list[Piece], with_anchors: bool, device, exe
             parts.append(anchor_cache[c][bh, piece.lo : min(piece.hi, n_a)])
         if piece.hi > n_a:
             s = plan.routed_start[c][bh]
-            parts.append(plan.routed_rows[s + max(piece.lo - n_a, 0) : s + piece.hi - n_a])
+            parts.append(plan.routed_rows[s + max(piece.lo - n_a, 0) : s + piece.hi - n_a].long())
         rows = piece.hi - piece.lo
         pad = length - rows
         if pad:
@@ -264,11 +268,13 @@ def varlen_forward(
     for pieces in plan.segment_calls(with_anchors=False):
         call = _pack(plan, pieces, False, q.device, executor)
         kc, vc = _segment_keys(call, k, v, plan)
-        qc = torch.index_select(q_flat, 0, call.rows, out=bufs.take("q", call.rows.numel(), q, D)).unsqueeze(1)
+        qc = bufs.gather("q", q_flat, call.rows)
         o, lse = executor.forward(qc, kc, vc, call.cu_q, call.cu_k, call.max_q, call.max_k, scale)
         o, lse = o.reshape(-1, Dv), lse.reshape(-1)
         for _, r0, r1, _, _, _ in call.chunks:  # chunk by chunk: a query appears once per chunk
             _merge(acc, lse_acc, call.merge_rows[r0:r1], o[r0:r1], lse[r0:r1].to(work), bufs)
+        del call, kc, vc, qc, o, lse
+    del bufs, plan  # before the cast to the input dtype
     return acc_bl.to(q.dtype), lse_bl.permute(0, 2, 1).contiguous()
 
 
@@ -299,20 +305,25 @@ def varlen_backward(
     last_call = {piece.chunk: i for i, pieces in enumerate(calls) for piece in pieces}
     staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     bufs = _Buffers()
-
-    def gather(name, x, rows):
-        return torch.index_select(x, 0, rows, out=bufs.take(name, rows.numel(), x, x.shape[-1])).unsqueeze(1)
-
     for i, pieces in enumerate(calls):
         call = _pack(plan, pieces, True, q.device, executor)
         kc, vc = _segment_keys(call, k, v, plan)
         rows = call.rows
-        args = (gather("do", do_flat, rows), gather("q", q_flat, rows), kc, vc, gather("o", o_flat, rows))
+        args = (
+            bufs.gather("do", do_flat, rows),
+            bufs.gather("q", q_flat, rows),
+            kc,
+            vc,
+            bufs.gather("o", o_flat, rows),
+        )
         lse_c = lse_flat.index_select(0, call.merge_rows).view(1, -1)
         dq_c, dk_c, dv_c = executor.backward(*args, lse_c, call.cu_q, call.cu_k, call.max_q, call.max_k, scale)
         dq.index_add_(0, call.merge_rows, dq_c.reshape(-1, D).to(work))
         for c, _, _, k0, k1, bhs in call.chunks:
             _chunk_grads(dk, dv, dk_c[k0:k1], dv_c[k0:k1], c, bhs, plan, staged, last_call[c] == i, work)
+        del call, kc, vc, args, lse_c, dq_c, dk_c, dv_c
+    # The calls' buffers go before dq is cast: the cast's copy reuses their room (see `memory_budget`).
+    del bufs, plan, lse_flat
     return dq[:n].view(B, L, H, D).to(q.dtype), dk, dv
 
 

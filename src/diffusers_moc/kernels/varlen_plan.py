@@ -29,17 +29,31 @@ __all__ = ["VarlenPlan", "build_varlen_plan", "memory_budget"]
 
 #: Bytes one call may hold (gathered rows, partial results, the executor's buffers); `None`: `memory_budget()`.
 MEMORY_BUDGET_BYTES: int | None = None
-_MIN_BUDGET = 16 << 20
-_MAX_BUDGET = 2 << 30
 # Elements of `selected` processed at once while sorting the routed pairs (bounds the sort's temporaries).
 _PLAN_BLOCK = 1 << 24
 
 
-def memory_budget(q: torch.Tensor, v: torch.Tensor) -> int:
-    """Bytes one var-len call may hold: half the attention output, within [16 MiB, 2 GiB] (`MEMORY_BUDGET_BYTES`)."""
+def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: int = 0) -> int:
+    r"""
+    Bytes one var-len call may hold (`MEMORY_BUDGET_BYTES` overrides), chosen so that MoC's forward+backward peak
+    stays at or below dense attention's:
+
+    - forward: the attention output's size (within [16 MiB, 2 GiB]): the backward's grad buffers are several times
+      that, so a forward call never sets the peak;
+    - backward, float16 / bfloat16: half the output, less the plan. The float32 `dq` accumulator is freed before
+      `dq` is cast, so the calls and the plan only use room the final cast takes anyway (dense flash attention holds
+      the same float32 accumulator, `dq`, `dk` and `dv`);
+    - backward, float32 / float64: `dq` accumulates in place, dense attention has no such slack: a sixteenth of the
+      output (at least 1 MiB).
+    """
     if MEMORY_BUDGET_BYTES is not None:
         return int(MEMORY_BUDGET_BYTES)
-    return min(max(v.numel() * q.element_size() // 2, _MIN_BUDGET), _MAX_BUDGET)
+    out_bytes = v.numel() * q.element_size()
+    if not backward:
+        return min(max(out_bytes, 16 << 20), 2 << 30)
+    if q.element_size() < 4:
+        return min(max(out_bytes // 2 - plan_bytes, 4 << 20), 1 << 30)
+    return min(max(out_bytes // 16, 1 << 20), 1 << 30)
 
 
 def call_costs(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -91,7 +105,7 @@ def _routed_rows(routing: MoCRouting, B: int, L: int, H: int):
     C, BH, S = layout.num_chunks, B * H, routing.selected.shape[-1]
     drop = C * BH
     if S == 0:
-        return torch.zeros(1, dtype=torch.long, device=device), [0] * drop
+        return torch.zeros(1, dtype=torch.int32, device=device), [0] * drop
     sel = routing.selected.reshape(BH, L, S)
     anchors_flat = routing.anchors.reshape(-1)
     tok_chunk = layout.token_chunks(device)
@@ -107,7 +121,8 @@ def _routed_rows(routing: MoCRouting, B: int, L: int, H: int):
     counts_h = counts.tolist()  # host read
     total = sum(counts_h[:drop])
     starts = torch.cumsum(counts, 0) - counts
-    rows = torch.empty(total + 1, dtype=torch.long, device=device)
+    # int32 rows (half the memory); `B * L * H < 2**31` is checked by the caller.
+    rows = torch.empty(total + 1, dtype=torch.int32, device=device)
     for i, (b0, _) in enumerate(blocks):
         sorted_key, flat = torch.sort(keys(i).reshape(-1), stable=True)  # within a key: (t, slot) order
         sorted_key = sorted_key.long()
@@ -116,7 +131,7 @@ def _routed_rows(routing: MoCRouting, B: int, L: int, H: int):
         pos = torch.where(sorted_key == drop, total, starts[sorted_key] + rank)  # dropped pairs: the scratch entry
         bh = b0 + flat // (L * S)
         t = (flat // S) % L
-        rows.index_copy_(0, pos, ((bh // H) * L + t) * H + bh % H)
+        rows.index_copy_(0, pos, (((bh // H) * L + t) * H + bh % H).to(torch.int32))
     return rows, counts_h[:drop]
 
 
@@ -128,7 +143,7 @@ class VarlenPlan:
     Attributes:
         anchor_src (`list[list[int]]`): per key chunk, the query chunks that have it as a mandatory anchor.
         anchor_dst (`list[list[int]]`): per query chunk, its mandatory anchor chunks.
-        routed_rows (`torch.LongTensor` `(R + 1,)`): flat query rows of the routed pairs, sorted by
+        routed_rows (`torch.IntTensor` `(R + 1,)`): flat query rows of the routed pairs, sorted by
             `(chunk, bh, t)`; the last entry is scratch.
         routed_start, routed_count (`list[list[int]]`): per chunk and flat head, where its routed rows start and how
             many there are.
@@ -143,7 +158,7 @@ class VarlenPlan:
     routed_rows: torch.Tensor
     routed_start: list[list[int]]
     routed_count: list[list[int]]
-    budget: int
+    budgets: tuple[int, int]  # (forward, backward) bytes per call
     row_cost: int
     key_cost: int
     _calls: dict = field(default_factory=dict, repr=False)
@@ -172,18 +187,19 @@ class VarlenPlan:
         calls: list[list[Piece]] = []
         current: list[Piece] = []
         used = 0
+        budget = self.budgets[with_anchors]
         for c in range(len(self.offsets) - 1):
             keys = self.size(c) * self.key_cost
             for bh in range(self.B * self.H):
                 rows = self.routed_count[c][bh] + (self.n_anchor[c] if with_anchors else 0)
                 if rows == 0:
                     continue
-                fits = rows * self.row_cost + keys <= self.budget
-                step = rows if fits else max(1, (self.budget - keys) // self.row_cost)
+                fits = rows * self.row_cost + keys <= budget
+                step = rows if fits else max(1, (budget - keys) // self.row_cost)
                 for lo in range(0, rows, step):
                     hi = min(rows, lo + step)
                     cost = (hi - lo) * self.row_cost + keys
-                    if current and used + cost > self.budget:
+                    if current and used + cost > budget:
                         calls.append(current)
                         current, used = [], 0
                     current.append(Piece(c, bh, lo, hi))
@@ -199,7 +215,7 @@ class VarlenPlan:
             for a in range(C + 1):  # a == C closes the last run
                 keys = sum(self.size(c) for c in self.anchor_dst[a]) if a < C else 0
                 cost = self.H * (self.size(a) * self.row_cost + keys * self.key_cost) if keys else 0
-                if start is not None and (keys == 0 or used + cost > self.budget):
+                if start is not None and (keys == 0 or used + cost > self.budgets[0]):
                     calls.append(AnchorCall(b, start, a))
                     start, used = None, 0
                 if keys:
@@ -215,10 +231,12 @@ def build_varlen_plan(routing: MoCRouting, q: torch.Tensor, v: torch.Tensor, bud
     Args:
         routing (`MoCRouting`): the routing.
         q, v (`torch.Tensor`): the attention's queries and values (only shapes, dtype and device are used).
-        budget (`int`, *optional*): bytes per call (default: [`memory_budget`]).
+        budget (`int`, *optional*): bytes per call, forward and backward (default: [`memory_budget`]).
     """
     B, L, H, _ = q.shape
     layout = routing.layout
+    if B * L * H >= 2**31 - 1:
+        raise ValueError(f"the var-len backends index B * L * H = {B * L * H} query rows in int32; split the batch")
     if tuple(routing.selected.shape[:3]) != (B, H, L):
         raise ValueError(
             f"the routing is for (B, H, L) = {tuple(routing.selected.shape[:3])} but the inputs have {(B, H, L)}"
@@ -239,7 +257,9 @@ def build_varlen_plan(routing: MoCRouting, q: torch.Tensor, v: torch.Tensor, bud
         routed_rows=rows,
         routed_start=start.tolist(),
         routed_count=count.tolist(),
-        budget=memory_budget(q, v) if budget is None else budget,
+        budgets=(memory_budget(q, v, False), memory_budget(q, v, True, rows.numel() * rows.element_size()))
+        if budget is None
+        else (budget, budget),
         row_cost=row_cost,
         key_cost=key_cost,
     )
