@@ -63,7 +63,8 @@ def _rss_kib(field: str) -> int:
 
 
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Best wall time (s) over `repeats` runs and the peak extra memory (MiB) of one run."""
+    """Best wall time (s) over `repeats` runs and the peak extra memory (MiB) of the first one (in a fresh process
+    the C allocator has not yet kept freed blocks, so the resident set's peak is what the run needed at once)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,14 +74,15 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _rss_kib("VmRSS") * 1024
-    best = float("inf")
+    best, peak = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+        if peak is None:
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     return best, (peak - base) / 2**20
 
 
@@ -127,7 +129,12 @@ def case_fn(name: str, layout, q, k, v, config: MoCConfig):
             return moc_attention(q, k, v, layout, config)
 
     if name.endswith("fwd_bwd"):
-        return lambda: attend().sum().backward()
+
+        def forward_backward():
+            attend().sum().backward()
+            q.grad = k.grad = v.grad = None  # runs do not accumulate gradients
+
+        return forward_backward
 
     def forward():
         with torch.no_grad():

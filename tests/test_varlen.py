@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import flash_fakes
@@ -20,6 +21,8 @@ from diffusers_moc.kernels.varlen import varlen_backward, varlen_forward
 from diffusers_moc.kernels.varlen_contract import RecordingExecutor, varlen_contract_violations
 from diffusers_moc.kernels.varlen_plan import build_varlen_plan, call_costs
 from diffusers_moc.routing import expand_routing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _qkv(layout, B=2, H=3, D=8, DV=None, dtype=torch.float32, seed=0):
@@ -296,3 +299,104 @@ def test_moc_attention_runs_every_backend_name(rng):
         for backend in ("torch", "flash"):
             out = moc_attention(q, k, v, layout, cfg.replace(backend=backend))
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_pytorch_flash_kernels_on_cuda_when_they_run(monkeypatch):
+    import diffusers_moc.attention as attention
+
+    monkeypatch.setattr(attention, "_flash_usable", lambda device: device.type == "cuda")
+    monkeypatch.setattr(attention, "_triton_usable", lambda device: device.type == "cuda")
+    assert attention.available_backends("cuda")[:2] == ["flash", "triton"]
+    assert attention.resolve_backend("auto", "cuda") == "flash"  # not Triton, until the GPU check measured it
+    assert attention.resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.setattr(attention, "_flash_usable", lambda device: False)
+    assert attention.resolve_backend("auto", "cuda") == "torch"
+
+
+def test_missing_flash_attn_is_a_named_error(monkeypatch):
+    import diffusers_moc.attention as attention
+
+    monkeypatch.setattr(fa_executors, "_interface", lambda: (None, "flash-attn is not installed (x)", None, None))
+    with pytest.raises(RuntimeError, match=r"backend='flash_attn' is not available: flash-attn is not installed"):
+        attention.load_kernel("flash_attn")
+    layout = ChunkLayout.for_video(2, 3)
+    q = torch.randn(1, 6, 1, 8)
+    with pytest.raises(RuntimeError, match="flash_attn"):
+        moc_attention(q, q, q, layout, MoCConfig(backend="flash_attn"))
+
+
+@pytest.mark.parametrize(
+    "names, reason",
+    [
+        (None, "has no aten._flash_attention_forward"),
+        (["query", "key"], "unknown signature"),
+    ],
+)
+def test_torch_without_flash_ops_is_detected(monkeypatch, names, reason):
+    executors._torch_flash_missing.cache_clear()
+    monkeypatch.setattr(executors, "_schema_names", lambda op: names)
+    try:
+        assert reason in executors.torch_flash_unavailable("cuda")
+    finally:
+        monkeypatch.undo()
+        executors._torch_flash_missing.cache_clear()
+
+
+def test_fused_triton_merge_equals_the_torch_merge():
+    # The CUDA merge kernel, run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU).
+    merge_triton = pytest.importorskip("diffusers_moc.kernels.merge_triton")
+    import diffusers_moc.kernels.varlen as varlen
+
+    if not torch.cuda.is_available() and type(merge_triton._merge_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("no GPU and Triton was imported without TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    N, Dv = 40, 24
+    acc0 = torch.randn(N + 1, Dv, generator=g)
+    lse0 = torch.randn(N + 1, generator=g)
+    lse0[::3] = -torch.inf  # rows without a partial result yet: the first merge copies exactly
+    rows = torch.randperm(N, generator=g)[:29]
+    o = torch.randn(29, Dv, generator=g).to(torch.bfloat16)
+    lse = torch.randn(29, generator=g)
+    lse[4] = torch.nan
+    want_acc, want_lse = acc0.clone(), lse0.clone()
+    varlen._merge(want_acc, want_lse, rows, o.clone(), lse, varlen._Buffers())
+    got_acc, got_lse = acc0.clone(), lse0.clone()
+    merge_triton.merge(got_acc, got_lse, rows, o, lse)
+    torch.testing.assert_close(got_acc, want_acc, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-6, rtol=1e-6, equal_nan=True)
+    first = rows[lse0[rows].isneginf() & ~lse.isnan()]
+    assert torch.equal(got_acc[first], o.float()[(lse0[rows].isneginf() & ~lse.isnan())])
+    assert got_acc[rows[4]].isnan().all() and got_lse[rows[4]].isnan()
+
+
+_MERGE_COMPILE = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from diffusers_moc.kernels import merge_triton as mt
+
+sig = {"ACC": "*fp32", "LSE_ACC": "*fp32", "ROWS": "*i64", "PART": "*bf16", "LSE": "*fp32", "n": "i32", "DV": "i32",
+       "s_acc": "i32", "s_o": "i32", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+src = ASTSource(fn=mt._merge_kernel, signature=sig, constexprs={"BLOCK_R": 32, "BLOCK_D": 128})
+triton.compile(src, target=GPUTarget("cuda", 90, 32))
+print("ok")
+"""
+
+
+def test_fused_merge_compiles_for_h100():
+    # Without a GPU, compile the merge kernel for sm_90 ahead of time (what the interpreter cannot check).
+    import shutil
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.isdir(ptxas) or shutil.which("ptxas", path=ptxas) is None:
+        pytest.skip("this Triton build ships no NVIDIA ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _MERGE_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["ok"]

@@ -40,6 +40,10 @@ makes every tile pure: overfetch exactly 1.0 on any input, random included.
 
 fp32 runs with exact fp32 products (no tensor cores): correct everywhere, slow on GPU; use bf16 or fp16 there.
 
+Host reads: in `build_plan`, `nonzero` of the tile unions (the size of the compact chunk lists) and, with
+`reorder="auto"`, the computed and attended pair counts; in the backward, `nonzero` of the transposed lists; plus the
+NaN check of `kernels/nan_guard.py` (one per forward and backward).
+
 `triton` is imported here, at module import; `diffusers_moc` itself imports this module lazily (backend
 `"triton"`), so the package works without Triton installed. On CPU the kernels run only under the Triton
 interpreter (`TRITON_INTERPRET=1` set before Triton is imported), which the tests use.

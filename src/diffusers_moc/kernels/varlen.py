@@ -29,6 +29,8 @@ autograd: the plan is rebuilt from the routing.
 D=128 and ~19 attended chunks per token all pairs at once would be ~10 GB). Beyond the output, the forward keeps the
 float32 accumulator, the backward a float32 `dq` (the same as FlashAttention's own `dq` accumulator).
 
+On CUDA the merge is one Triton kernel (`kernels/merge_triton.py`) where Triton imports, else the torch ops below.
+
 Host reads per forward and backward: those of the plan (anchor matrix, routed counts) and those of the executor.
 """
 
@@ -221,9 +223,26 @@ def _anchor_call(plan: VarlenPlan, call: AnchorCall, q, k, v, executor, scale):
     return t0, t1, o, lse
 
 
+def _fused_merge():
+    """The Triton merge kernel (`kernels/merge_triton.py`), or `None` where Triton does not import."""
+    global _FUSED_MERGE
+    if _FUSED_MERGE is None:
+        try:
+            from .merge_triton import merge  # noqa: PLC0415  (optional: Triton ships with CUDA builds of torch)
+        except ImportError:
+            merge = False
+        _FUSED_MERGE = merge
+    return _FUSED_MERGE or None
+
+
+_FUSED_MERGE = None
+
+
 def _merge(acc, lse_acc, rows, o, lse, bufs: _Buffers) -> None:
     """Merge partial results `(o, lse)` of distinct query rows into the running `(acc, lse_acc)`, by log-sum-exp.
-    `o` may be overwritten."""
+    `o` may be overwritten. On CUDA one fused Triton kernel does it (same arithmetic for every row)."""
+    if acc.is_cuda and acc.dtype == torch.float32 and _fused_merge() is not None:
+        return _fused_merge()(acc, lse_acc, rows, o, lse)
     old = lse_acc.index_select(0, rows)
     top = torch.maximum(old, lse)  # NaN propagates
     w_old, w_new = torch.exp(old - top), torch.exp(lse - top)

@@ -38,21 +38,21 @@ def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: 
     Bytes one var-len call may hold (`MEMORY_BUDGET_BYTES` overrides), chosen so that MoC's forward+backward peak
     stays at or below dense attention's:
 
-    - forward: the attention output's size (within [16 MiB, 2 GiB]): the backward's grad buffers are several times
-      that, so a forward call never sets the peak;
-    - backward, float16 / bfloat16: half the output, less the plan. The float32 `dq` accumulator is freed before
-      `dq` is cast, so the calls and the plan only use room the final cast takes anyway (dense flash attention holds
-      the same float32 accumulator, `dq`, `dk` and `dv`);
-    - backward, float32 / float64: `dq` accumulates in place, dense attention has no such slack: a sixteenth of the
-      output (at least 1 MiB).
+    - forward: twice the attention output's size (within [16 MiB, 4 GiB]): the forward holds the output and its
+      accumulator besides, the backward several times the output, so a forward call does not set the peak;
+    - backward, float16 / bfloat16: 7/8 of the output, less the plan. The calls' buffers and the plan are freed
+      before the float32 `dq` accumulator is cast to `dq`, so they use room that cast takes anyway (dense flash
+      attention holds the same float32 accumulator, `dq`, `dk` and `dv` at once);
+    - backward, float32 / float64: `dq` accumulates in place and dense attention has no such slack: a sixteenth of
+      the output (at least 1 MiB).
     """
     if MEMORY_BUDGET_BYTES is not None:
         return int(MEMORY_BUDGET_BYTES)
     out_bytes = v.numel() * q.element_size()
     if not backward:
-        return min(max(out_bytes, 16 << 20), 2 << 30)
+        return min(max(2 * out_bytes, 16 << 20), 4 << 30)
     if q.element_size() < 4:
-        return min(max(out_bytes // 2 - plan_bytes, 4 << 20), 1 << 30)
+        return min(max(out_bytes * 7 // 8 - plan_bytes, 4 << 20), 2 << 30)
     return min(max(out_bytes // 16, 1 << 20), 1 << 30)
 
 
@@ -88,10 +88,15 @@ class AnchorCall:
 
 def _routed_keys(sel, anchors_flat, tok_chunk, bh0, C, BH):
     """`(bh, t, slot)` -> int32 key `chunk * BH + bh` of each routed pair that is kept, `C * BH` for the others."""
-    valid = sel >= 0
     # Duplicates (a user-built routing may repeat a chunk) and chunks that are also anchors count once, as anchors.
-    for j in range(1, sel.shape[-1]):
-        valid[..., j] &= ~(sel[..., :j] == sel[..., j : j + 1]).any(-1)
+    if sel.shape[-1] > 4:
+        sel = torch.sort(sel, dim=-1).values  # slot order does not matter; repeats become neighbours
+        valid = sel >= 0
+        valid[..., 1:] &= sel[..., 1:] != sel[..., :-1]
+    else:
+        valid = sel >= 0
+        for j in range(1, sel.shape[-1]):
+            valid[..., j] &= ~(sel[..., :j] == sel[..., j : j + 1]).any(-1)
     c = sel.clamp(min=0)
     valid &= ~anchors_flat[tok_chunk[None, :, None] * C + c]
     bh = torch.arange(bh0, bh0 + sel.shape[0], device=sel.device, dtype=torch.int32)[:, None, None]
