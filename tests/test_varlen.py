@@ -65,6 +65,7 @@ def executor(request):
 def test_forward_and_gradients_equal_reference_on_random_layouts(rng, executor, budget, monkeypatch):
     # A tiny budget splits segments into query ranges and spreads chunks over calls (staged dk, dv).
     monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", budget)
+    monkeypatch.setattr(varlen_plan, "_MIN_PIECE_ROWS", 1)
     for trial in range(6):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, seed=trial)
@@ -80,6 +81,7 @@ def test_forward_and_gradients_equal_reference_on_random_layouts(rng, executor, 
 
 
 def test_tiny_budget_splits_calls_and_segments(monkeypatch):
+    monkeypatch.setattr(varlen_plan, "_MIN_PIECE_ROWS", 8)
     layout = ChunkLayout.for_video(4, 40)
     q, k, v = _qkv(layout, B=1, H=2)
     routing = route(q, k, layout, MoCConfig(top_k=2, local_window=0))
@@ -93,6 +95,7 @@ def test_tiny_budget_splits_calls_and_segments(monkeypatch):
     for call in backward_calls:  # every call within the budget (a call of one piece may hold more)
         cost = sum((p.hi - p.lo) * row_cost + 40 * key_cost for p in call)
         assert cost <= budget or len(call) == 1
+        assert all(p.hi - p.lo >= 8 or p.hi == plan.routed_count[p.chunk][p.bh] + 40 for p in call)
     # Every attended pair is packed exactly once: in the backward's segments, and in the forward's anchor calls
     # (own chunk: 40 x 40 per chunk and head) plus routed segments.
     pairs = routing.attended_tokens().sum().item()
@@ -207,6 +210,7 @@ def test_low_precision_merges_in_float32(dtype, executor):
 
 def test_every_executor_call_satisfies_flash_attn_contract(rng, monkeypatch):
     monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", 3000)
+    monkeypatch.setattr(varlen_plan, "_MIN_PIECE_ROWS", 1)
     for trial, dtype in enumerate([torch.bfloat16, torch.float16] * 3):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, D=16, dtype=dtype, seed=trial)
@@ -237,6 +241,7 @@ def test_torch_flash_executor_end_to_end_on_stand_in_kernels(rng, monkeypatch, D
         executors, "_flash_ops", lambda: (flash_fakes.aten_flash_forward, flash_fakes.aten_flash_backward)
     )
     monkeypatch.setattr(varlen_plan, "MEMORY_BUDGET_BYTES", 4000)
+    monkeypatch.setattr(varlen_plan, "_MIN_PIECE_ROWS", 1)
     for trial in range(3):
         layout = random_layout(rng)
         q, k, v = _qkv(layout, D=D, dtype=torch.bfloat16, seed=trial)

@@ -25,9 +25,10 @@ log-sum-exp, which gives exactly that segment's share of the gradient. `dq` is a
 (staged in float32 only when the budget split them). Nothing of the size of the attended pairs is kept for
 autograd: the plan is rebuilt from the routing.
 
-**Memory.** Each call holds at most the plan's budget (about half the attention output; at 180k tokens, 12 heads,
-D=128 and ~19 attended chunks per token all pairs at once would be ~10 GB). Beyond the output, the forward keeps the
-float32 accumulator, the backward a float32 `dq` (the same as FlashAttention's own `dq` accumulator).
+**Memory.** Each call holds at most the plan's budget (`varlen_plan.memory_budget`, a fraction or small multiple
+of the attention output chosen so that the forward+backward peak stays at or below dense attention's; all pairs at
+once would be ~10 GB at 180k tokens, 12 heads, D=128 and ~19 attended chunks per token). Beyond the output, the
+forward keeps the float32 accumulator, the backward a float32 `dq` (as FlashAttention's own backward does).
 
 On CUDA the merge is one Triton kernel (`kernels/merge_triton.py`) where Triton imports, else the torch ops below.
 

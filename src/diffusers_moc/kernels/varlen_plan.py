@@ -31,6 +31,9 @@ __all__ = ["VarlenPlan", "build_varlen_plan", "memory_budget"]
 MEMORY_BUDGET_BYTES: int | None = None
 # Elements of `selected` processed at once while sorting the routed pairs (bounds the sort's temporaries).
 _PLAN_BLOCK = 1 << 24
+# A segment is split into query ranges of at least this many rows, whatever the budget (smaller calls would cost more
+# in per-call work than they save in memory).
+_MIN_PIECE_ROWS = 512
 
 
 def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: int = 0) -> int:
@@ -44,7 +47,9 @@ def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: 
       before the float32 `dq` accumulator is cast to `dq`, so they use room that cast takes anyway (dense flash
       attention holds the same float32 accumulator, `dq`, `dk` and `dv` at once);
     - backward, float32 / float64: `dq` accumulates in place and dense attention has no such slack: a sixteenth of
-      the output (at least 1 MiB).
+      the output (at least 8 MiB).
+
+    A call always holds at least one chunk's keys and 512 query rows (`_MIN_PIECE_ROWS`), even above the budget.
     """
     if MEMORY_BUDGET_BYTES is not None:
         return int(MEMORY_BUDGET_BYTES)
@@ -53,7 +58,7 @@ def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: 
         return min(max(2 * out_bytes, 16 << 20), 4 << 30)
     if q.element_size() < 4:
         return min(max(out_bytes * 7 // 8 - plan_bytes, 4 << 20), 2 << 30)
-    return min(max(out_bytes // 16, 1 << 20), 1 << 30)
+    return min(max(out_bytes // 16, 8 << 20), 1 << 30)
 
 
 def call_costs(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -200,7 +205,7 @@ class VarlenPlan:
                 if rows == 0:
                     continue
                 fits = rows * self.row_cost + keys <= budget
-                step = rows if fits else max(1, (budget - keys) // self.row_cost)
+                step = rows if fits else max(_MIN_PIECE_ROWS, (budget - keys) // self.row_cost)
                 for lo in range(0, rows, step):
                     hi = min(rows, lo + step)
                     cost = (hi - lo) * self.row_cost + keys
