@@ -299,7 +299,10 @@ def attention(device, args, budget: Budget) -> tuple[list[dict], list[str]]:
     dtype = bench.DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     guard = MethodGuard(budget, reserve=args.reserve_s)
     rows, skipped = [], []
-    for length in args.lengths:
+    # Shortest first (cheap, and it gives the guard every method's cost), then the longest (the targets), then the
+    # others while the budget lasts.
+    lengths = sorted(set(args.lengths))
+    for length in lengths[:1] + lengths[-1:] * (len(lengths) > 1) + lengths[1:-1]:
         for kind in ("video", "random"):
             print(f"  attention: {length} tokens, {kind} inputs", flush=True)
             rows.extend(bench.run_case(bargs, length, kind, device, dtype, skipped, guard=guard))

@@ -47,7 +47,7 @@ def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: 
       before the float32 `dq` accumulator is cast to `dq`, so they use room that cast takes anyway (dense flash
       attention holds the same float32 accumulator, `dq`, `dk` and `dv` at once);
     - backward, float32 / float64: `dq` accumulates in place and dense attention has no such slack: a sixteenth of
-      the output (at least 8 MiB).
+      the output (at least 2 MiB).
 
     A call always holds at least one chunk's keys and 512 query rows (`_MIN_PIECE_ROWS`), even above the budget.
     """
@@ -58,7 +58,7 @@ def memory_budget(q: torch.Tensor, v: torch.Tensor, backward: bool, plan_bytes: 
         return min(max(2 * out_bytes, 16 << 20), 4 << 30)
     if q.element_size() < 4:
         return min(max(out_bytes * 7 // 8 - plan_bytes, 4 << 20), 2 << 30)
-    return min(max(out_bytes // 16, 8 << 20), 1 << 30)
+    return min(max(out_bytes // 16, 2 << 20), 1 << 30)
 
 
 def call_costs(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
