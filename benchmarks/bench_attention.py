@@ -1,14 +1,17 @@
-r"""MoC attention (Triton backend) against dense and sparse peers, on Wan-style multi-shot video sequences.
+r"""MoC attention (every backend) against dense and sparse peers, on Wan-style multi-shot video sequences.
 
 Rows, per sequence length and input kind (video-like or iid random), forward and forward+backward:
 
-- `moc-triton`: `diffusers_moc` routing + the Triton kernels (time includes routing; its share is reported);
+- `moc-flash`, `moc-flash_attn`, `moc-triton`, `moc-torch`: `diffusers_moc` routing + one backend (PyTorch's flash
+  var-len kernels, the flash-attn package, the Triton kernels, the portable torch backend); the time includes
+  routing and its share is reported; rows whose backend cannot run here are skipped with the reason;
 - `sdpa-dense`: the fastest dense `scaled_dot_product_attention` backend (cuDNN, flash or memory-efficient);
 - `flex`: `torch.nn.attention.flex_attention` (compiled) with a block mask built from the same routing and a
   `mask_mod` that applies the exact token-level attended set;
 - `vsa`: Video Sparse Attention from the `fastvideo-kernel` package at about the same density (its own routing),
-  where it imports;
-- `moc-torch`: the portable backend, on CPU runs only (a stand-in so the script itself is exercised without CUDA).
+  where it imports.
+
+`benchmarks/gpu_check.py` runs this as part of the one prepared GPU check.
 
 Effective TFLOP/s count the attended pairs only (4 * pairs * D forward, 3.5x that forward+backward, as FlashAttention
 counts them). Results go to a table on stdout and to JSON in `benchmarks/results/`.
@@ -37,8 +40,10 @@ try:  # run from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
+from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, moc_attention, route
 from diffusers_moc.kernels import torch_attention
+from diffusers_moc.kernels.executors import torch_flash_unsupported
+from diffusers_moc.kernels.flash_attn_executors import flash_attn_unsupported
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -258,7 +263,32 @@ def _row(name, length, kind, mode, ms, pairs, head_dim, **extra):
     return row
 
 
-def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict]:
+def moc_unavailable(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why a MoC backend cannot run these inputs natively (no fallback is timed), or `None`."""
+    if backend == "flash":
+        return torch_flash_unsupported(q, v)
+    if backend == "flash_attn":
+        return flash_attn_unsupported(q, v)
+    if backend == "triton":
+        try:
+            from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
+        except ImportError as e:
+            return f"triton does not import ({e})"
+        if q.device.type != "cuda" and not tm._INTERPRETED:
+            return "needs CUDA (or TRITON_INTERPRET=1 set before Triton is imported)"
+        if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+            return "bfloat16 is wrong in the Triton interpreter"
+        return None
+    if backend == "torch":
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def run_case(args, length, kind, device, dtype, skipped: list[str], guard=None) -> list[dict]:
+    r"""
+    Rows for one length and input kind. `guard(method, tokens, kind) -> bool`, when given, may skip a method (the
+    GPU check's time budget).
+    """
     layout = make_layout(length, args.frame_tokens, args.shots)
     L = layout.num_tokens
     args.current_kind = kind
@@ -273,65 +303,35 @@ def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict
     routing = route(q, k, layout, config)
     pairs = int(routing.attended_tokens().sum().item())
     density = pairs / (H * L * L)
-    dense_pairs = H * L * L
     common = dict(density=density, top_k=config.top_k, chunks=layout.num_chunks)
     t_route = time_fn(lambda: route(q, k, layout, config), device, warm, iters)
 
-    # ---- MoC, Triton backend: one row pair per routing granularity and query tile size
-    tm = _triton_backend(device, skipped)
-    for route_by in args.route_by if tm is not None else []:
-        if route_by == "token":
-            cfg_r, routing_r, pairs_r, t_route_r = config, routing, pairs, t_route
-        else:  # the named approximation: tiles of `route_block` tokens share one selection
-            cfg_r = config.replace(route_by="block", block_size=args.route_block)
-            routing_r = route(q, k, layout, cfg_r)
-            pairs_r = int(routing_r.attended_tokens().sum().item())
-            t_route_r = time_fn(lambda cfg_r=cfg_r: route(q, k, layout, cfg_r), device, warm, iters)
-        common_r = dict(common, density=pairs_r / dense_pairs, route_by=route_by)
-        for block_m in args.block_m:
-            rows.extend(
-                _moc_triton_rows(
-                    tm, args, block_m, q, k, v, grad, layout, cfg_r, routing_r, t_route_r, pairs_r, common_r
-                )
-            )
+    # ---- MoC, every backend that runs here (Triton: one row pair per routing granularity and query tile size)
+    for backend in args.moc:
+        reason = moc_unavailable(backend, q, v)
+        if reason is not None:
+            skipped.append(f"moc-{backend}: {reason}; row skipped")
+        elif guard is not None and not guard(f"moc-{backend}", L, kind):
+            continue
+        elif backend == "triton":
+            rows.extend(_triton_rows(args, q, k, v, grad, layout, config, routing, t_route, pairs, common))
+        else:
+            rows.extend(_moc_rows(backend, args, q, k, v, grad, layout, config, routing, t_route, pairs, common))
 
-    # ---- MoC, portable torch backend (CPU smoke runs only: on CUDA the Triton row is the one that matters)
-    if device.type == "cpu":
-        t_fwd = time_fn(lambda: torch_attention(q, k, v, routing), device, warm, iters)
-        t_fb = time_fn(fwd_bwd(lambda a, b, c: torch_attention(a, b, c, routing), q, k, v, grad), device, warm, iters)
-        for mode, t in (("fwd", t_fwd), ("fwd+bwd", t_fb)):
-            rows.append(_row("moc-torch", L, kind, mode, t + t_route, pairs, D, route_ms=t_route, **common))
-
-    # ---- dense SDPA: the fastest backend that runs
-    from torch.nn.attention import SDPBackend
-
-    candidates = (
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        if device.type == "cuda"
-        else [SDPBackend.MATH]
-    )
-    for mode in ("fwd", "fwd+bwd"):
-        best = None
-        for backend in candidates:
-            fn = sdpa_runner(backend)
-            run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, grad)
-            try:
-                t = time_fn(run, device, warm, iters)
-            except RuntimeError as e:  # backend not available for this shape / device
-                skipped.append(f"sdpa {backend.name} {mode} L={L}: {str(e).splitlines()[0][:100]}")
-                continue
-            if best is None or t < best[0]:
-                best = (t, backend.name, run)
-        if best is not None:
-            rows.append(
-                _row("sdpa-dense", L, kind, mode, best[0], dense_pairs, D, backend=best[1],
-                     peak_mib=peak_mib(best[2], device), density=1.0)
-            )  # fmt: skip
+    # ---- dense SDPA: the fastest backend that runs (timed once per length: its speed does not depend on the values)
+    cache = getattr(args, "dense_cache", None)
+    if cache is not None and L in cache:
+        rows.extend(dict(r, inputs=kind, timed_on=r["inputs"]) for r in cache[L])
+    elif guard is None or guard("sdpa-dense", L, kind):
+        dense = _dense_rows(args, q, k, v, grad, L, kind, skipped)
+        rows.extend(dense)
+        if cache is not None:
+            cache[L] = dense
 
     # ---- FlexAttention with the same attended set
     if device.type != "cuda":
         skipped.append("flex: compiled FlexAttention kernels need CUDA (row skipped)")
-    elif "flex" in args.peers:
+    elif "flex" in args.peers and (guard is None or guard("flex", L, kind)):
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
@@ -371,6 +371,84 @@ def run_case(args, length, kind, device, dtype, skipped: list[str]) -> list[dict
                         rows.append(_row("vsa", L, kind, mode, t, pairs, D, peak_mib=peak_mib(run, device), **common))
                     except Exception as e:  # noqa: BLE001
                         skipped.append(f"vsa {mode} L={L}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return rows
+
+
+def _dense_rows(args, q, k, v, grad, L, kind, skipped) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
+    candidates = (
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        if device.type == "cuda"
+        else [SDPBackend.MATH]
+    )
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        best = None
+        for backend in candidates:
+            fn = sdpa_runner(backend)
+            run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, grad)
+            try:
+                t = time_fn(run, device, warm, iters)
+            except RuntimeError as e:  # backend not available for this shape / device
+                skipped.append(f"sdpa {backend.name} {mode} L={L}: {str(e).splitlines()[0][:100]}")
+                continue
+            if best is None or t < best[0]:
+                best = (t, backend.name, run)
+        if best is not None:
+            rows.append(
+                _row("sdpa-dense", L, kind, mode, best[0], q.shape[2] * L * L, D, backend=best[1],
+                     peak_mib=peak_mib(best[2], device), density=1.0)
+            )  # fmt: skip
+    return rows
+
+
+def _moc_rows(backend, args, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
+    """Forward and forward+backward rows of one var-len backend (`flash`, `flash_attn`, `torch`)."""
+    device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
+    cfg = config.replace(backend=backend)
+
+    def moc(a, b, c):
+        return moc_attention(a, b, c, layout, cfg, routing=routing)
+
+    def moc_routed(a, b, c):  # routing included, for peak memory
+        return moc_attention(a, b, c, layout, cfg)
+
+    check = _check_against_torch(moc, q, k, v, grad, routing) if args.check and backend != "torch" else {}
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        run = (lambda: moc(q, k, v)) if mode == "fwd" else fwd_bwd(moc, q, k, v, grad)
+        t_k = time_fn(run, device, warm, iters)
+        mem = peak_mib((lambda: moc_routed(q, k, v)) if mode == "fwd" else fwd_bwd(moc_routed, q, k, v, grad), device)
+        total = t_route + t_k
+        rows.append(
+            _row(f"moc-{backend}", layout.num_tokens, args.current_kind, mode, total, pairs, D, route_ms=t_route,
+                 kernel_ms=t_k, routing_share=t_route / total, peak_mib=mem, **check, **common)
+        )  # fmt: skip
+    return rows
+
+
+def _triton_rows(args, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
+    """Triton rows: one row pair per routing granularity (`--route-by`) and query tile size (`--block-m`)."""
+    from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
+
+    device, warm, iters = q.device, args.warmup, args.iters
+    rows = []
+    for route_by in args.route_by:
+        if route_by == "token":
+            cfg_r, routing_r, pairs_r, t_route_r = config, routing, pairs, t_route
+        else:  # the named approximation: tiles of `route_block` tokens share one selection
+            cfg_r = config.replace(route_by="block", block_size=args.route_block)
+            routing_r = route(q, k, layout, cfg_r)
+            pairs_r = int(routing_r.attended_tokens().sum().item())
+            t_route_r = time_fn(lambda cfg_r=cfg_r: route(q, k, layout, cfg_r), device, warm, iters)
+        common_r = dict(common, density=pairs_r / (q.shape[2] * layout.num_tokens**2), route_by=route_by)
+        for block_m in args.block_m:
+            rows.extend(
+                _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, cfg_r, routing_r, t_route_r, pairs_r,
+                                 common_r)
+            )  # fmt: skip
     return rows
 
 
@@ -417,18 +495,6 @@ def _check_against_torch(moc, q, k, v, grad, routing) -> dict:
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         err[f"max_err_{name}"] = (a.grad.float() - b.grad.float()).abs().max().item()
     return err
-
-
-def _triton_backend(device, skipped: list[str]):
-    try:
-        from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
-    except ImportError as e:
-        skipped.append(f"moc-triton: triton does not import ({e}); row skipped")
-        return None
-    if device.type != "cuda" and not tm._INTERPRETED:
-        skipped.append("moc-triton: needs CUDA (or TRITON_INTERPRET=1 set before Triton is imported); row skipped")
-        return None
-    return tm
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -495,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=1)
     p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
+    p.add_argument("--moc", default="flash,flash_attn,triton,torch", help="comma list of MoC backends to run")
     p.add_argument("--block-m", default="64,128", help="comma list of MoC query tile sizes to run (powers of two)")
     p.add_argument("--route-by", default="token,block", help="MoC routing granularities to run: token, block")
     p.add_argument("--route-block", type=int, default=128, help="query block size for --route-by block")
@@ -521,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.moc = [m.strip() for m in args.moc.split(",") if m.strip()]
     args.block_m = [int(x) for x in str(args.block_m).split(",")]
     args.route_by = [x.strip() for x in args.route_by.split(",") if x.strip()]
     for route_by in args.route_by:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_layout
 
-import diffusers_moc.kernels.torch_chunked as torch_chunked
+import diffusers_moc.kernels.executors as executors
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, moc_attention, resolve_backend, route
 from diffusers_moc.kernels import MAX_REFERENCE_TOKENS, reference_attention
 
@@ -20,11 +20,11 @@ CONFIGS = [
 
 @pytest.fixture(params=["fused-cpu", "matmul"])
 def block_path(request, monkeypatch):
-    """Run the torch backend through both block implementations (the matmul one is what CUDA uses)."""
+    """Run the torch backend through both segment implementations (the matmul one is what CUDA uses), the matmul
+    one in tiles of a few scores."""
     if request.param == "matmul":
-        monkeypatch.setattr(
-            torch_chunked, "_block_ops", lambda q, v: (torch_chunked._matmul_fwd, torch_chunked._matmul_bwd, 64)
-        )
+        monkeypatch.setattr(executors, "_fused_cpu_available", lambda: False)
+        monkeypatch.setattr(executors, "_TILE_ELEMS", 64)
     return request.param
 
 

@@ -15,7 +15,9 @@ from functools import lru_cache
 import torch
 
 from .config import BACKENDS, MoCConfig
-from .kernels import REFERENCE, TORCH, MoCKernel
+from .kernels import FLASH, FLASH_ATTN, REFERENCE, TORCH, MoCKernel
+from .kernels.executors import torch_flash_unavailable
+from .kernels.flash_attn_executors import flash_attn_unavailable, flash_attn_version
 from .layout import ChunkLayout
 from .routing import MoCRouting, route
 
@@ -30,10 +32,18 @@ def _load_triton() -> MoCKernel:
     return TRITON
 
 
+def _load_flash_attn() -> MoCKernel:
+    if flash_attn_version() is None:  # not installed (or too old): name why
+        raise RuntimeError(f"backend='flash_attn' is not available: {flash_attn_unavailable('cpu')}")
+    return FLASH_ATTN
+
+
 # Backend name -> loader of its kernel (optional extras are imported on first use).
 _LOADERS: dict[str, Callable[[], MoCKernel]] = {
     "reference": lambda: REFERENCE,
     "torch": lambda: TORCH,
+    "flash": lambda: FLASH,
+    "flash_attn": _load_flash_attn,
     "triton": _load_triton,
 }
 
@@ -53,16 +63,27 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
-# "auto" picks, in this order, the backends that have been verified on real hardware. The Triton kernels pass their
-# tests in the Triton interpreter but have not yet run on a GPU, so until they have, "auto" stays on "torch" and
-# Triton is opt-in with backend="triton".
-_AUTO_ORDER = ("torch",)
+def _flash_usable(device: torch.device) -> bool:
+    """PyTorch's flash var-len kernels run on `device` (for float16 / bfloat16 inputs)."""
+    return device.type == "cuda" and torch_flash_unavailable(device) is None
+
+
+def _flash_attn_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and flash_attn_unavailable(device) is None
+
+
+# "auto" picks, in this order, the backends that have been verified on real hardware. On CUDA that is PyTorch's
+# flash var-len kernels (`flash`: the paper's scheme on kernels millions of users run), then the portable `torch`
+# backend. The Triton kernels pass their tests in the Triton interpreter but have not run on a GPU, so until
+# `benchmarks/gpu_check.py` has measured them, Triton is opt-in with backend="triton".
+_AUTO_ORDER = ("flash", "torch")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device`."""
+    """Backends that can run on `device`, fastest first (`flash` and `flash_attn` for float16 / bfloat16)."""
     device = torch.device(device)
-    names = ["triton"] if _triton_usable(device) else []
+    names = [name for name, usable in (("flash", _flash_usable), ("flash_attn", _flash_attn_usable),
+                                       ("triton", _triton_usable)) if usable(device)]  # fmt: skip
     return names + ["torch", "reference"]
 
 
@@ -239,9 +260,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, selected, anchors, padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(
-        grad_out.contiguous(), q, k, v, out, lse, selected, anchors, padding_mask, *ctx.static
-    )
+    # grad_out as it comes (e.g. an expanded tensor of ones after `.sum()`): the kernels take any strides, and a
+    # contiguous copy would cost a whole output's memory at the backward's peak.
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, selected, anchors, padding_mask, *ctx.static)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

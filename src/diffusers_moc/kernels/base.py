@@ -50,7 +50,7 @@ class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.kernel.backward(grad_out.contiguous(), q, k, v, out, lse, ctx.routing, ctx.scale)
+        dq, dk, dv = ctx.kernel.backward(grad_out, q, k, v, out, lse, ctx.routing, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

@@ -1,4 +1,9 @@
-"""The reference backend: explicit `(B, H, L, L)` mask and plain softmax attention. Exact, slow, short inputs only."""
+"""The reference backend: explicit `(B, H, L, L)` mask and plain softmax attention. Exact, slow, short inputs only.
+
+NaN as in SDPA (`docs/semantics.md` section 4): a NaN query or key spreads through the masked softmax by itself; a
+NaN value would also reach rows that do not attend it (their zero probabilities times NaN), so values are multiplied
+with their NaN set to 0 and the attended NaN value columns are set back to NaN.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 
 from ..routing import MoCRouting, expand_routing
 from .base import MoCKernel, kernel_attention
+from .nan_guard import check_scale
 
 __all__ = ["MAX_REFERENCE_TOKENS", "REFERENCE", "reference_attention"]
 
@@ -16,6 +22,7 @@ MAX_REFERENCE_TOKENS = 8192
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, routing: MoCRouting, scale: float) -> torch.Tensor:
+    check_scale(scale)
     L = q.shape[1]
     if L > MAX_REFERENCE_TOKENS:
         raise ValueError(
@@ -29,7 +36,11 @@ def _scores(q: torch.Tensor, k: torch.Tensor, routing: MoCRouting, scale: float)
 
 def _forward(q, k, v, routing, scale):
     scores = _scores(q, k, routing, scale)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(1, 2).to(scores.dtype))
+    vh = v.transpose(1, 2).to(scores.dtype)
+    nan_v = vh.isnan()
+    out = torch.matmul(torch.softmax(scores, dim=-1), vh.masked_fill(nan_v, 0.0))
+    if bool(nan_v.any()):
+        out = out.masked_fill(torch.matmul(expand_routing(routing).to(vh.dtype), nan_v.to(vh.dtype)) > 0, math.nan)
     return out.transpose(1, 2).to(q.dtype), torch.logsumexp(scores, dim=-1)
 
 

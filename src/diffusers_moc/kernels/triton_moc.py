@@ -40,6 +40,10 @@ makes every tile pure: overfetch exactly 1.0 on any input, random included.
 
 fp32 runs with exact fp32 products (no tensor cores): correct everywhere, slow on GPU; use bf16 or fp16 there.
 
+Host reads: in `build_plan`, `nonzero` of the tile unions (the size of the compact chunk lists) and, with
+`reorder="auto"`, the computed and attended pair counts; in the backward, `nonzero` of the transposed lists; plus the
+NaN check of `kernels/nan_guard.py` (one per forward and backward).
+
 `triton` is imported here, at module import; `diffusers_moc` itself imports this module lazily (backend
 `"triton"`), so the package works without Triton installed. On CPU the kernels run only under the Triton
 interpreter (`TRITON_INTERPRET=1` set before Triton is imported), which the tests use.
@@ -57,6 +61,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import MoCRouting
 from .base import MoCKernel, kernel_attention
+from .nan_guard import sdpa_nan
 
 __all__ = ["TRITON", "triton_attention", "build_plan", "MoCTritonPlan"]
 
@@ -668,7 +673,9 @@ def _triton_backward(grad_out, q, k, v, out, lse, routing, scale, plan=None, blo
     return dq[..., :D], dk[..., :D], dv[..., :DV]
 
 
-TRITON = MoCKernel("triton", _triton_forward, _triton_backward)
+# NaN inputs: the kernels would spread a key block's NaN values to the tile's rows that do not attend it (zero
+# probabilities times NaN); `sdpa_nan` gives SDPA's semantics instead.
+TRITON = sdpa_nan(MoCKernel("triton", _triton_forward, _triton_backward))
 
 
 def triton_attention(
@@ -705,10 +712,8 @@ def triton_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # One plan for forward and backward: planning is a fair share of the work.
     plan, _ = _plan_for(q, v, routing, plan, block_m, reorder)
-    kernel = MoCKernel(
-        "triton",
-        lambda *a: _triton_forward(*a, plan=plan),
-        lambda *a: _triton_backward(*a, plan=plan),
+    kernel = sdpa_nan(
+        MoCKernel("triton", lambda *a: _triton_forward(*a, plan=plan), lambda *a: _triton_backward(*a, plan=plan))
     )
     out, lse = kernel_attention(kernel, q, k, v, routing, scale)
     return (out, lse) if return_lse else out
