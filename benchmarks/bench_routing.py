@@ -157,9 +157,11 @@ class _Reads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_read_rows() -> list[dict]:
-    """Host reads of the op's forward and backward bodies, run directly under a counting mode."""
-    layout = ChunkLayout.concat(ChunkLayout.for_video(6, 8, [3, 3]), ChunkLayout.for_captions([6], [-1]))
+def host_read_rows(frames: int = 6, verbose: bool = True) -> list[dict]:
+    """Host reads of the op's forward and backward bodies, run directly under a counting mode, on two shots of
+    `frames // 2` frames and a caption."""
+    shots = [frames // 2, frames - frames // 2]
+    layout = ChunkLayout.concat(ChunkLayout.for_video(frames, 8, shots), ChunkLayout.for_captions([6], [-1]))
     rows = []
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, layout.num_tokens, 2, 8, generator=g) for _ in range(3))
@@ -189,7 +191,8 @@ def host_read_rows() -> list[dict]:
                         "backward_by_kind": dict(bwd.counts),
                     }
                 )
-                print(_format_row(rows[-1], READ_COLUMNS), flush=True)
+                if verbose:
+                    print(_format_row(rows[-1], READ_COLUMNS), flush=True)
     return rows
 
 

@@ -23,7 +23,12 @@ def test_routing_benchmark_writes_both_tables(tmp_path, capsys):
     (row,) = result["routing"]
     assert row["tokens"] == 2 * 1560 and row["before_ms"] > 0 and row["after_ms"] > 0
     reads = {(r["backend"], r["routing"], r["padding"]): r for r in result["host_reads_inside_the_op"]}
-    # The torch backend reads how many queries attend each key chunk; at full density it checks density once.
-    assert reads["torch", "sparse", "none"]["forward_reads"] > reads["torch", "dense", "none"]["forward_reads"] == 1
-    assert reads["reference", "sparse", "none"]["forward_reads"] == 0
-    assert reads["reference", "sparse", "per-sample caption padding"]["forward_reads"] > 0
+    # The torch backend reads a fixed number of tensors per call (its plan's anchor matrix and routed counts, the NaN
+    # check), however many chunks there are and whatever was routed; the reference only its NaN check.
+    more_chunks = {(r["backend"], r["routing"], r["padding"]): r for r in bench.host_read_rows(12, verbose=False)}
+    for key in (("torch", "sparse", "none"), ("torch", "dense", "none")):
+        assert more_chunks[key]["chunks"] > reads[key]["chunks"]
+        for direction in ("forward_reads", "backward_reads"):
+            assert 0 < more_chunks[key][direction] == reads[key][direction] == reads["torch", "sparse", "none"][direction]
+    assert reads["reference", "sparse", "none"]["forward_reads"] == 1
+    assert reads["reference", "sparse", "per-sample caption padding"]["forward_reads"] > 1

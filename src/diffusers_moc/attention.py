@@ -140,10 +140,14 @@ def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_tex
     r"""
     The op's forward. Every host read MoC makes happens in this op (a backend's kernel launch needs them), per call:
 
-    - `backend="torch"`: how many queries attend each key chunk (one `.item()` per chunk, in the forward and again in
-      the backward) and whether the routing is dense (one `bool` each);
-    - `backend="triton"`: its tile plan's compacted chunk lists (`nonzero`, in the forward and the backward);
-    - `backend="reference"`: none;
+    - `backend="torch"`, `"flash"`, `"flash_attn"` (the var-len scheme, `kernels/varlen.py`): the plan's `(C, C)`
+      anchor matrix and its routed counts per (key chunk, batch x head), a fixed number of reads per call whatever
+      the number of chunks, plus the NaN check; the portable executor also reads `cu_seqlens` (on CUDA, one copy per
+      call);
+    - `backend="triton"`: its tile plan's compacted chunk lists (`nonzero`, in the forward and the backward), plus
+      the NaN check;
+    - `backend="reference"`: the NaN check only (one `bool`);
+    - every backend: the NaN check is one float32 sum per input and one `bool` (`kernels/nan_guard.py`);
     - with a `padding_mask`: whether it pads at all (one `bool`); if it does, whether it hides video tokens (one
       `bool`) and per sample its valid tokens (`nonzero`) and chunk sizes (`tolist`), each sample then running as its
       own kernel call.
