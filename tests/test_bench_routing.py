@@ -26,9 +26,10 @@ def test_routing_benchmark_writes_both_tables(tmp_path, capsys):
     # The torch backend reads a fixed number of tensors per call (its plan's anchor matrix and routed counts, the NaN
     # check), however many chunks there are and whatever was routed; the reference only its NaN check.
     more_chunks = {(r["backend"], r["routing"], r["padding"]): r for r in bench.host_read_rows(12, verbose=False)}
+    sparse = reads["torch", "sparse", "none"]
     for key in (("torch", "sparse", "none"), ("torch", "dense", "none")):
         assert more_chunks[key]["chunks"] > reads[key]["chunks"]
         for direction in ("forward_reads", "backward_reads"):
-            assert 0 < more_chunks[key][direction] == reads[key][direction] == reads["torch", "sparse", "none"][direction]
+            assert 0 < more_chunks[key][direction] == reads[key][direction] == sparse[direction]
     assert reads["reference", "sparse", "none"]["forward_reads"] == 1
     assert reads["reference", "sparse", "per-sample caption padding"]["forward_reads"] > 1
