@@ -22,6 +22,8 @@ __all__ = ["MoCRouting", "route", "chunk_means", "dense_mask", "drop_in_slots"]
 
 # Queries scored per step; bounds the transient (B, H, tile, C) score tensor.
 _ROUTE_TILE = 8192
+# Up to this many routed slots, selection takes one argmax per slot instead of a sort (measured faster on CPU).
+_ARGMAX_SLOTS = 8
 # Elements of one (B, chunks, size, H, D) working copy of the keys when computing chunk means; bounds that transient.
 _MEAN_TILE_ELEMS = 1 << 24
 # Drop-in draws `m ~ Poisson(drop_in)` extra chunks per query, capped at the smallest `M` with
@@ -267,10 +269,7 @@ def route(
             # NaN (and -inf) scores rank below every finite score but above non-candidates (-inf), so a slot never
             # holds a non-candidate, nor one chunk twice.
             scores = scores.nan_to_num_(nan=lowest, neginf=lowest).masked_fill_(blocked, float("-inf"))
-            # Stable descending sort: among equal scores the earlier chunk wins (spec: ties go to the earlier chunk).
-            values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-            values, order = values[..., :n_slots], order[..., :n_slots]
-            selected[:, :, start:end] = torch.where(torch.isneginf(values), -1, order)
+            selected[:, :, start:end] = _top_slots(scores, n_slots)
         if config.route_by == "block":
             token_block, _ = layout.token_blocks(config.block_size, device)
             selected = selected[:, :, token_block]
@@ -281,6 +280,23 @@ def route(
                 allowed = allowed & ~empty[:, None, None, :]
             selected = _regularise(selected, allowed, config, generator)
     return MoCRouting(layout=layout, selected=selected, anchors=anchors)
+
+
+def _top_slots(scores: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """The `n_slots` highest-scoring chunks in descending order, the earlier chunk first among equal scores (spec:
+    ties go to the earlier chunk), `-1` for slots left without a candidate (score `-inf`). Overwrites `scores`."""
+    if n_slots > _ARGMAX_SLOTS:
+        # A stable descending sort keeps equal scores in chunk order.
+        values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        values, order = values[..., :n_slots], order[..., :n_slots]
+        return torch.where(torch.isneginf(values), -1, order)
+    # Few slots: one argmax per slot is cheaper than a sort; argmax returns the first of equal maxima.
+    slots = []
+    for _ in range(n_slots):
+        best = scores.argmax(-1, keepdim=True)
+        slots.append(torch.where(torch.isneginf(scores.gather(-1, best)), -1, best))
+        scores.scatter_(-1, best, float("-inf"))
+    return torch.cat(slots, dim=-1) if slots else scores.new_empty(*scores.shape[:-1], 0, dtype=torch.long)
 
 
 def _query_units(
