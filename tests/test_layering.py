@@ -15,6 +15,7 @@ LAYERS = {
     "parallel": 0,
     "video_io": 0,
     "tiny": 0,
+    "model_families": 0,
     "routing": 1,
     "kernels": 2,
     "attention": 3,

@@ -49,6 +49,7 @@ class WanFamily:
             `"required"` (image-to-video).
         image_encoder (`bool`): the image is also encoded by CLIP and attended in cross-attention (Wan 2.1 I2V).
         expand_timesteps (`bool`): per-token timesteps, the start image as a clean first latent frame (TI2V-5B).
+        trainable (`bool`): `diffusers-moc train` fine-tunes it (text-to-video training; TI2V-5B included).
         defaults (`dict`): `height`, `width`, `num_frames`, `fps`, `num_inference_steps`, `guidance_scale` (and
             `guidance_scale_2` with experts) of the model card.
     """
@@ -60,6 +61,7 @@ class WanFamily:
     image: str = "none"
     image_encoder: bool = False
     expand_timesteps: bool = False
+    trainable: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +80,7 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             "wan2.1-t2v",
             "Wan 2.1 T2V",
             ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+            trainable=True,
             defaults=_WAN21,
         ),
         WanFamily(
@@ -93,6 +96,7 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             "Wan 2.2 T2V-A14B",
             ("Wan-AI/Wan2.2-T2V-A14B-Diffusers",),
             experts=True,
+            trainable=True,
             defaults=dict(
                 height=720,
                 width=1280,
@@ -125,6 +129,7 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             ("Wan-AI/Wan2.2-TI2V-5B-Diffusers",),
             image="optional",
             expand_timesteps=True,
+            trainable=True,
             defaults=dict(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0),
         ),
     )

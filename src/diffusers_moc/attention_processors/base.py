@@ -116,8 +116,10 @@ class MoCForwardState:
     the model's MoC processors. A plain object, so models with MoC stay picklable and `copy.deepcopy`-able.
     """
 
-    def __init__(self):
+    def __init__(self, label: str | None = None):
         self.facts: MoCForwardFacts | None = None
+        # The pipeline component the transformer is (`"transformer_2"`), when MoC was applied to a pipeline.
+        self.label = label
 
     def __repr__(self) -> str:
         return f"MoCForwardState({self.facts})"
