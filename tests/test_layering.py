@@ -19,6 +19,7 @@ LAYERS = {
     "routing": 1,
     "kernels": 2,
     "attention": 3,
+    "recording": 3,
     "attention_processors": 4,
     "apply": 5,
     "hub": 6,

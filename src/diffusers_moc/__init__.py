@@ -40,6 +40,8 @@ _LAZY = {
     "chunk_means": "routing",
     "dense_mask": "routing",
     "route": "routing",
+    "RoutingMap": "recording",
+    "moc_routing_map": "recording",
     "LongVideoPipeline": "pipelines",
     "LongVideoPipelineOutput": "pipelines",
     "Shot": "pipelines",
@@ -83,4 +85,5 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .context import MoCContext, current_moc_context, moc_context  # noqa: F401
     from .errors import InputError  # noqa: F401
     from .layout import ChunkLayout  # noqa: F401
+    from .recording import RoutingMap, moc_routing_map  # noqa: F401
     from .routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401
