@@ -84,6 +84,8 @@ def _tiny_vae(z_dim: int):
 def _tiny_transformer(seed: int, in_channels: int, out_channels: int, image_dim: int | None, **kwargs):
     from diffusers import WanTransformer3DModel
 
+    if image_dim is not None:  # Wan 2.1 I2V attends the CLIP tokens with added key/value projections
+        kwargs["added_kv_proj_dim"] = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
     torch.manual_seed(seed)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
