@@ -23,6 +23,7 @@ __all__ = [
     "UnsupportedModelError",
     "family_from_configs",
     "family_of_pipeline",
+    "family_of_repo_id",
     "family_of_source",
 ]
 
@@ -136,6 +137,11 @@ WAN_FAMILIES: dict[str, WanFamily] = {
 }
 
 _BY_REPO = {repo.lower(): f for f in WAN_FAMILIES.values() for repo in f.repo_ids}
+
+
+def family_of_repo_id(name: str | None) -> WanFamily | None:
+    """The family of a known Hub checkpoint id (`WanFamily.repo_ids`, any case), without any download; else `None`."""
+    return _BY_REPO.get(name.lower()) if isinstance(name, str) else None
 
 
 def family_from_configs(
