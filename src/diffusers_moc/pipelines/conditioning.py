@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from diffusers.utils.torch_utils import get_module_execution_device
 
 __all__ = ["ImageCondition", "prepare_image_condition"]
@@ -64,7 +63,8 @@ class ImageCondition:
 def _normalised_latents(vae, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """VAE latents (the posterior mode) of `(B, 3, F, H, W)` pixels in [-1, 1], normalised as Wan's pipelines do."""
     pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-    latents = retrieve_latents(vae.encode(pixels), sample_mode="argmax").to(device=device, dtype=torch.float32)
+    # The posterior's mode, as diffusers' `retrieve_latents(..., sample_mode="argmax")` takes it.
+    latents = vae.encode(pixels).latent_dist.mode().to(device=device, dtype=torch.float32)
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
     return (latents - mean) * inv_std

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -25,7 +25,7 @@ from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from ..apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..captions import caption_layout, encode_caption
@@ -33,6 +33,9 @@ from ..config import MoCConfig
 from ..context import moc_context
 from ..model_families import WanFamily, family_of_pipeline
 from .conditioning import ImageCondition, prepare_image_condition
+
+if TYPE_CHECKING:  # imported for annotations only: without torchvision, importing it prints a warning
+    from transformers import CLIPImageProcessor
 
 __all__ = [
     "LongVideoPipeline",
