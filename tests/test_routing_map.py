@@ -145,3 +145,12 @@ def test_a_fullgraph_compiled_model_refuses_to_record_and_keeps_working():
             with moc_routing_map():
                 compiled(**inputs)
         torch.testing.assert_close(compiled(**inputs).sample, expected)  # recording off again: runs as before
+
+
+def test_save_removes_what_a_killed_save_left(tmp_path):
+    layout = ChunkLayout.for_video(2, 4)
+    rmap = RoutingMap()
+    rmap.record(_Attn(), None, _increasing_routing(layout, SPARSE), 0, 2, 4)
+    (tmp_path / ".map.png.999999999-deadbeef.partial").write_bytes(b"left by a killed run")
+    rmap.save(tmp_path / "map.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json", "map.png"]

@@ -307,11 +307,14 @@ class RoutingMap:
             raise ValueError(f"{path}: a routing map picture must end in one of {list(MAP_EXTENSIONS)}")
         text = json.dumps(self.to_dict(), indent=1)
         fig = self.figure()
+        from .video_io import _remove_stale_partials
+
         pairs: list[tuple[str, str]] = []
         try:
             for dest in (path, self.json_path(path)):
                 folder, name = os.path.split(os.path.abspath(dest))
-                # Named as video_io's temporary folders, so a later run removes what a killed one left.
+                # Named as video_io's temporary folders (with the pid): what a killed run left is removed here.
+                _remove_stale_partials(folder, name)
                 tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
                 pairs.append((tmp, dest))
             from matplotlib.backends.backend_agg import FigureCanvasAgg
