@@ -47,6 +47,17 @@ def wan():
     return WanTransformer3DModel(**WAN_KWARGS).eval(), _wan_inputs()
 
 
+def wan22_ti2v():
+    """Wan 2.2 TI2V-5B's transformer takes per-token timesteps `(B, tokens)` (`expand_timesteps`), as WanPipeline passes
+    them; the first frame's tokens at 0, as with a start image."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    timestep = torch.full((1, 4 * 2 * 2), 500)
+    timestep[:, :4] = 0
+    return WanTransformer3DModel(**WAN_KWARGS).eval(), _wan_inputs(timestep=timestep)
+
+
 def wan_vace():
     from diffusers import WanVACETransformer3DModel
 
@@ -65,6 +76,7 @@ def skyreels_v2():
 #: Model name -> builder, one per supported transformer class.
 MODELS = {
     "wan": wan,
+    "wan22_ti2v": wan22_ti2v,
     "wan_vace": wan_vace,
     "skyreels_v2": skyreels_v2,
     "hunyuan_video": _tv._hunyuan,

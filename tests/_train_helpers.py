@@ -97,7 +97,8 @@ def _config(data_root, out, **sections) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def _lora_state(trainer: MoCLoRATrainer) -> dict[str, torch.Tensor]:
+def _lora_state(trainer: MoCLoRATrainer, component: str = "transformer") -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.pipeline.transformer).items()}
+    model = getattr(trainer.pipeline, component)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

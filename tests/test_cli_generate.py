@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -129,3 +130,81 @@ def test_generate_with_model_folder(board, tmp_path):
     argv = ["generate", str(board), "-o", str(out), "--model", str(tmp_path / "model"), "--quiet"]
     assert main(argv + ["--height", "32", "--width", "32", "--steps", "1"]) == 0
     assert read(out).shape == (15, 32, 32, 3)
+
+
+# ---------------------------------------------------------------------- Wan 2.2, image start, routing map
+def _picture(path, size=16):
+    import PIL.Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    PIL.Image.fromarray(np.stack([np.tile(ramp, (size, 1))] * 3, -1)).save(path)
+    return path
+
+
+def test_tiny_ti2v_from_an_image_with_a_routing_map(tmp_path, capsys):
+    """The storyboard names TI2V-5B and no fps: `--tiny` stands in for it (64x64: its VAE compresses 16x) at the
+    model's 24 fps; the image (relative to the storyboard) starts shot 1; the map and its numbers are written."""
+    board = {k: v for k, v in BOARD.items() if k != "fps"}
+    board.update(model="Wan-AI/Wan2.2-TI2V-5B-Diffusers", image="start.png")
+    board["shots"] = [
+        {"prompt": "the car drives down the street", "num_frames": 5},
+        {"prompt": "a dog", "seconds": 0.5},
+    ]
+    (tmp_path / "boards").mkdir()
+    _picture(tmp_path / "boards" / "start.png")
+    path = tmp_path / "boards" / "board.yaml"
+    path.write_text(yaml.safe_dump(board), encoding="utf-8")
+    out, picture = tmp_path / "video.mp4", tmp_path / "map.png"
+    argv = ["generate", str(path), "-o", str(out), "--tiny", "--quiet", "--routing-map", str(picture)]
+    assert main(argv) == 0
+    with av.open(str(out)) as container:
+        assert float(container.streams.video[0].average_rate) == 24
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert frames.shape == (5 + 13, 64, 64, 3)  # 0.5 s at 24 fps is 13 frames
+    numbers = json.loads((tmp_path / "map.json").read_text())
+    assert numbers["shot_starts"] == [0, 2] and list(numbers["layers"]) == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err
+    assert "Wan 2.2 TI2V-5B (tiny), from an image" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boards", "map.json", "map.png", "video.mp4"]
+
+
+@pytest.mark.parametrize(
+    "change, args, match",
+    [
+        ({"image": "missing.png"}, ["--tiny", "wan2.1-i2v"], r"image: missing.png: no such file"),
+        ({"image": "board.yaml"}, ["--tiny", "wan2.1-i2v"], r"image: board.yaml: cannot be read as an image"),
+        ({"image": "start.png"}, ["--tiny"], r"image: Wan 2.1 T2V is a text-to-video model"),
+        ({}, ["--tiny", "wan2.2-i2v-a14b"], r"image: Wan 2.2 I2V-A14B is an image-to-video model: set `image:`"),
+        ({"guidance_scale_2": 2.0}, ["--tiny"], r"guidance_scale_2: only two-expert models"),
+        ({}, ["--tiny", "wan3"], r"--tiny wan3: no such model family"),
+        ({}, ["--tiny", "--image", "nope.png"], r"--image nope.png: no such file"),
+        ({}, ["--tiny", "--routing-map", "map.gif"], r"--routing-map map.gif: the picture must end in one of"),
+        ({}, ["--tiny", "--routing-map", "TMP/start.png"], r"start.png exists; pass --overwrite"),
+        ({"model": "UNSUPPORTED"}, [], r"model: .* is a StableDiffusionPipeline model; LongVideoPipeline runs"),
+    ],
+)
+def test_model_and_image_errors_are_named_before_any_model_loads(board, tmp_path, capsys, change, args, match):
+    _picture(tmp_path / "start.png")
+    unsupported = tmp_path / "sd"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    if change.get("model") == "UNSUPPORTED":
+        change = {"model": str(unsupported)}
+    board.write_text(yaml.safe_dump({**BOARD, **change}), encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.replace("TMP/", f"{tmp_path}/") for a in args]
+    argv = ["generate", str(board), "-o", str(tmp_path / "video.mp4"), "--quiet", *args]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_failed_write_leaves_no_routing_map(board, tmp_path, monkeypatch):
+    def failing_write(path, frames, fps, writer):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video_io, "_write", failing_write)
+    argv = ["generate", str(board), "-o", str(tmp_path / "v.mp4"), "--tiny", "--quiet"]
+    assert main([*argv, "--routing-map", str(tmp_path / "map.png")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board.yaml"]

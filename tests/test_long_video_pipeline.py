@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_moc import MoCConfig, MoCWanAttnProcessor, apply_moc, get_moc_config, moc_context
+from diffusers_moc.apply import pipeline_transformers
 from diffusers_moc.pipelines import LongVideoPipeline, LongVideoPipelineOutput, Shot, frames_for_seconds
 from diffusers_moc.tiny import tiny_wan_components
 from diffusers_moc.video_io import write_videos
@@ -20,6 +24,13 @@ CAUSAL = MoCConfig(top_k=2, local_window=1, anchor_own_shot=True, causal=True)
 SIZE = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 16}
 SHOTS = [Shot("a cat walks in the city", num_frames=5), Shot("a dog runs on the beach", num_frames=9)]
 LAST = "the sea at night"
+#: The text-to-video families the end-to-end tests run on (each with its own tiny components).
+T2V_MODELS = ["wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b"]
+
+
+def size_of(model: str) -> int:
+    # TI2V-5B's VAE compresses 16x: 64 pixels are 4 latent rows, 2 patch rows, as 32 pixels are for Wan 2.1.
+    return 64 if model == "wan2.2-ti2v-5b" else 32
 
 
 def make_pipe(**kw) -> LongVideoPipeline:
@@ -33,8 +44,21 @@ def pipe() -> LongVideoPipeline:
     return make_pipe()
 
 
+_PIPES: dict[str, LongVideoPipeline] = {}
+
+
+@pytest.fixture(params=T2V_MODELS)
+def model_pipe(request) -> LongVideoPipeline:
+    """The tiny pipeline of each text-to-video family (built once per module)."""
+    if request.param not in _PIPES:
+        _PIPES[request.param] = make_pipe(model=request.param)
+    return _PIPES[request.param]
+
+
 def run(pipe, shots, seed=0, **kw):
-    args = {**SIZE, "moc_config": CAUSAL, "global_prompt": "red car", "negative_prompt": "blue", **kw}
+    size = size_of(pipe.family.name)
+    args = {**SIZE, "height": size, "width": size, "moc_config": CAUSAL, "global_prompt": "red car", **kw}
+    args.setdefault("negative_prompt", "blue")
     return pipe(shots, generator=torch.Generator().manual_seed(seed), **args)
 
 
@@ -46,21 +70,25 @@ def read_frames(path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_three_shots_end_to_end_writes_playable_mp4(pipe, tmp_path):
-    out = run(pipe, [*SHOTS, Shot(LAST, num_frames=5)])
+def test_three_shots_end_to_end_writes_playable_mp4(model_pipe, tmp_path):
+    size = size_of(model_pipe.family.name)
+    out = run(model_pipe, [*SHOTS, Shot(LAST, num_frames=5)])
     assert isinstance(out, LongVideoPipelineOutput)
-    assert out.frames.shape == (1, 19, 32, 32, 3)
+    assert out.frames.shape == (1, 19, size, size, 3)
     assert out.shot_starts == [0, 5, 14]
     assert np.isfinite(out.frames).all() and 0 <= out.frames.min() and out.frames.max() <= 1
     path = tmp_path / "long.mp4"
-    write_videos([(path, out.frames[0])], fps=16)
+    fps = model_pipe.default_settings()["fps"]
+    write_videos([(path, out.frames[0])], fps=fps)
     frames = read_frames(path)
-    assert frames.shape == (19, 32, 32, 3)
+    assert frames.shape == (19, size, size, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]  # no temporary file left behind
 
 
-def test_causal_routing_first_shots_do_not_depend_on_last_caption(pipe):
-    """The DAG property: shot 1's tokens never see later shots (self- or cross-attention), so it is unchanged."""
+def test_causal_routing_first_shots_do_not_depend_on_last_caption(model_pipe):
+    """The DAG property: shot 1's tokens never see later shots (self- or cross-attention), so it is unchanged; on
+    Wan 2.2 A14B through both experts."""
+    pipe = model_pipe
 
     def generate(last_caption):
         final = {}
@@ -99,30 +127,152 @@ def test_non_causal_routing_lets_the_first_shot_see_later_shots(pipe):
     assert not torch.equal(a[:, :, :2], b.frames[:, :, :2])
 
 
-def test_one_shot_equals_wan_pipeline_with_moc():
+@pytest.mark.parametrize("model", T2V_MODELS)
+def test_one_shot_equals_wan_pipeline_with_moc(model):
+    """Wan 2.1, Wan 2.2 A14B (both experts, `guidance_scale_2`) and TI2V-5B (per-token timesteps) as WanPipeline."""
     config = MoCConfig(top_k=1, causal=True)
-    wan = WanPipeline(**tiny_wan_components())
+    size = {**SIZE, "height": size_of(model), "width": size_of(model)}
+    scales = {"guidance_scale": 5.0} | ({"guidance_scale_2": 3.0} if model == "wan2.2-t2v-a14b" else {})
+    wan = WanPipeline(**tiny_wan_components(model=model))
     wan.set_progress_bar_config(disable=True)
-    apply_moc(wan.transformer, config)
+    apply_moc(wan, config)
+    calls = []
+    for t in pipeline_transformers(wan).values():
+        t.register_forward_pre_hook(lambda m, args, calls=calls, t=t: calls.append(t))
     expected = wan(
         "a cat walks in the city",
         negative_prompt="blue",
         num_frames=9,
-        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(3),
-        **SIZE,
+        **scales,
+        **size,
     ).frames
-    pipe = make_pipe()
+    if model == "wan2.2-t2v-a14b":  # the check below covers both experts
+        assert calls[0] is wan.transformer and calls[-1] is wan.transformer_2
+    pipe = make_pipe(model=model)
     got = pipe(
         [Shot("a cat walks in the city", num_frames=9)],
         negative_prompt="blue",
-        guidance_scale=5.0,
         moc_config=config,
         generator=torch.Generator().manual_seed(3),
-        **SIZE,
+        **scales,
+        **size,
     ).frames
-    assert got.shape == expected.shape == (1, 9, 32, 32, 3)
+    assert got.shape == expected.shape == (1, 9, size["height"], size["width"], 3)
     assert np.array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------------ image start
+
+#: The families that take a start image: Wan 2.1 I2V (CLIP tokens + masked first-frame latents), Wan 2.2 I2V-A14B
+#: (the same without CLIP, two experts), Wan 2.2 TI2V-5B (the image latent as a clean first frame).
+IMAGE_MODELS = ["wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"]
+
+
+def start_image(size: int) -> PIL.Image.Image:
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    return PIL.Image.fromarray(
+        np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), 255 - np.tile(ramp, (size, 1))], -1)
+    )
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
+def test_one_shot_with_image_equals_the_stock_image_to_video_pipeline(model):
+    config = MoCConfig(top_k=1, causal=True)
+    size = size_of(model)
+    image = start_image(size)
+    scales = {"guidance_scale": 5.0} | ({"guidance_scale_2": 3.0} if model == "wan2.2-i2v-a14b" else {})
+    # 512 text tokens: diffusers' Wan I2V processor assumes them when it splits image from text tokens.
+    common = dict(negative_prompt="blue", height=size, width=size, num_inference_steps=2, max_sequence_length=512)
+    stock = WanImageToVideoPipeline(**tiny_wan_components(model=model))
+    stock.set_progress_bar_config(disable=True)
+    apply_moc(stock, config)
+    expected = stock(
+        image=image, prompt="a cat walks", num_frames=9, generator=torch.Generator().manual_seed(3), **scales, **common
+    ).frames
+    got = make_pipe(model=model)(
+        [Shot("a cat walks", num_frames=9)],
+        image=image,
+        moc_config=config,
+        generator=torch.Generator().manual_seed(3),
+        **scales,
+        **common,
+    ).frames
+    assert got.shape == expected.shape == (1, 9, size, size, 3)
+    assert np.array_equal(got, expected)
+
+
+def _transformer_inputs(pipe) -> list[dict]:
+    seen = []
+    for t in pipeline_transformers(pipe).values():
+        t.register_forward_pre_hook(lambda m, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
+def test_the_first_shot_starts_from_the_image_as_the_stock_pipeline_conditions_it(model):
+    """Three shots (2, 3 and 3 latent frames): the first gets the stock pipeline's conditioning for a clip starting
+    at the image, the later ones none; and shot 1 still never depends on a later caption."""
+    size = size_of(model)
+    image = start_image(size)
+    pipe = make_pipe(model=model)
+    settings = {k: pipe.config[k] for k in ("boundary_ratio", "expand_timesteps")}
+    stock = WanImageToVideoPipeline(**dict(pipe.components), **settings)
+    seen = _transformer_inputs(pipe)
+    out = run(pipe, [*SHOTS, Shot(LAST, num_frames=9)], image=image, output_type="latent").frames
+    first = seen[0]
+    pixels = stock.video_processor.preprocess(image, height=size, width=size).to(dtype=torch.float32)
+    prepared = stock.prepare_latents(pixels, 1, stock.vae.config.z_dim, size, size, 5, torch.float32, "cpu")
+    if model == "wan2.2-ti2v-5b":
+        _, condition, mask = prepared
+        torch.testing.assert_close(first["hidden_states"][:, :, :1], condition, rtol=0, atol=0)
+        torch.testing.assert_close(out[:, :, :1], condition, rtol=0, atol=0)  # the first latent frame is the image
+        tokens = 4  # per latent frame at 64x64: (64 / 16 / 2) ** 2
+        timestep = first["timestep"]
+        assert timestep.shape == (1, 8 * tokens) and (timestep[:, :tokens] == 0).all()
+        assert (timestep[:, tokens:] == pipe.scheduler.timesteps[0]).all()
+    else:
+        _, condition = prepared  # (1, 4 + 16, 2, h, w): mask, then latents of [image, 0, 0, 0, 0]
+        torch.testing.assert_close(first["hidden_states"][:, 16:, :2], condition, rtol=0, atol=0)
+        assert (first["hidden_states"][:, 16:20, 2:] == 0).all()  # later shots: no given frame
+        embeds = first["encoder_hidden_states_image"]
+        if model == "wan2.1-i2v":
+            torch.testing.assert_close(embeds, stock.encode_image(image, "cpu"), rtol=0, atol=0)
+        else:
+            assert embeds is None
+    again = run(
+        pipe, [*SHOTS, Shot("an old man sits in a small room", num_frames=9)], image=image, output_type="latent"
+    )
+    assert torch.equal(again.frames[:, :, :5], out[:, :, :5]) and not torch.equal(again.frames, out)
+
+
+def test_image_and_expert_arguments_are_checked(pipe):
+    with pytest.raises(ValueError, match="text to video.*needs an image-to-video model"):
+        run(pipe, SHOTS, image=start_image(32))
+    with pytest.raises(ValueError, match="guidance_scale_2 is for two-expert models"):
+        run(pipe, SHOTS, guidance_scale_2=3.0)
+    i2v = make_pipe(model="wan2.1-i2v")
+    with pytest.raises(ValueError, match="image is required: Wan 2.1 I2V"):
+        run(i2v, SHOTS)
+    with pytest.raises(TypeError, match="image must be a PIL image"):
+        run(i2v, SHOTS, image="cat.png")
+
+
+def test_defaults_follow_the_model_family():
+    ti2v = _PIPES.get("wan2.2-ti2v-5b") or make_pipe(model="wan2.2-ti2v-5b")
+    assert ti2v.default_settings()["fps"] == 24 and ti2v.family.title == "Wan 2.2 TI2V-5B"
+    # 0.5 s: 13 frames at TI2V-5B's 24 fps (9 at Wan 2.1's 16).
+    out = run(ti2v, [Shot("a cat", seconds=0.5)], output_type="latent", num_inference_steps=1)
+    assert out.frames.shape[2] == 4
+    a14b = make_pipe(model="wan2.2-t2v-a14b")
+    assert a14b.default_settings()["guidance_scale_2"] == 3.0
+    scales = []
+    a14b._expert = lambda t, i, f=a14b._expert: scales.append(f(t, i)[1]) or f(t, i)
+    run(a14b, SHOTS, output_type="latent", guidance_scale=None)
+    assert scales == [4.0, 3.0]  # the model card's guidance for each expert
+    scales.clear()
+    run(a14b, SHOTS, output_type="latent", guidance_scale=6.0)
+    assert scales == [6.0, 6.0]  # guidance_scale alone applies to both, as in WanPipeline
 
 
 def test_shots_in_seconds_and_plain_prompts(pipe):
@@ -358,18 +508,56 @@ def test_shot_validation():
     assert Shot("a cat", seconds=5).frames(16) == 81
 
 
-def test_from_pretrained_local_folders(tmp_path):
-    """A folder written by save_pretrained (ours, or WanPipeline's as on the Hub) loads into LongVideoPipeline."""
-    components = tiny_wan_components()
-    WanPipeline(**components).save_pretrained(tmp_path / "wan")
+#: The `model_index.json` entries of each family's diffusers checkpoint on the Hub (Wan-AI/Wan2.1-T2V-1.3B-Diffusers,
+#: Wan2.1-I2V-14B-480P-Diffusers, Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.2-TI2V-5B-Diffusers), as
+#: far as they matter for loading: the saved tiny folders must have them too.
+HUB_LAYOUT = {
+    "wan2.1-t2v": {"_class_name": "WanPipeline", "transformer_2": [None, None]},
+    "wan2.1-i2v": {
+        "_class_name": "WanImageToVideoPipeline",
+        "image_encoder": ["transformers", "CLIPVisionModel"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+    },
+    "wan2.2-t2v-a14b": {"_class_name": "WanPipeline", "boundary_ratio": 0.875, "expand_timesteps": False},
+    "wan2.2-i2v-a14b": {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9, "image_encoder": [None, None]},
+    "wan2.2-ti2v-5b": {"_class_name": "WanPipeline", "boundary_ratio": None, "expand_timesteps": True},
+}
+
+
+@pytest.mark.parametrize("model", list(HUB_LAYOUT))
+def test_from_pretrained_local_folders(model, tmp_path):
+    """A folder written by save_pretrained (ours, or diffusers' pipeline's as on the Hub) loads into
+    LongVideoPipeline, and its family is known from the folder before any weights load."""
+    from diffusers import UniPCMultistepScheduler
+
+    from diffusers_moc.model_families import family_of_source
+
+    components = tiny_wan_components(model=model)
+    if model.startswith("wan2.2"):  # the scheduler of the Wan 2.2 checkpoints
+        components["scheduler"] = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        )
+    image_to_video = model in ("wan2.1-i2v", "wan2.2-i2v-a14b")
+    stock_cls = WanImageToVideoPipeline if image_to_video else WanPipeline
+    stock_cls(**components).save_pretrained(tmp_path / "hub")
     LongVideoPipeline(**components).save_pretrained(tmp_path / "long")
-    reference = run(make_pipe(), SHOTS, output_type="latent").frames
-    for folder in ("wan", "long"):
+    index_path = tmp_path / "hub" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if index.get("image_processor", [None])[0] is not None:
+        # transformers without torchvision saves `CLIPImageProcessorPil`; load the class name the Hub folder has.
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+        index_path.write_text(json.dumps(index))
+    assert {k: index[k] for k in HUB_LAYOUT[model]} == HUB_LAYOUT[model]
+    image = start_image(size_of(model)) if image_to_video else None
+    reference = run(LongVideoPipeline(**components), SHOTS, image=image, output_type="latent").frames
+    for folder in ("hub", "long"):
+        assert family_of_source(tmp_path / folder).name == model
         loaded = LongVideoPipeline.from_pretrained(tmp_path / folder)
         loaded.set_progress_bar_config(disable=True)
-        assert isinstance(loaded, LongVideoPipeline)
+        assert isinstance(loaded, LongVideoPipeline) and loaded.family.name == model
         # Same weights, but freshly loaded tensors can take other BLAS paths: equal up to float rounding.
-        torch.testing.assert_close(run(loaded, SHOTS, output_type="latent").frames, reference, rtol=0, atol=1e-4)
+        got = run(loaded, SHOTS, image=image, output_type="latent").frames
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
 
 
 def test_caption_layout_is_the_pipeline_and_training_text_context():

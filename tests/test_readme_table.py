@@ -10,7 +10,7 @@ from pathlib import Path
 import diffusers
 import pytest
 
-from diffusers_moc.apply import _registry, supported_models, supported_models_table
+from diffusers_moc.apply import TABLE_COLUMNS, _registry, supported_models, supported_models_table
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _cp_worker import MODELS as CONTEXT_PARALLEL_TESTED  # noqa: E402
@@ -51,5 +51,21 @@ def test_table_pipelines_exist_in_diffusers():
 
 
 def test_context_parallel_column_claims_only_tested_models():
-    claimed = {row[0].strip("`") for row in _rows(supported_models_table()) if row[5] == "Ulysses"}
+    column = TABLE_COLUMNS.index("Context parallel")
+    claimed = {row[0].strip("`") for row in _rows(supported_models_table()) if row[column] == "Ulysses"}
     assert claimed == set(CONTEXT_PARALLEL_TESTED)
+
+
+def test_pipeline_feature_columns_claim_only_the_wan_families():
+    """Multi-shot, image start and LoRA training are diffusers-moc pipelines for Wan (tested in
+    test_long_video_pipeline.py and test_training.py); every other model says no."""
+    from diffusers_moc.model_families import WAN_FAMILIES
+
+    features = [TABLE_COLUMNS.index(c) for c in TABLE_COLUMNS if c.startswith(("Multi-shot", "Image", "LoRA"))]
+    titles = {f.title for f in WAN_FAMILIES.values()}
+    for row in _rows(supported_models_table()):
+        for column in features:
+            if row[0] == "`WanTransformer3DModel`":
+                assert row[column] != "no" and set(row[column].split(", ")) <= titles
+            else:
+                assert row[column] == "no", (row[0], TABLE_COLUMNS[column])

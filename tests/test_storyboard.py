@@ -201,3 +201,37 @@ def test_file_size_encoding_and_echoed_values_are_bounded(tmp_path):
 def test_fps_outside_what_the_writers_take_is_refused(tmp_path, fps):
     with pytest.raises(StoryboardError, match="fps: must be between 0.1 and 1000"):
         load_storyboard(write(tmp_path, _with(fps=fps)))
+
+
+def test_model_defaults_fill_only_what_the_storyboard_leaves_out(tmp_path):
+    from diffusers_moc.model_families import WAN_FAMILIES
+
+    ti2v = WAN_FAMILIES["wan2.2-ti2v-5b"].defaults
+    board = Storyboard.from_dict({"height": 32, "shots": [{"prompt": "a cat", "seconds": 0.5}]})
+    assert (board.fps, board.shot_frames) == (16, [9])  # Wan 2.1's defaults without a model
+    resolved = board.with_model_defaults(ti2v)
+    assert (resolved.fps, resolved.width, resolved.height, resolved.shot_frames) == (24, 1280, 32, [13])
+    assert resolved.with_overrides({"width": 64}, "cli").with_model_defaults(ti2v).width == 64
+    a14b = board.with_model_defaults(WAN_FAMILIES["wan2.2-t2v-a14b"].defaults)
+    assert (a14b.guidance_scale, a14b.guidance_scale_2, a14b.num_inference_steps) == (4.0, 3.0, 40)
+
+
+def test_image_is_a_readable_file_relative_to_the_storyboard(tmp_path):
+    import PIL.Image
+
+    (tmp_path / "shots").mkdir()
+    PIL.Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "shots" / "start.png")
+    board = load_storyboard(write(tmp_path, _with(image="shots/start.png")))
+    assert board.image == str(tmp_path / "shots" / "start.png")
+    assert board.load_image().getpixel((0, 0)) == (255, 0, 0)
+    assert board.pipeline_kwargs()["image"].size == (8, 8)
+    assert Storyboard.from_dict(board.to_dict()) == board
+    for value, match in [
+        ("nope.png", r"image: nope.png: no such file \(relative to"),
+        ("board.yaml", "image: board.yaml: cannot be read as an image"),
+        (3, "image: must be the path of an image file"),
+    ]:
+        with pytest.raises(StoryboardError, match=match):
+            load_storyboard(write(tmp_path, _with(image=value)))
+    with pytest.raises(StoryboardError, match="guidance_scale_2: must be a number >= 0"):
+        load_storyboard(write(tmp_path, _with(guidance_scale_2=-1)))

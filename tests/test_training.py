@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusers_moc import MoCConfig, get_moc_config
-from diffusers_moc.hub import LORA_WEIGHT_NAME, load_moc_lora, push_to_hub
+from diffusers_moc.hub import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2, load_moc_lora, push_to_hub
 from diffusers_moc.layout import ChunkLayout
 from diffusers_moc.training import (
     ConfigError,
@@ -227,8 +227,10 @@ def test_load_moc_lora_needs_a_moc_config(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------- resume
-def test_resume_is_exact(data_root, tmp_path):
+@pytest.mark.parametrize("model", [{}, {"tiny_model": "wan2.2-t2v-a14b", "expert": "both"}], ids=["wan2.1", "a14b"])
+def test_resume_is_exact(data_root, tmp_path, model):
     sections = {
+        "model": model,
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},
         "training": {
             "max_steps": 6,
@@ -243,8 +245,10 @@ def test_resume_is_exact(data_root, tmp_path):
     straight = MoCLoRATrainer(_config(data_root, tmp_path / "a", **sections))
     full = straight.train()
     assert os.path.isdir(tmp_path / "a" / "checkpoint-3") and os.path.isdir(tmp_path / "a" / "checkpoint-6")
-    # Checkpoints hold the adapter in diffusers' LoRA format, not the frozen base weights.
+    # Checkpoints hold the adapter in diffusers' LoRA format (one file per trained expert), not the base weights.
     assert LORA_WEIGHT_NAME in os.listdir(tmp_path / "a" / "checkpoint-3")
+    if model:
+        assert LORA_WEIGHT_NAME_2 in os.listdir(tmp_path / "a" / "checkpoint-3")
     assert not any(f.startswith("model") for f in os.listdir(tmp_path / "a" / "checkpoint-3"))
     _reset_accelerate()
 
@@ -256,10 +260,11 @@ def test_resume_is_exact(data_root, tmp_path):
     rest = resumed.train()
     assert rest.global_step == 6 and len(rest.losses) == 3
     assert rest.losses == full.losses[3:] and rest.learning_rates == full.learning_rates[3:]
-    a, b = _lora_state(straight), _lora_state(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ("transformer", "transformer_2") if model else ("transformer",):
+        a, b = _lora_state(straight, name), _lora_state(resumed, name)
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
@@ -300,6 +305,95 @@ def test_compiled_training_matches_eager(data_root, tmp_path, monkeypatch):
     assert eager.keys() == compiled.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- Wan 2.2
+@pytest.mark.parametrize(
+    "tiny_model, expert, trained",
+    [
+        ("wan2.2-ti2v-5b", None, ["transformer"]),
+        ("wan2.2-t2v-a14b", "high_noise", ["transformer"]),
+        ("wan2.2-t2v-a14b", "low_noise", ["transformer_2"]),
+        ("wan2.2-t2v-a14b", "both", ["transformer", "transformer_2"]),
+    ],
+)
+def test_wan22_training_trains_the_chosen_experts_on_their_timesteps(data_root, tmp_path, tiny_model, expert, trained):
+    from diffusers import WanPipeline
+
+    from diffusers_moc.hub import ADAPTER_FILES
+    from diffusers_moc.tiny import tiny_wan_components
+    from diffusers_moc.training import step as step_module
+
+    size = 64 if tiny_model == "wan2.2-ti2v-5b" else 32
+    config = _config(
+        data_root,
+        tmp_path,
+        model={"tiny_model": tiny_model, "expert": expert},
+        data={"height": size, "width": size},
+        # TI2V-5B: every sample trains image-to-video (a clean first frame at timestep 0).
+        training={"max_steps": 5, "batch_size": 2, "first_frame_condition": 1.0 if expert is None else 0.0},
+    )
+    calls = []
+    forward_backward = step_module.FlowMatchingStep._forward_backward
+
+    def spy(self, transformer, shots, layouts, contexts, noisy, timesteps, target, weighting, first):
+        calls.append((transformer, timesteps.clone(), self._timestep(timesteps, noisy, first)))
+        return forward_backward(self, transformer, shots, layouts, contexts, noisy, timesteps, target, weighting, first)
+
+    trainer = MoCLoRATrainer(config)
+    with mock.patch.object(step_module.FlowMatchingStep, "_forward_backward", spy):
+        result = trainer.train()
+    assert np.isfinite(result.losses).all()
+    pipe = trainer.pipeline
+    assert sorted(os.listdir(result.final_dir)) == sorted(
+        ["README.md", "moc_config.json"] + [ADAPTER_FILES[n] for n in trained]
+    )
+    # Each optimizer step trains the expert drawn for it, on that expert's timesteps (boundary 0.875: t >= 875 high).
+    used = [transformer for transformer, _, _ in calls]
+    if tiny_model == "wan2.2-t2v-a14b":
+        assert set(used) == {getattr(pipe, e) for e in trained}  # "both" trains both within 5 steps (seed 0)
+        for transformer, timesteps, _ in calls:
+            high = bool((timesteps >= 875).all())
+            assert high == (transformer is pipe.transformer) and (high or bool((timesteps < 875).all()))
+    else:  # per-token timesteps, 5 frames of 2x2 patches, the first frame's at 0
+        for _, timesteps, per_token in calls:
+            assert per_token.shape == (len(timesteps), 5 * 2 * 2) and (per_token[:, :4] == 0).all()
+            assert (per_token[:, 4:] == timesteps[:, None]).all()
+    # The saved adapter loads back into the right expert(s) with MoC, computing what the trained ones compute.
+    fresh = WanPipeline(**tiny_wan_components(model=tiny_model))
+    load_moc_lora(fresh, result.final_dir)
+    assert sorted(get_moc_config(fresh)) == trained
+    for name in ("transformer", "transformer_2"):
+        if getattr(fresh, name, None) is None:
+            continue
+        assert (getattr(getattr(fresh, name), "peft_config", None) is not None) == (name in trained), name
+    x = {
+        "hidden_states": torch.randn(
+            1,
+            fresh.vae.config.z_dim,
+            3,
+            size // fresh.vae_scale_factor_spatial,
+            size // fresh.vae_scale_factor_spatial,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1)),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        for name in trained:
+            torch.testing.assert_close(getattr(fresh, name)(**x)[0], getattr(pipe, name)(**x)[0], rtol=0, atol=1e-6)
+
+
+def test_model_expert_is_checked():
+    with pytest.raises(ConfigError, match="model.expert: is for Wan 2.2 A14B's two experts"):
+        _config("/data", "/out", model={"expert": "high_noise"})
+    with pytest.raises(ConfigError, match="model.expert: must be one of"):
+        _config("/data", "/out", model={"tiny_model": "wan2.2-t2v-a14b", "expert": "middle"})
+    with pytest.raises(ConfigError, match="model.tiny_model: must be one of"):
+        _config("/data", "/out", model={"tiny_model": "wan2.1-i2v"})
+    with pytest.raises(ConfigError, match="training.first_frame_condition: is for Wan 2.2 TI2V-5B"):
+        MoCLoRATrainer(_config("/data", "/out", training={"first_frame_condition": 0.5}))._family()
 
 
 # ---------------------------------------------------------------------- multi-shot conditioning
@@ -714,3 +808,44 @@ def test_save_moc_lora_needs_an_adapter(tmp_path):
 
     with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
         save_moc_lora(tiny_wan_components()["transformer"], tmp_path, MoCConfig())
+
+
+def test_expert_timestep_ranges_and_step_draws():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_moc.training.experts import Expert, expert_for_step, timestep_ranges
+
+    timesteps = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).timesteps
+    ranges = timestep_ranges(timesteps, 0.875)
+    (lo, hi), (lo2, hi2) = ranges["transformer"], ranges["transformer_2"]
+    assert lo == 0 and hi == lo2 and hi2 == 1000
+    assert timesteps[hi - 1] >= 875 > timesteps[hi]
+    assert timestep_ranges(timesteps, None) == {"transformer": (0, 1000)}
+    experts = [Expert("transformer", None, share=0.3), Expert("transformer_2", None, share=0.7)]
+    draws = [expert_for_step(experts, 0, step).name for step in range(2000)]
+    assert draws == [expert_for_step(experts, 0, step).name for step in range(2000)]  # a function of the step
+    assert abs(draws.count("transformer") / 2000 - 0.3) < 0.05
+
+
+def test_load_moc_lora_follows_diffusers_wan22_conventions(trained, tmp_path):
+    """A default-named adapter goes into `transformer_2` with `load_into_transformer_2=True`, as diffusers'
+    `load_lora_weights` does; an adapter for `transformer_2` is refused by a pipeline without one, before loading."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+
+    from diffusers_moc.hub import save_moc_lora
+    from diffusers_moc.tiny import tiny_wan_components
+
+    config, _, result = trained
+    a14b = WanPipeline(**tiny_wan_components(model="wan2.2-t2v-a14b"))
+    load_moc_lora(a14b, result.final_dir, load_into_transformer_2=True)
+    assert get_moc_config(a14b) == {"transformer_2": config.moc}
+    assert getattr(a14b.transformer, "peft_config", None) is None and a14b.transformer_2.peft_config
+    experts = tiny_wan_components(model="wan2.2-t2v-a14b")
+    experts["transformer_2"].add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    save_moc_lora(None, tmp_path / "low", config.moc, transformer_2=experts["transformer_2"])
+    assert sorted(os.listdir(tmp_path / "low")) == ["README.md", "moc_config.json", LORA_WEIGHT_NAME_2]
+    wan21 = WanPipeline(**tiny_wan_components())
+    with pytest.raises(ValueError, match="adapter for transformer_2 .*which this WanPipeline does not have"):
+        load_moc_lora(wan21, tmp_path / "low")
+    assert get_moc_config(wan21) == {} and getattr(wan21.transformer, "peft_config", None) is None

@@ -113,6 +113,42 @@ def test_update_moc_config_changes_every_layer():
         update_moc_config(tiny_transformer(), top_k=3)
 
 
+def test_apply_moc_on_a_pipeline_treats_every_transformer():
+    """Wan 2.2 A14B: `transformer_2` (the low-noise expert) gets MoC too; get/update/remove cover both."""
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    pipe = WanPipeline(**tiny_wan_components(model="wan2.2-t2v-a14b", num_layers=1))
+    assert get_moc_config(pipe) == {}
+    assert apply_moc(pipe, SPARSE) is pipe
+    assert get_moc_config(pipe) == {"transformer": SPARSE, "transformer_2": SPARSE}
+    assert get_moc_config(pipe.transformer) == SPARSE  # a transformer still gives its config
+    high, low = (t.blocks[0].attn1.processor for t in (pipe.transformer, pipe.transformer_2))
+    assert isinstance(high, MoCWanAttnProcessor) and isinstance(low, MoCWanAttnProcessor) and high is not low
+    assert (high.state.label, low.state.label) == ("transformer", "transformer_2")
+    assert update_moc_config(pipe, top_k=2) == {"transformer": SPARSE.replace(top_k=2)} | {
+        "transformer_2": SPARSE.replace(top_k=2)
+    }
+    assert remove_moc(pipe) is pipe and get_moc_config(pipe) == {}
+    for t in (pipe.transformer, pipe.transformer_2):
+        assert all(type(m.processor) is WanAttnProcessor for m in t.modules() if isinstance(m, WanAttention))
+    with pytest.raises(ValueError, match="not applied to any transformer"):
+        update_moc_config(pipe, top_k=2)
+    # A component set to None is skipped (diffusers' Wan 2.2 pipelines allow either expert alone).
+    pipe.transformer = None
+    apply_moc(pipe, SPARSE)
+    assert get_moc_config(pipe) == {"transformer_2": SPARSE}
+
+
+def test_apply_moc_on_a_pipeline_checks_every_transformer_first():
+    pipe = WanPipeline(**tiny_wan_components(model="wan2.2-t2v-a14b", num_layers=1))
+    pipe.register_modules(transformer_2=pipe.vae)  # any model MoC does not support
+    with pytest.raises(TypeError, match="does not support AutoencoderKLWan"):
+        apply_moc(pipe, SPARSE)
+    assert get_moc_config(pipe.transformer) is None  # nothing was changed
+    with pytest.raises(TypeError, match="holds no transformer"):
+        apply_moc(WanPipeline(**{**tiny_wan_components(num_layers=1), "transformer": None}), SPARSE)
+
+
 @pytest.mark.parametrize("grid", [(3, 5, 4), (1, 2, 3), (4, 1, 1), (2, 1, 5), (5, 3, 1)])
 def test_grid_is_read_off_the_rotary_embeddings(grid):
     f, h, w = grid

@@ -16,6 +16,7 @@ _LAZY = {
     "MOC_PROCESSORS": "apply",
     "apply_moc": "apply",
     "get_moc_config": "apply",
+    "pipeline_transformers": "apply",
     "remove_moc": "apply",
     "supported_models": "apply",
     "supported_models_table": "apply",
@@ -40,6 +41,8 @@ _LAZY = {
     "chunk_means": "routing",
     "dense_mask": "routing",
     "route": "routing",
+    "RoutingMap": "recording",
+    "moc_routing_map": "recording",
     "LongVideoPipeline": "pipelines",
     "LongVideoPipelineOutput": "pipelines",
     "Shot": "pipelines",
@@ -73,6 +76,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         MOC_PROCESSORS,
         apply_moc,
         get_moc_config,
+        pipeline_transformers,
         remove_moc,
         supported_models,
         supported_models_table,
@@ -83,4 +87,5 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .context import MoCContext, current_moc_context, moc_context  # noqa: F401
     from .errors import InputError  # noqa: F401
     from .layout import ChunkLayout  # noqa: F401
+    from .recording import RoutingMap, moc_routing_map  # noqa: F401
     from .routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401

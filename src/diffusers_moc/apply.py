@@ -19,16 +19,23 @@ from .attention_processors import (
     MoCWanAttnProcessor,
 )
 from .config import MoCConfig
+from .model_families import WAN_FAMILIES
 
 __all__ = [
     "apply_moc",
     "remove_moc",
     "get_moc_config",
     "update_moc_config",
+    "pipeline_transformers",
     "supported_models",
     "supported_models_table",
     "MOC_PROCESSORS",
+    "TRANSFORMER_COMPONENTS",
 ]
+
+#: The pipeline components that hold a denoising transformer (Wan 2.2 A14B: `transformer` for high noise,
+#: `transformer_2` for low noise).
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
 #: The base of every MoC processor (kept as a tuple for `isinstance` checks written against earlier versions).
 MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase,)
@@ -51,6 +58,10 @@ class _Support(NamedTuple):
     pipelines: str
     captions: str  # where the caption tokens are, as seen by MoC
     compile: str  # what torch.compile does with MoC applied (see the README's torch.compile section)
+    # Pipeline features of diffusers-moc on this model (the Wan families that have them, or "no"):
+    multi_shot: str = "no"  # LongVideoPipeline
+    image_start: str = "no"  # LongVideoPipeline(image=...)
+    lora_training: str = "no"  # diffusers-moc train
 
 
 _FULL = "fullgraph, regional, export"
@@ -61,6 +72,18 @@ _WAN = dict(
     targets=_WAN_TARGETS,
     captions="cross-attention (dense; per-shot caption spans from `moc_context`)",
     compile=_FULL,
+)
+
+
+def _families(keep) -> str:
+    return ", ".join(f.title for f in WAN_FAMILIES.values() if keep(f)) or "no"
+
+
+# Every Wan family runs in LongVideoPipeline; image start and training where the family has them.
+_WAN_FEATURES = dict(
+    multi_shot=_families(lambda f: True),
+    image_start=_families(lambda f: f.takes_image),
+    lora_training=_families(lambda f: f.trainable),
 )
 
 
@@ -79,7 +102,7 @@ def _registry() -> dict[type, _Support]:
 
     return {
         WanTransformer3DModel: _Support(
-            pipelines="WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline", **_WAN
+            pipelines="WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline", **_WAN, **_WAN_FEATURES
         ),
         WanVACETransformer3DModel: _Support(pipelines="WanVACEPipeline", **_WAN),
         SkyReelsV2Transformer3DModel: _Support(
@@ -148,15 +171,37 @@ def supported_models_table() -> str:
     A test compares it with the table in README.md, so the two cannot drift apart.
     """
     rows = [
-        "| Transformer | Pipelines | MoC processor | Caption tokens | torch.compile | Context parallel |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
     ]
     for model_cls, sup in _registry().items():
-        rows.append(
-            f"| `{model_cls.__name__}` | {sup.pipelines} | `{sup.processor.__name__}` | {sup.captions} | {sup.compile} "
-            f"| {_context_parallel(model_cls, sup)} |"
-        )
+        cells = [
+            f"`{model_cls.__name__}`",
+            sup.pipelines,
+            f"`{sup.processor.__name__}`",
+            sup.captions,
+            sup.compile,
+            sup.multi_shot,
+            sup.image_start,
+            sup.lora_training,
+            _context_parallel(model_cls, sup),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+#: The columns of [`supported_models_table`].
+TABLE_COLUMNS = (
+    "Transformer",
+    "Pipelines",
+    "MoC processor",
+    "Caption tokens",
+    "torch.compile",
+    "Multi-shot (`LongVideoPipeline`)",
+    "Image start",
+    "LoRA training (`diffusers-moc train`)",
+    "Context parallel",
+)
 
 
 def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
@@ -190,9 +235,38 @@ def _remove_hooks(transformer: torch.nn.Module) -> None:
             transformer._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> torch.nn.Module:
+def _is_pipeline(obj) -> bool:
+    return not isinstance(obj, torch.nn.Module) and hasattr(obj, "components")
+
+
+def pipeline_transformers(pipe) -> dict[str, torch.nn.Module]:
     r"""
-    Replace the self-attention of `transformer` by Mixture-of-Contexts attention, in place.
+    The transformers a pipeline holds, by component name: `transformer` and, on Wan 2.2 A14B, `transformer_2`
+    (components set to `None` are left out).
+    """
+    return {name: getattr(pipe, name) for name in TRANSFORMER_COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def _targets(obj, what: str) -> dict[str, torch.nn.Module]:
+    """`{component name: transformer}` of a pipeline, or `{"transformer": obj}` for a transformer."""
+    if not _is_pipeline(obj):
+        return {"transformer": obj}
+    found = pipeline_transformers(obj)
+    if not found:
+        raise TypeError(
+            f"{what}: {type(obj).__name__} holds no transformer (looked for components {list(TRANSFORMER_COMPONENTS)})"
+        )
+    return found
+
+
+def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
+    r"""
+    Replace the self-attention of a transformer, or of every transformer of a pipeline, by Mixture-of-Contexts
+    attention, in place.
+
+    Given a diffusers pipeline, MoC goes on each transformer it holds: `transformer` and, on Wan 2.2 A14B,
+    `transformer_2` (the low-noise expert), skipping components set to `None`. Each gets its own processor with the
+    same `config`.
 
     Which layers change depends on the model (see [`supported_models_table`]): the video self-attention of
     cross-attention models (Wan, LTX-Video), the joint video-caption attention of joint-attention models
@@ -208,28 +282,40 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     [`remove_moc`] to go back to the processors that were there before.
 
     Args:
-        transformer (`torch.nn.Module`): a supported diffusers transformer (see [`supported_models`]).
+        pipe_or_transformer (`DiffusionPipeline` or `torch.nn.Module`): a pipeline holding supported transformers,
+            or a supported diffusers transformer (see [`supported_models`]).
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
 
     Returns:
-        The same transformer.
+        The same pipeline or transformer.
 
     Example:
 
     ```py
     >>> from diffusers import WanPipeline
-    >>> from diffusers_moc import MoCConfig, apply_moc
+    >>> from diffusers_moc import MoCConfig, apply_moc, get_moc_config
 
-    >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    >>> apply_moc(pipe.transformer, MoCConfig(top_k=3))
+    >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    >>> apply_moc(pipe, MoCConfig(top_k=3))  # both experts
+    >>> sorted(get_moc_config(pipe))
+    ['transformer', 'transformer_2']
     ```
     """
     config = MoCConfig() if config is None else config
     if not isinstance(config, MoCConfig):
         raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
+    targets = _targets(pipe_or_transformer, "apply_moc")
+    for transformer in targets.values():  # every transformer checked before any is changed
+        _processor_class(transformer)
+    for label, transformer in targets.items():
+        _apply_one(transformer, config, label if _is_pipeline(pipe_or_transformer) else None)
+    return pipe_or_transformer
+
+
+def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | None) -> None:
     proc_cls, pattern = _processor_class(transformer)
     processor = proc_cls(config)
-    processor.state = MoCForwardState()
+    processor.state = MoCForwardState(label)
     modules = list(_target_modules(transformer, pattern))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
@@ -237,25 +323,36 @@ def apply_moc(transformer: torch.nn.Module, config: MoCConfig | None = None) -> 
     first = modules[0][1].processor
     processor._attention_backend = getattr(first, "_attention_backend", None)
     processor._parallel_config = getattr(first, "_parallel_config", None)
-    for _, module in modules:
+    for name, module in modules:
         if not isinstance(module.processor, MOC_PROCESSORS):
             module._moc_original_processor = module.processor
+        module._moc_layer_name = name  # how routing maps name the layer
         _set_processor(module, processor)
     _remove_hooks(transformer)
     transformer.register_forward_pre_hook(MoCForwardPreHook(processor), with_kwargs=True)
-    return transformer
 
 
-def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
+def remove_moc(pipe_or_transformer):
     r"""
     Give every attention layer that runs a MoC processor its dense processor back: the one `apply_moc` replaced, or
-    (for processors set with `set_attn_processor`) the model's stock processor.
+    (for processors set with `set_attn_processor`) the model's stock processor. Given a pipeline, this is done for
+    each of its transformers.
+
+    Returns:
+        The same pipeline or transformer.
     """
+    for transformer in _targets(pipe_or_transformer, "remove_moc").values():
+        _remove_one(transformer)
+    return pipe_or_transformer
+
+
+def _remove_one(transformer: torch.nn.Module) -> None:
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
         if not isinstance(proc, MOC_PROCESSORS):
             continue
         original = module.__dict__.pop("_moc_original_processor", None)
+        module.__dict__.pop("_moc_layer_name", None)
         if original is None:
             original = proc.stock_processor(module) if hasattr(proc, "stock_processor") else None
         if original is None:
@@ -264,11 +361,9 @@ def remove_moc(transformer: torch.nn.Module) -> torch.nn.Module:
         original._parallel_config = proc._parallel_config
         _set_processor(module, original)
     _remove_hooks(transformer)
-    return transformer
 
 
-def get_moc_config(transformer: torch.nn.Module) -> MoCConfig | None:
-    """The `MoCConfig` the transformer's MoC processors use, or `None` if MoC is not applied."""
+def _config_of(transformer: torch.nn.Module) -> MoCConfig | None:
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
         if isinstance(proc, MOC_PROCESSORS):
@@ -276,14 +371,37 @@ def get_moc_config(transformer: torch.nn.Module) -> MoCConfig | None:
     return None
 
 
-def update_moc_config(transformer: torch.nn.Module, **changes) -> MoCConfig:
+def get_moc_config(pipe_or_transformer):
     r"""
-    Change MoC settings of an applied transformer in place (e.g. `top_k` from a sparsity schedule).
+    The MoC settings in use.
 
     Returns:
-        The new `MoCConfig` (validated).
+        For a transformer: the `MoCConfig` its MoC processors use, or `None` if MoC is not applied. For a pipeline:
+        `dict[str, MoCConfig]`, the transformers that run MoC by component name (e.g.
+        `{"transformer": ..., "transformer_2": ...}` on Wan 2.2 A14B), empty when none does.
     """
-    config = get_moc_config(transformer)
+    if not _is_pipeline(pipe_or_transformer):
+        return _config_of(pipe_or_transformer)
+    found = {name: _config_of(t) for name, t in _targets(pipe_or_transformer, "get_moc_config").items()}
+    return {name: config for name, config in found.items() if config is not None}
+
+
+def update_moc_config(pipe_or_transformer, **changes):
+    r"""
+    Change MoC settings of an applied transformer, or of every transformer of a pipeline that runs MoC, in place
+    (e.g. `top_k` from a sparsity schedule).
+
+    Returns:
+        The new `MoCConfig` (validated); for a pipeline `dict[str, MoCConfig]` by component name.
+    """
+    if _is_pipeline(pipe_or_transformer):
+        running = get_moc_config(pipe_or_transformer)
+        if not running:
+            raise ValueError("MoC is not applied to any transformer of this pipeline; call apply_moc first")
+        pipe = pipe_or_transformer
+        return {name: update_moc_config(getattr(pipe, name), **changes) for name in running}
+    transformer = pipe_or_transformer
+    config = _config_of(transformer)
     if config is None:
         raise ValueError("MoC is not applied to this transformer; call apply_moc first")
     config = config.replace(**changes)

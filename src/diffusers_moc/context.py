@@ -37,12 +37,17 @@ class MoCContext:
         regularise (`bool`, *optional*): whether context drop-off and drop-in run (`docs/semantics.md` section 3).
             `None` (default): only while the transformer is in training mode *and* gradients are enabled, so a model
             left in train mode but run under `torch.no_grad()` is deterministic. `True` / `False` force them on / off.
+        image_tokens (`int`, *optional*): image-to-video models with image keys in cross-attention (Wan 2.1 I2V):
+            how many image-embedding tokens lead `encoder_hidden_states`. The MoC processor then splits image and text
+            there (diffusers' own processor assumes 512 text tokens), every video token attends all image tokens, and
+            `caption_spans` count text tokens after them.
     """
 
     shot_frames: tuple[int, ...] | None = None
     caption_spans: tuple[tuple[int, int], ...] | None = None
     global_caption_span: tuple[int, int] | None = None
     regularise: bool | None = None
+    image_tokens: int | None = None
 
     def __post_init__(self):
         if self.shot_frames is not None:
@@ -66,6 +71,10 @@ class MoCContext:
             object.__setattr__(self, "global_caption_span", _span("global_caption_span", self.global_caption_span))
         if self.regularise is not None and not isinstance(self.regularise, bool):
             raise ValueError(f"regularise must be True, False or None, got {self.regularise!r}")
+        if self.image_tokens is not None and (
+            isinstance(self.image_tokens, bool) or not isinstance(self.image_tokens, int) or self.image_tokens < 1
+        ):
+            raise ValueError(f"image_tokens must be a positive integer or None, got {self.image_tokens!r}")
 
 
 def _span(name: str, span: Sequence[int]) -> tuple[int, int]:
@@ -110,6 +119,7 @@ def moc_context(
     caption_spans: Sequence[tuple[int, int]] | None = None,
     global_caption_span: tuple[int, int] | None = None,
     regularise: bool | None = None,
+    image_tokens: int | None = None,
 ) -> Iterator[MoCContext]:
     r"""
     Set the shots (and caption spans, regularisers) MoC sees inside the `with` block.
@@ -121,12 +131,14 @@ def moc_context(
         global_caption_span (`tuple[int, int]`, *optional*): token range of the global caption.
         regularise (`bool`, *optional*): force context drop-off / drop-in on (`True`) or off (`False`); `None`
             (default) runs them only while the transformer is training with gradients enabled.
+        image_tokens (`int`, *optional*): image-embedding tokens leading the cross-attention context (Wan 2.1 I2V).
     """
     ctx = MoCContext(
         shot_frames=None if shot_frames is None else tuple(shot_frames),
         caption_spans=None if caption_spans is None else tuple(caption_spans),
         global_caption_span=global_caption_span,
         regularise=regularise,
+        image_tokens=image_tokens,
     )
     token = _CURRENT.set(ctx)
     outer = _MIRROR.context

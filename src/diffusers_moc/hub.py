@@ -5,6 +5,11 @@
 
 >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 >>> load_moc_lora(pipe, "user/wan-moc-lora")  # adapter weights and MoC routing in one call
+
+Wan 2.2 A14B has two experts. As diffusers' Wan LoRA loader expects (`load_lora_weights(...,
+load_into_transformer_2=True)`), each expert's adapter is its own file with `transformer.` keys:
+`pytorch_lora_weights.safetensors` for `transformer` (high noise) and
+`pytorch_lora_weights_transformer_2.safetensors` for `transformer_2` (low noise); a folder holds one or both.
 """
 
 from __future__ import annotations
@@ -18,10 +23,22 @@ import torch
 from .apply import apply_moc
 from .config import CONFIG_NAME, MoCConfig
 
-__all__ = ["save_moc_lora", "load_moc_lora", "push_to_hub", "moc_model_card", "LORA_WEIGHT_NAME"]
+__all__ = [
+    "save_moc_lora",
+    "load_moc_lora",
+    "push_to_hub",
+    "moc_model_card",
+    "LORA_WEIGHT_NAME",
+    "LORA_WEIGHT_NAME_2",
+    "ADAPTER_FILES",
+]
 
 #: The file diffusers' `save_lora_weights` writes and `load_lora_weights` looks for.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: The adapter of Wan 2.2 A14B's low-noise expert, `transformer_2` (loaded with `load_into_transformer_2=True`).
+LORA_WEIGHT_NAME_2 = "pytorch_lora_weights_transformer_2.safetensors"
+#: Pipeline component -> the file holding its adapter.
+ADAPTER_FILES = {"transformer": LORA_WEIGHT_NAME, "transformer_2": LORA_WEIGHT_NAME_2}
 MODEL_CARD_TAGS = ["diffusers-moc", "mixture-of-contexts", "lora", "diffusers", "text-to-video", "template:sd-lora"]
 
 
@@ -34,10 +51,11 @@ def _pipeline_cls(pipeline_cls: type | None) -> type:
 
 
 def save_moc_lora(
-    transformer: torch.nn.Module,
+    transformer: torch.nn.Module | None,
     save_directory: str | os.PathLike,
     moc_config: MoCConfig,
     *,
+    transformer_2: torch.nn.Module | None = None,
     adapter_name: str = "default",
     base_model: str | None = None,
     repo_id: str | None = None,
@@ -45,15 +63,20 @@ def save_moc_lora(
     pipeline_cls: type | None = None,
 ) -> str:
     r"""
-    Save the LoRA adapter of a PEFT-adapted transformer as a diffusers LoRA, with its MoC settings and a model card.
+    Save the LoRA adapter of a PEFT-adapted transformer (or of Wan 2.2 A14B's experts) as a diffusers LoRA, with its
+    MoC settings and a model card.
 
     The folder holds `pytorch_lora_weights.safetensors` (what `pipe.load_lora_weights` reads, with the adapter's
-    rank / alpha / target modules as metadata), `moc_config.json` and `README.md`.
+    rank / alpha / target modules as metadata) for `transformer`, `pytorch_lora_weights_transformer_2.safetensors`
+    for `transformer_2` (loaded by `pipe.load_lora_weights(..., weight_name=..., load_into_transformer_2=True)`),
+    `moc_config.json` and `README.md`.
 
     Args:
-        transformer (`torch.nn.Module`): the transformer with a PEFT adapter (`transformer.add_adapter(...)`).
+        transformer (`torch.nn.Module`, *optional*): the transformer with a PEFT adapter (`transformer.add_adapter`);
+            on Wan 2.2 A14B the high-noise expert, `None` when only `transformer_2` was adapted.
         save_directory (`str` or `os.PathLike`): output folder (created).
         moc_config (`MoCConfig`): the MoC settings the adapter was trained for (restored by [`load_moc_lora`]).
+        transformer_2 (`torch.nn.Module`, *optional*): Wan 2.2 A14B's low-noise expert with its adapter.
         adapter_name (`str`, defaults to `"default"`): which adapter to save.
         base_model (`str`, *optional*): the base pipeline repo id, for the model card.
         repo_id (`str`, *optional*): the repo the folder will be pushed to, for the model card's usage snippet.
@@ -68,21 +91,29 @@ def save_moc_lora(
 
     if not isinstance(moc_config, MoCConfig):
         raise TypeError(f"moc_config must be a MoCConfig, got {type(moc_config).__name__}")
-    peft_config = getattr(transformer, "peft_config", {}).get(adapter_name)
-    if peft_config is None:
-        raise ValueError(f"the transformer has no LoRA adapter named {adapter_name!r}; add one with add_adapter")
+    adapted = {name: m for name, m in (("transformer", transformer), ("transformer_2", transformer_2)) if m is not None}
+    if not adapted:
+        raise ValueError("give the adapted transformer (and/or transformer_2)")
+    peft_configs = {}
+    for name, model in adapted.items():
+        peft_configs[name] = getattr(model, "peft_config", {}).get(adapter_name)
+        if peft_configs[name] is None:
+            raise ValueError(f"the {name} has no LoRA adapter named {adapter_name!r}; add one with add_adapter")
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
-    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    _pipeline_cls(pipeline_cls).save_lora_weights(
-        save_directory,
-        transformer_lora_layers=state,
-        # Stores rank, alpha and target modules so that loading rebuilds the same LoRA scale (alpha / rank).
-        transformer_lora_adapter_metadata=peft_config.to_dict(),
-        weight_name=LORA_WEIGHT_NAME,
-    )
+    for name, model in adapted.items():
+        _pipeline_cls(pipeline_cls).save_lora_weights(
+            save_directory,
+            transformer_lora_layers=get_peft_model_state_dict(model, adapter_name=adapter_name),
+            # Stores rank, alpha and target modules so that loading rebuilds the same LoRA scale (alpha / rank).
+            transformer_lora_adapter_metadata=peft_configs[name].to_dict(),
+            weight_name=ADAPTER_FILES[name],
+        )
     moc_config.save_pretrained(save_directory)
+    peft_config = next(iter(peft_configs.values()))
     lora_info = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": peft_config.target_modules}
+    if len(adapted) > 1 or "transformer_2" in adapted:
+        lora_info["experts"] = sorted(adapted)
     moc_model_card(
         moc_config, base_model=base_model, repo_id=repo_id, lora=lora_info, training_info=training_info
     ).save(os.path.join(save_directory, "README.md"))
@@ -176,7 +207,9 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     folder = os.fspath(folder)
-    missing = [name for name in (LORA_WEIGHT_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, name))]
+    missing = [name for name in (CONFIG_NAME,) if not os.path.isfile(os.path.join(folder, name))]
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in ADAPTER_FILES.values()):
+        missing.append(" or ".join(ADAPTER_FILES.values()))
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved MoC LoRA: missing {missing}; write it with save_moc_lora")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -202,22 +235,51 @@ def push_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
+def _adapter_files(source: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> list[str]:
+    """Which of the adapter files (`ADAPTER_FILES`) a folder or Hub repo holds."""
+    if os.path.isdir(source):
+        folder = os.path.join(source, subfolder or "")
+        return [name for name in ADAPTER_FILES.values() if os.path.isfile(os.path.join(folder, name))]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    found = []
+    for name in ADAPTER_FILES.values():
+        try:
+            hf_hub_download(source, name, subfolder=subfolder, **hub_kwargs)  # cached: load_lora_weights reuses it
+        except EntryNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
 def load_moc_lora(
     pipe,
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     adapter_name: str | None = None,
+    load_into_transformer_2: bool = False,
     **kwargs: Any,
 ):
     r"""
     Load a MoC LoRA onto a pipeline in one call: the adapter weights (`pipe.load_lora_weights`) and the saved
-    `moc_config.json`, applied to `pipe.transformer` with [`apply_moc`].
+    `moc_config.json`, applied with [`apply_moc`] to each transformer that received adapter weights.
+
+    Wan 2.2 A14B follows diffusers' convention: `pytorch_lora_weights.safetensors` goes into `transformer` (the
+    high-noise expert) and `pytorch_lora_weights_transformer_2.safetensors` into `transformer_2` (low noise), each
+    with `pipe.load_lora_weights(..., load_into_transformer_2=...)`; a folder may hold either or both. A transformer
+    without adapter weights keeps its attention as it is (check with `get_moc_config(pipe)`; add MoC to it with
+    `apply_moc(pipe.transformer_2, config)`).
 
     Args:
-        pipe (`DiffusionPipeline`): a pipeline with LoRA support and a MoC-supported transformer (e.g. `WanPipeline`).
+        pipe (`DiffusionPipeline`): a pipeline with LoRA support and MoC-supported transformers (e.g. `WanPipeline`,
+            `LongVideoPipeline`).
         pretrained_model_name_or_path (`str` or `os.PathLike`): a folder from [`save_moc_lora`] or a Hub repo id.
         adapter_name (`str`, *optional*): adapter name for `load_lora_weights`.
-        kwargs: Hub options passed to both loads (`revision`, `token`, `cache_dir`, `subfolder`, ...).
+        load_into_transformer_2 (`bool`, defaults to `False`): load `pytorch_lora_weights.safetensors` (or
+            `weight_name`) into `transformer_2` instead, as diffusers' `load_lora_weights` does (for a low-noise
+            adapter saved under the default name).
+        kwargs: Hub options passed to both loads (`revision`, `token`, `cache_dir`, `subfolder`, `weight_name`, ...).
 
     Returns:
         The pipeline (changed in place).
@@ -228,6 +290,29 @@ def load_moc_lora(
     }
     # Read the MoC config first: a folder or repo without it is not a MoC LoRA, and nothing is changed then.
     moc_config = MoCConfig.from_pretrained(source, subfolder=kwargs.get("subfolder"), **hub_kwargs)
-    pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-    apply_moc(pipe.transformer, moc_config)
+    if "weight_name" in kwargs:
+        files = [kwargs.pop("weight_name")]
+    else:
+        files = _adapter_files(source, kwargs.get("subfolder"), hub_kwargs)
+        if not files:
+            raise FileNotFoundError(f"{source} holds no adapter weights ({' or '.join(ADAPTER_FILES.values())})")
+    targets = {}
+    for name in files:
+        component = "transformer_2" if name == LORA_WEIGHT_NAME_2 or load_into_transformer_2 else "transformer"
+        if getattr(pipe, component, None) is None:
+            raise ValueError(
+                f"{source}: {name} is an adapter for {component}"
+                + (" (Wan 2.2 A14B's low-noise expert)" if component == "transformer_2" else "")
+                + f", which this {type(pipe).__name__} does not have"
+            )
+        targets[name] = component
+    for name, component in targets.items():  # every target checked before any weights load
+        pipe.load_lora_weights(
+            source,
+            adapter_name=adapter_name,
+            weight_name=name,
+            load_into_transformer_2=component == "transformer_2",
+            **kwargs,
+        )
+        apply_moc(getattr(pipe, component), moc_config)
     return pipe

@@ -144,7 +144,9 @@ def _remove_stale_partials(folder: str, name: str) -> None:
             pass
 
 
-def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float) -> list[str]:
+def write_videos(
+    outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float, extra: Sequence[tuple[str, str]] = ()
+) -> list[str]:
     r"""
     Write several videos all-or-nothing.
 
@@ -157,9 +159,11 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
             `(frames, height, width, 3)` (float in [0, 1] or uint8).
         fps (`float`): frame rate, in `[0.01, 1000]`.
+        extra (`Sequence[tuple[str, str]]`): other outputs already written to temporary files, as `(temporary file,
+            destination)`: renamed into place together with the videos, removed if the videos fail.
 
     Returns:
-        `list[str]`: the written paths.
+        `list[str]`: the written paths (videos, then the `extra` destinations).
 
     Raises:
         `ValueError` for bad arguments; `OSError` when a video cannot be written or reads back wrong.
@@ -197,8 +201,13 @@ def write_videos(outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: f
             for tmp, path, _ in moves:
                 os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
                 os.replace(tmp, path)
-        return [path for _, path, _ in moves]
+            for tmp, path in extra:
+                os.chmod(tmp, 0o666 & ~umask)
+                os.replace(tmp, path)
+        return [path for _, path, _ in moves] + [path for _, path in extra]
     finally:
         with deferred_interrupts():
             for tmp_dir in folders:
                 remove_path(tmp_dir)
+            for tmp, _ in extra:
+                remove_path(tmp)

@@ -24,6 +24,7 @@ from ..config import MoCConfig
 from ..context import MoCContext, current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
 from ..parallel import heads_to_sequence, sequence_to_heads, ulysses_config
+from ..recording import active_routing_map
 
 __all__ = [
     "MoCAttnProcessorBase",
@@ -116,8 +117,10 @@ class MoCForwardState:
     the model's MoC processors. A plain object, so models with MoC stay picklable and `copy.deepcopy`-able.
     """
 
-    def __init__(self):
+    def __init__(self, label: str | None = None):
         self.facts: MoCForwardFacts | None = None
+        # The pipeline component the transformer is (`"transformer_2"`), when MoC was applied to a pipeline.
+        self.label = label
 
     def __repr__(self) -> str:
         return f"MoCForwardState({self.facts})"
@@ -325,7 +328,27 @@ class MoCAttnProcessorBase:
                 f"the MoC layout covers {layout.num_tokens} tokens ({f}x{h}x{w} video + {text_tokens} text) but the "
                 f"attention call has {query.shape[1]} tokens"
             )
-        out = moc_attention(
-            query, key, value, layout, self.config, training=facts.regularise, padding_mask=padding_mask
-        )
+        recorder = active_routing_map()  # the only cost of routing maps while none records
+        if recorder is None:
+            out = moc_attention(
+                query, key, value, layout, self.config, training=facts.regularise, padding_mask=padding_mask
+            )
+        else:
+            out = self._attend_recording(
+                recorder, attn, query, key, value, layout, facts, text_tokens, text_first, padding_mask=padding_mask
+            )
         return heads_to_sequence(out, cp) if cp is not None else out
+
+    def _attend_recording(self, recorder, attn, query, key, value, layout, facts, text_tokens, text_first, **kw):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "a routing map (moc_routing_map) cannot record a torch.compile'd model: counting what each frame "
+                "attends reads the routing back to the host. Record with the uncompiled model (e.g. a second copy, "
+                "or before compiling); the compiled model runs as before once the routing map is closed"
+            )
+        out, routing = moc_attention(
+            query, key, value, layout, self.config, training=facts.regularise, return_routing=True, **kw
+        )
+        frames, height, width = facts.grid
+        recorder.record(attn, self.state, routing, text_tokens if text_first else 0, frames, height * width)
+        return out

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_wan import (
+    WanAttnProcessor,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
 
 from ..context import current_moc_context
 from ..parallel import sequence_shard
@@ -107,7 +111,7 @@ class MoCWanAttnProcessor(MoCAttnProcessorBase):
     def _cross_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
         facts = None if self.state is None else self.state.facts
         context = current_moc_context() if facts is None else facts.context
-        if context.caption_spans is None:
+        if context.caption_spans is None and context.image_tokens is None:
             # Stock cross-attention, with this processor's diffusers settings.
             self._dense._attention_backend = self._attention_backend
             self._dense._parallel_config = self._parallel_config
@@ -121,16 +125,46 @@ class MoCWanAttnProcessor(MoCAttnProcessorBase):
 def _shot_cross_attention(
     attn, hidden_states, encoder_hidden_states, attention_mask, context, tokens_per_frame, processor
 ) -> torch.Tensor:
-    """Cross-attention with per-shot caption anchors: shot `s` attends to its caption span plus the global span."""
-    if attn.add_k_proj is not None:
-        raise NotImplementedError(
-            "per-shot caption spans are only supported for text-only cross-attention (Wan T2V); this layer also "
-            "attends to image keys (Wan I2V)"
-        )
+    r"""
+    Cross-attention with per-shot caption anchors: shot `s` attends to its caption span plus the global span. With
+    `context.image_tokens` (Wan I2V), the leading image tokens are split off and attended by every video token, as
+    diffusers' processor attends them, and the spans count the text after them (no spans: all of the text).
+    """
     if attention_mask is not None:
         raise NotImplementedError("per-shot caption spans do not take an explicit cross-attention mask")
+    image_tokens = context.image_tokens or 0
+    if (attn.add_k_proj is not None) != bool(image_tokens):
+        raise ValueError(
+            "this cross-attention layer attends image keys (Wan I2V): set moc_context(image_tokens=...) to the "
+            "number of image tokens leading encoder_hidden_states (LongVideoPipeline does)"
+            if attn.add_k_proj is not None
+            else f"moc_context(image_tokens={image_tokens}) is set but this cross-attention layer has no image keys"
+        )
+    image, text = encoder_hidden_states[:, :image_tokens], encoder_hidden_states[:, image_tokens:]
+    query, key, value = _get_qkv_projections(attn, hidden_states, text)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    backend = processor._attention_backend
+    if context.caption_spans is None:
+        hidden = dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=backend)
+    else:
+        hidden = _per_shot_text_attention(query, key, value, context, tokens_per_frame, processor)
+    hidden = hidden.flatten(2, 3).type_as(query)
+    if image_tokens:
+        key_img, value_img = _get_added_kv_projections(attn, image)
+        key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+        value_img = value_img.unflatten(2, (attn.heads, -1))
+        hidden_img = dispatch_attention_fn(query, key_img, value_img, dropout_p=0.0, is_causal=False, backend=backend)
+        hidden = hidden + hidden_img.flatten(2, 3).type_as(query)
+    hidden = attn.to_out[0](hidden)
+    return attn.to_out[1](hidden)
+
+
+def _per_shot_text_attention(query, key, value, context, tokens_per_frame, processor) -> torch.Tensor:
+    """Each shot's queries attend their own caption span (plus the global one): one attention call per shot."""
     shot_frames, spans, global_span = context.shot_frames, context.caption_spans, context.global_caption_span
-    num_frames, num_tokens, num_text = sum(shot_frames), hidden_states.shape[1], encoder_hidden_states.shape[1]
+    num_frames, num_tokens, num_text = sum(shot_frames), query.shape[1], key.shape[1]
     # Under Ulysses context parallelism this rank's queries are one contiguous slice of the video tokens.
     rank, world = sequence_shard(processor._parallel_config)
     offset, total = rank * num_tokens, num_tokens * world
@@ -147,12 +181,6 @@ def _shot_cross_attention(
     for name, span in named:
         if span is not None and span[1] > num_text:
             raise ValueError(f"{name}={span} lies outside encoder_hidden_states of {num_text} tokens")
-
-    query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-
     parts = []
     shot_end = 0
     for frames, (s0, s1) in zip(shot_frames, spans):
@@ -173,9 +201,7 @@ def _shot_cross_attention(
                 query[:, start:end], k, v, dropout_p=0.0, is_causal=False, backend=processor._attention_backend
             )
         )
-    hidden_states = torch.cat(parts, dim=1).flatten(2, 3).type_as(query)
-    hidden_states = attn.to_out[0](hidden_states)
-    return attn.to_out[1](hidden_states)
+    return torch.cat(parts, dim=1)
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

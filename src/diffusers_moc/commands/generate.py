@@ -1,13 +1,15 @@
 """`diffusers-moc generate STORYBOARD -o out.mp4`: render a storyboard with `LongVideoPipeline`.
 
-Everything is checked (storyboard, output paths, video writer, device, model and sizes) before generating, and the
-videos are written to temporary files, read back and renamed only at the end: on any error or Ctrl-C nothing is
-written. Exit codes: 0 done, 2 bad input (one line naming it), 1 generation failed, 130 interrupted.
+Everything is checked (storyboard, output paths, video writer, device, model family and sizes) before generating,
+and the outputs (videos, and with `--routing-map` the picture and its JSON) are written to temporary files, checked
+and renamed together only at the end: on any error or Ctrl-C nothing is written. Exit codes: 0 done, 2 bad input
+(one line naming it), 1 generation failed, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -16,8 +18,10 @@ from ..errors import InputError
 __all__ = ["register", "run", "shot_paths"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-#: `--tiny` renders at this size and step count unless overridden, so it runs in seconds on CPU.
+#: `--tiny` renders at this size (2x2 patches per latent frame; TI2V-5B's VAE compresses 16x, so 64 there) and step
+#: count unless overridden, so it runs in seconds on CPU.
 TINY_SIZE, TINY_STEPS = 32, 2
+_TINY_SIZES = {"wan2.2-ti2v-5b": 64}
 
 
 def register(subparsers) -> None:
@@ -30,12 +34,24 @@ def register(subparsers) -> None:
     p.add_argument("storyboard", help="storyboard file (.yaml, .yml or .json)")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", help="model id or folder (Wan 2.1 T2V, diffusers format); default: storyboard's")
+    group.add_argument(
+        "--model", help="model id or folder (a Wan 2.1 or 2.2 diffusers pipeline); default: the storyboard's model"
+    )
     group.add_argument(
         "--tiny",
-        action="store_true",
-        help=f"tiny random-weight model built in-process (offline smoke run; {TINY_SIZE}x{TINY_SIZE}, "
-        f"{TINY_STEPS} steps unless overridden)",
+        nargs="?",
+        const="auto",
+        metavar="FAMILY",
+        help="tiny random-weight model built in-process (offline smoke run; "
+        f"{TINY_SIZE}x{TINY_SIZE}, {TINY_STEPS} steps unless overridden), standing in for the storyboard's model "
+        "family, or for FAMILY: wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b",
+    )
+    p.add_argument("--image", help="start image of the first shot (overrides the storyboard's image:)")
+    p.add_argument(
+        "--routing-map",
+        metavar="PICTURE",
+        help="also write what MoC routed: heatmaps per layer (.png, .pdf or .svg; needs the viz extra) and the "
+        "numbers next to it (.json)",
     )
     p.add_argument("--per-shot", action="store_true", help="also write one file per shot (OUTPUT_shot01.mp4, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -59,13 +75,23 @@ def shot_paths(output: str, num_shots: int) -> list[str]:
     return [f"{stem}_shot{i + 1:0{width}d}{ext}" for i in range(num_shots)]
 
 
-def _check_outputs(paths: list[str], overwrite: bool) -> None:
+def _check_outputs(paths: list[str], overwrite: bool, routing_map: str | None = None) -> None:
+    from ..recording import MAP_EXTENSIONS, RoutingMap
     from ..video_io import VIDEO_EXTENSIONS
 
     for path in paths:
         ext = os.path.splitext(path)[1].lower()
         if ext not in VIDEO_EXTENSIONS:
             raise InputError(f"{path}: the output must end in one of {list(VIDEO_EXTENSIONS)}")
+    if routing_map is not None:
+        if os.path.splitext(routing_map)[1].lower() not in MAP_EXTENSIONS:
+            raise InputError(f"--routing-map {routing_map}: the picture must end in one of {list(MAP_EXTENSIONS)}")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError('--routing-map needs matplotlib: pip install "diffusers-moc[viz]"')
+        paths = [*paths, routing_map, RoutingMap.json_path(routing_map)]
+    for path in paths:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise InputError(f"{path}: folder {folder} does not exist")
@@ -80,22 +106,64 @@ def _check_outputs(paths: list[str], overwrite: bool) -> None:
 
 
 def _storyboard(args):
-    """The storyboard with the command-line overrides applied (validated again)."""
+    """The storyboard file, with `--image` in place of its `image:`."""
     from ..pipelines import load_storyboard
 
     storyboard = load_storyboard(args.storyboard)
+    if args.image is not None:
+        if not os.path.isfile(args.image):
+            raise InputError(f"--image {args.image}: no such file")
+        storyboard = storyboard.with_overrides({"image": os.path.abspath(args.image)}, f"{args.storyboard} (--image)")
+    return storyboard
+
+
+def _family(args, storyboard):
+    """The model family, known before any model loads (a named error for a model that is not a Wan family)."""
+    from ..model_families import WAN_FAMILIES, UnsupportedModelError, family_of_repo_id, family_of_source
+
+    if args.tiny is not None:
+        if args.tiny != "auto":
+            if args.tiny not in WAN_FAMILIES:
+                raise InputError(f"--tiny {args.tiny}: no such model family; choose one of {list(WAN_FAMILIES)}")
+            return WAN_FAMILIES[args.tiny]
+        # The storyboard's model family, when it can be told without a download; Wan 2.1 otherwise.
+        model = storyboard.model
+        if model and os.path.isdir(model):
+            with contextlib.suppress(OSError, ValueError):
+                return family_of_source(model)
+        return family_of_repo_id(model) or WAN_FAMILIES["wan2.1-t2v"]
+    field, model = ("--model", args.model) if args.model else ("model", storyboard.model)
+    if not model:
+        raise InputError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
+    from ..config import resolve_pretrained_source
+
+    try:
+        resolve_pretrained_source(model)
+        return family_of_source(model)
+    except (FileNotFoundError, UnsupportedModelError) as e:
+        raise InputError(f"{field}: {e}") from None
+    except OSError as e:
+        if os.path.isdir(model):
+            raise InputError(f"{field}: {model}: {e}") from None
+        raise RuntimeError(f"{field}: cannot read the configuration of {model} from the Hub: {e}") from e
+
+
+def _resolve(args, storyboard, family):
+    """The storyboard with the model family's defaults, then `--tiny`'s and the command line's settings."""
+    source = args.storyboard
+    storyboard = storyboard.with_model_defaults(family.defaults, source)
     overrides = {}
-    if args.tiny:
-        overrides = {"height": TINY_SIZE, "width": TINY_SIZE, "num_inference_steps": TINY_STEPS}
+    if args.tiny is not None:
+        size = _TINY_SIZES.get(family.name, TINY_SIZE)
+        overrides = {"height": size, "width": size, "num_inference_steps": TINY_STEPS}
     for key, value in (("height", args.height), ("width", args.width), ("num_inference_steps", args.steps)):
         if value is not None:
             overrides[key] = value
     if args.seed is not None:
         overrides["seed"] = args.seed
     if overrides:
-        storyboard = type(storyboard).from_dict(
-            {**storyboard.to_dict(), **overrides}, source=f"{args.storyboard} (with command-line overrides)"
-        )
+        storyboard = storyboard.with_overrides(overrides, f"{source} (with command-line overrides)")
+    storyboard.check_model(family, source)
     return storyboard
 
 
@@ -121,18 +189,19 @@ def _device(args, torch) -> str:
     return str(device)
 
 
-def _load_pipeline(args, storyboard, device, dtype):
+def _load_pipeline(args, storyboard, family, device, dtype):
     import torch
 
     from ..pipelines import LongVideoPipeline
 
-    if args.tiny:
+    if args.tiny is not None:
         from ..tiny import tiny_wan_components
 
         # The tiny transformer's RoPE must cover every latent frame of the storyboard (up to Wan 2.1's 1024; past
         # that the model check below refuses the storyboard, as it would with the real model).
         latent_frames = sum((f - 1) // 4 + 1 for f in storyboard.shot_frames)
-        components = tiny_wan_components(rope_max_seq_len=min(max(32, latent_frames), 1024), dtype=dtype)
+        rope = min(max(32, latent_frames), 1024)
+        components = tiny_wan_components(rope_max_seq_len=rope, dtype=dtype, model=family.name)
         pipe = LongVideoPipeline(**components)
     else:
         pipe = LongVideoPipeline.from_pretrained(args.model or storyboard.model, dtype=dtype)
@@ -160,6 +229,8 @@ def _check_fits(pipe, storyboard, source: str) -> None:
             "np",
             storyboard.max_sequence_length,
             None,
+            image=storyboard.load_image(),
+            guidance_scale_2=storyboard.guidance_scale_2,
         )
     except (ValueError, TypeError) as e:
         raise InputError(f"{source}: the model cannot take this storyboard: {e}") from None
@@ -178,33 +249,26 @@ def _check_fits(pipe, storyboard, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..video_io import check_video_writer, write_videos
+    from ..video_io import check_video_writer
 
     storyboard = _storyboard(args)
+    family = _family(args, storyboard)
+    storyboard = _resolve(args, storyboard, family)
     outputs = [args.output] + (shot_paths(args.output, len(storyboard.shots)) if args.per_shot else [])
-    _check_outputs(outputs, args.overwrite)
+    _check_outputs(outputs, args.overwrite, args.routing_map)
     try:
         check_video_writer()
     except RuntimeError as e:
         raise InputError(str(e)) from None
-    if not args.tiny and not (args.model or storyboard.model):
-        raise InputError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
-    if not args.tiny:
-        from ..config import resolve_pretrained_source
-
-        try:
-            resolve_pretrained_source(args.model or storyboard.model)
-        except FileNotFoundError as e:
-            raise InputError(f"{'--model' if args.model else 'model'}: {e}") from None
 
     import torch
 
     device = _device(args, torch)
     if args.dtype == "auto":
-        dtype = torch.float32 if args.tiny or torch.device(device).type == "cpu" else torch.bfloat16
+        dtype = torch.float32 if args.tiny is not None or torch.device(device).type == "cpu" else torch.bfloat16
     else:
         dtype = getattr(torch, args.dtype)
-    pipe = _load_pipeline(args, storyboard, device, dtype)
+    pipe = _load_pipeline(args, storyboard, family, device, dtype)
     _check_fits(pipe, storyboard, args.storyboard)
     pipe.set_progress_bar_config(disable=args.quiet)
     generator = None
@@ -214,15 +278,33 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"generating {len(storyboard.shots)} shots, {storyboard.num_frames} frames ({storyboard.duration:.1f} s at "
         f"{storyboard.fps:g} fps), {storyboard.width}x{storyboard.height}, {storyboard.num_inference_steps} steps, "
+        f"{family.title}{' (tiny)' if args.tiny is not None else ''}{', from an image' if storyboard.image else ''}, "
         f"{str(dtype).removeprefix('torch.')} on {device}",
         file=sys.stderr,
     )
-    out = pipe(**storyboard.pipeline_kwargs(), generator=generator, output_type="np")
+    return _generate_and_write(args, pipe, storyboard, generator, outputs)
+
+
+def _generate_and_write(args, pipe, storyboard, generator, outputs: list[str]) -> int:
+    from ..atomic import remove_path
+    from ..recording import moc_routing_map
+    from ..video_io import write_videos
+
+    recording = moc_routing_map() if args.routing_map else contextlib.nullcontext()
+    with recording as routing_map:
+        out = pipe(**storyboard.pipeline_kwargs(), generator=generator, output_type="np")
     video = out.frames[0]
     items = [(args.output, video)]
     if args.per_shot:
         bounds = [*out.shot_starts, video.shape[0]]
         items += [(p, video[a:b]) for p, a, b in zip(outputs[1:], bounds[:-1], bounds[1:])]
-    for path in write_videos(items, fps=storyboard.fps):
+    # The routing map is rendered first, then renamed into place together with the videos.
+    staged = routing_map.write_temporary(args.routing_map) if routing_map is not None else []
+    try:
+        written = write_videos(items, fps=storyboard.fps, extra=staged)
+    finally:
+        for tmp, _ in staged:
+            remove_path(tmp)
+    for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,8 +1,10 @@
-"""`LongVideoPipeline`: multi-shot long videos on a Wan text-to-video model with Mixture of Contexts.
+"""`LongVideoPipeline`: multi-shot long videos on Wan 2.1 and Wan 2.2 models with Mixture of Contexts.
 
 All shots are denoised together as one latent sequence (the shots' latents concatenated in time). MoC self-attention
 uses latent frames as chunks and shots as shot ids; cross-attention is shot-aware: each video token attends to its own
-shot's caption plus the global caption (per-shot caption anchors).
+shot's caption plus the global caption (per-shot caption anchors). The model family (`diffusers_moc.model_families`)
+decides the rest: two experts switched at `boundary_ratio` (Wan 2.2 A14B), per-token timesteps and a 16x VAE (TI2V-5B),
+and how a start image conditions the first shot (`pipelines.conditioning`).
 """
 
 from __future__ import annotations
@@ -11,23 +13,29 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from ..apply import apply_moc, get_moc_config, update_moc_config
+from ..apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..captions import caption_layout, encode_caption
 from ..config import MoCConfig
 from ..context import moc_context
+from ..model_families import WanFamily, family_of_pipeline
+from .conditioning import ImageCondition, prepare_image_condition
+
+if TYPE_CHECKING:  # imported for annotations only: without torchvision, importing it prints a warning
+    from transformers import CLIPImageProcessor
 
 __all__ = [
     "LongVideoPipeline",
@@ -212,20 +220,32 @@ def _use_moc(transformer: torch.nn.Module, moc_config: MoCConfig | None) -> MoCC
     return get_moc_config(transformer)
 
 
+def _use_moc_on_all(pipe, moc_config: MoCConfig | None) -> dict[str, MoCConfig]:
+    """`_use_moc` on every transformer of the pipeline; without `moc_config`, one that has no MoC yet gets the config
+    another one already runs (all shots must reach every expert). Returns the configs by component."""
+    if moc_config is None:
+        running = list(get_moc_config(pipe).values())
+        moc_config = running[0] if running else None
+    return {name: _use_moc(t, moc_config) for name, t in pipeline_transformers(pipe).items()}
+
+
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
 class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     r"""
-    Multi-shot long-video generation with a Wan text-to-video model and Mixture-of-Contexts attention.
+    Multi-shot long-video generation with Wan 2.1 or Wan 2.2 and Mixture-of-Contexts attention.
 
-    The components are those of diffusers' `WanPipeline` (Wan 2.1 T2V), so
-    `LongVideoPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")` works.
+    The components are those of diffusers' `WanPipeline` and `WanImageToVideoPipeline`, so `from_pretrained` loads
+    every Wan family's diffusers folder: Wan 2.1 T2V and I2V, Wan 2.2 T2V-A14B and I2V-A14B (two experts,
+    `transformer` for high noise and `transformer_2` for low noise, switched at `boundary_ratio`, with
+    `guidance_scale_2`), Wan 2.2 TI2V-5B (`expand_timesteps`, a 48-channel VAE that compresses 16x in space).
 
     All shots are denoised together as one latent sequence. Self-attention is MoC routing with latent frames as chunks
     and shots as shot ids; cross-attention gives each video token its own shot's caption plus the global caption
     (per-shot caption anchors). With `MoCConfig(causal=True)` the routing is a DAG in shot order, so a shot never
-    depends on later shots.
+    depends on later shots. An `image` starts the first shot, conditioned as the family's diffusers pipeline
+    conditions its image (`pipelines.conditioning`).
 
     Memory: attention memory is linear in the sequence length (MoC backends), each distinct caption is encoded once,
     and the VAE decodes shot by shot.
@@ -235,11 +255,19 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         text_encoder ([`UMT5EncoderModel`]): the text encoder (umt5-xxl for Wan).
         vae ([`AutoencoderKLWan`]): the Wan video VAE.
         scheduler ([`FlowMatchEulerDiscreteScheduler`] or [`UniPCMultistepScheduler`]): the denoising scheduler.
-        transformer ([`WanTransformer3DModel`]): the denoiser; MoC is applied to it on the first call.
+        transformer ([`WanTransformer3DModel`]): the denoiser (Wan 2.2 A14B: the high-noise expert); MoC is applied
+            to it on the first call.
+        transformer_2 ([`WanTransformer3DModel`], *optional*): Wan 2.2 A14B's low-noise expert.
+        image_encoder ([`CLIPVisionModel`], *optional*), image_processor ([`CLIPImageProcessor`], *optional*): Wan 2.1
+            I2V's image encoder.
+        boundary_ratio (`float`, *optional*): with `transformer_2`, timesteps below `boundary_ratio *
+            num_train_timesteps` run `transformer_2`.
+        expand_timesteps (`bool`, defaults to `False`): per-token timesteps (Wan 2.2 TI2V-5B).
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->transformer_2->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _optional_components = ["transformer", "transformer_2", "image_encoder", "image_processor"]
 
     def __init__(
         self,
@@ -247,20 +275,42 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         text_encoder: UMT5EncoderModel,
         vae: AutoencoderKLWan,
         scheduler: FlowMatchEulerDiscreteScheduler,
-        transformer: WanTransformer3DModel,
+        transformer: WanTransformer3DModel | None = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        image_encoder: CLIPVisionModel | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, scheduler=scheduler
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            scheduler=scheduler,
+            transformer_2=transformer_2,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
         )
+        self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
+    def family(self) -> WanFamily:
+        """The Wan model family of the components (see `diffusers_moc.model_families`)."""
+        return family_of_pipeline(self)
+
+    @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
+
+    @property
+    def guidance_scale_2(self) -> float | None:
+        return self._guidance_scale_2
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -282,7 +332,11 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def attention_kwargs(self) -> dict[str, Any] | None:
         return self._attention_kwargs
 
-    # ------------------------------------------------------------------------------------------------ text
+    def _denoiser(self) -> torch.nn.Module:
+        """A transformer of the pipeline (for config and dtype): `transformer`, or `transformer_2` alone."""
+        return self.transformer if self.transformer is not None else self.transformer_2
+
+    # ------------------------------------------------------------------------------------------------ text, image
     def _encode_caption(
         self, caption: str, max_sequence_length: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -311,11 +365,26 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 cache[caption] = self._encode_caption(caption, max_sequence_length, device, dtype)
         return cache
 
+    def encode_image(self, image: PipelineImageInput, device: torch.device | None = None) -> torch.Tensor:
+        """CLIP image tokens `(1, n, dim)` of `image`, as `WanImageToVideoPipeline.encode_image` computes them."""
+        device = device or self._execution_device
+        inputs = self.image_processor(images=image, return_tensors="pt").to(
+            get_module_execution_device(self.image_encoder)
+        )
+        return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2].to(device)
+
     # ------------------------------------------------------------------------------------------------ MoC
-    def _prepare_moc(self, moc_config: MoCConfig | None) -> MoCConfig:
-        return _use_moc(self.transformer, moc_config)
+    def _prepare_moc(self, moc_config: MoCConfig | None) -> dict[str, MoCConfig]:
+        return _use_moc_on_all(self, moc_config)
 
     # ------------------------------------------------------------------------------------------------ checks
+    def default_settings(self) -> dict[str, Any]:
+        r"""
+        The family's defaults for `height`, `width`, `num_frames`, `fps`, `num_inference_steps`, `guidance_scale`
+        (and `guidance_scale_2` with two experts): those of its model card (e.g. 24 fps on Wan 2.2 TI2V-5B).
+        """
+        return dict(self.family.defaults)
+
     def check_inputs(
         self,
         shots: Sequence[Shot | dict | str],
@@ -330,6 +399,8 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         output_type: str,
         max_sequence_length: int,
         callback_on_step_end_tensor_inputs: list[str] | None,
+        image: PipelineImageInput | None = None,
+        guidance_scale_2: float | None = None,
     ) -> list[Shot]:
         r"""Validate the call's arguments; returns the shots as [`Shot`]s."""
         if isinstance(shots, (str, Shot, dict)) or not isinstance(shots, Sequence):
@@ -345,26 +416,8 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise TypeError(f"{name} must be a string or None, got {type(value).__name__}")
         if global_prompt is not None and not global_prompt.strip():
             raise ValueError("global_prompt is empty; pass None for no global caption")
-        patch = self.transformer.config.patch_size
-        multiple = self.vae_scale_factor_spatial * patch[1]
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-        # Wan's RoPE tables have rope_max_seq_len positions per axis; past that the model cannot place a token.
-        rope_len = self.transformer.config.rope_max_seq_len
-        total = sum(
-            (s.frames(fps, self.vae_scale_factor_temporal) - 1) // self.vae_scale_factor_temporal + 1 for s in shots
-        )
-        if total // patch[0] > rope_len:
-            raise ValueError(
-                f"the shots have {total} latent frames in total but the transformer's rotary embeddings cover "
-                f"{rope_len} (rope_max_seq_len); use fewer or shorter shots"
-            )
-        for name, value in (("height", height), ("width", width)):
-            if value // multiple > rope_len:
-                raise ValueError(
-                    f"{name}={value} is {value // multiple} patches, more than rope_max_seq_len={rope_len}"
-                )
+        self._check_image(image, guidance_scale_2)
+        self._check_size(shots, height, width, fps)
         for name, value in (
             ("num_inference_steps", num_inference_steps),
             ("num_videos_per_prompt", num_videos_per_prompt),
@@ -381,6 +434,44 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, but found {bad}"
                 )
         return shots
+
+    def _check_image(self, image, guidance_scale_2) -> None:
+        family = self.family
+        if image is not None and not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise TypeError(f"image must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+        if image is not None and not family.takes_image:
+            raise ValueError(
+                f"image: this is a {family.title} model (text to video); an image start needs an image-to-video "
+                "model (Wan 2.1 I2V, Wan 2.2 I2V-A14B or TI2V-5B)"
+            )
+        if image is None and family.image == "required":
+            raise ValueError(f"image is required: {family.title} is an image-to-video model; pass the first frame")
+        if family.image_encoder and (self.image_encoder is None or self.image_processor is None):
+            raise ValueError(f"{family.title} needs its image_encoder and image_processor components")
+        if guidance_scale_2 is not None and not family.experts:
+            raise ValueError(f"guidance_scale_2 is for two-expert models (Wan 2.2 A14B), not {family.title}")
+
+    def _check_size(self, shots: list[Shot], height: int, width: int, fps: float) -> None:
+        patch = self._denoiser().config.patch_size
+        multiple = self.vae_scale_factor_spatial * patch[1]
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        # Wan's RoPE tables have rope_max_seq_len positions per axis; past that the model cannot place a token.
+        rope_len = self._denoiser().config.rope_max_seq_len
+        total = sum(
+            (s.frames(fps, self.vae_scale_factor_temporal) - 1) // self.vae_scale_factor_temporal + 1 for s in shots
+        )
+        if total // patch[0] > rope_len:
+            raise ValueError(
+                f"the shots have {total} latent frames in total but the transformer's rotary embeddings cover "
+                f"{rope_len} (rope_max_seq_len); use fewer or shorter shots"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value // multiple > rope_len:
+                raise ValueError(
+                    f"{name}={value} is {value // multiple} patches, more than rope_max_seq_len={rope_len}"
+                )
 
     # ------------------------------------------------------------------------------------------------ latents
     def prepare_latents(
@@ -424,7 +515,45 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         video = self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
+    def _decode_shots(self, latents, latent_frames, pixel_frames, output_type: str, batch_size: int):
+        """Decode shot by shot: VAE memory is that of one shot, and each shot is a clip the VAE was trained on."""
+        bounds = np.cumsum([0, *latent_frames]).tolist()
+        if output_type == "latent":
+            return latents, bounds[:-1]
+        parts = [self._decode(latents[:, :, a:b], output_type) for a, b in zip(bounds[:-1], bounds[1:])]
+        shot_starts = np.cumsum([0, *pixel_frames[:-1]]).tolist()
+        if output_type == "np":
+            return np.concatenate(parts, axis=1), shot_starts
+        if output_type == "pt":
+            return torch.cat(parts, dim=1), shot_starts
+        return [[frame for part in parts for frame in part[b]] for b in range(batch_size)], shot_starts
+
     # ------------------------------------------------------------------------------------------------ call
+    def _text_contexts(self, shots, global_prompt, negative_prompt, max_sequence_length, batch_size, device, dtype):
+        """Prompt embeddings (each distinct caption once) and the caption layout of the conditional context."""
+        captions = ([global_prompt] if global_prompt is not None else []) + [s.prompt for s in shots]
+        if self.do_classifier_free_guidance:
+            captions.append(negative_prompt or "")
+        embeds = self.encode_captions(captions, max_sequence_length, device)
+        # The same context layout `diffusers-moc train` conditions on (see `diffusers_moc.captions`).
+        text = caption_layout(global_prompt, [s.prompt for s in shots], max_sequence_length)
+        prompt_embeds = torch.cat([embeds[c] for c in text.segments], dim=1).to(dtype).repeat(batch_size, 1, 1)
+        negative_prompt_embeds = None
+        if self.do_classifier_free_guidance:
+            negative_prompt_embeds = embeds[negative_prompt or ""].to(dtype).repeat(batch_size, 1, 1)
+        return prompt_embeds, negative_prompt_embeds, text
+
+    def _expert(self, t: torch.Tensor, step: int) -> tuple[torch.nn.Module, float]:
+        """The transformer and guidance scale of timestep `t`, as `WanPipeline` switches Wan 2.2's experts."""
+        boundary = self.config.boundary_ratio
+        if boundary is None or t >= boundary * self.scheduler.config.num_train_timesteps:
+            name, model, scale = "transformer", self.transformer, self._guidance_scale
+        else:
+            name, model, scale = "transformer_2", self.transformer_2, self._guidance_scale_2
+        if model is None:
+            raise ValueError(f"denoising step {step} (timestep {float(t):g}) runs {name}, which this pipeline lacks")
+        return model, scale
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -432,12 +561,14 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         shots: Sequence[Shot | dict | str],
         global_prompt: str | None = None,
         negative_prompt: str | None = None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        fps: float = 16,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        image: PipelineImageInput | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -452,6 +583,10 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         r"""
         Generate one video made of several shots.
 
+        Settings left at `None` take the model family's defaults ([`~LongVideoPipeline.default_settings`]): Wan 2.1
+        480x832, 81 frames at 16 fps, 50 steps, guidance 5.0; Wan 2.2 T2V-A14B 720x1280, 81 frames at 16 fps, 40
+        steps, guidance 4.0 and 3.0; TI2V-5B 704x1280, 121 frames at 24 fps, 50 steps, guidance 5.0.
+
         Args:
             shots (`list[Shot | dict | str]`):
                 The shots in order: [`Shot`]s, dicts with `prompt` and `num_frames` or `seconds`, or plain prompts
@@ -460,19 +595,25 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 Caption attended by every shot (style, characters, setting), next to the shot's own caption.
             negative_prompt (`str`, *optional*):
                 Negative prompt for classifier-free guidance (used for every shot); `""` when not given.
-            height (`int`, defaults to 480) / width (`int`, defaults to 832):
-                Size in pixels, multiples of 16.
-            num_frames (`int`, defaults to 81): frames of shots given as plain prompts.
-            fps (`float`, defaults to 16): frame rate used to turn `seconds` into frames.
-            num_inference_steps (`int`, defaults to 50): denoising steps.
-            guidance_scale (`float`, defaults to 5.0): classifier-free guidance scale; off at `<= 1`.
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`, *optional*):
+                The first frame of the first shot, for image-to-video models: required by Wan 2.1 I2V and Wan 2.2
+                I2V-A14B, optional for TI2V-5B, refused by text-to-video models. Resized to `height` x `width`.
+            height (`int`, *optional*) / width (`int`, *optional*):
+                Size in pixels, multiples of the VAE's spatial factor times the patch size (16; 32 for TI2V-5B).
+            num_frames (`int`, *optional*): frames of shots given as plain prompts.
+            fps (`float`, *optional*): frame rate used to turn `seconds` into frames.
+            num_inference_steps (`int`, *optional*): denoising steps.
+            guidance_scale (`float`, *optional*): classifier-free guidance scale (of the high-noise expert on Wan 2.2
+                A14B); off at `<= 1`.
+            guidance_scale_2 (`float`, *optional*): guidance scale of the low-noise expert (`transformer_2`); Wan
+                2.2 A14B only. `None`: `guidance_scale` when that is given (as `WanPipeline`), else the default.
             num_videos_per_prompt (`int`, defaults to 1): videos generated (the batch size).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): for deterministic noise.
             latents (`torch.Tensor`, *optional*): initial noise `(batch, channels, latent_frames, h, w)` of all
                 shots concatenated in time.
             moc_config (`MoCConfig`, *optional*):
-                MoC settings. Applied with `apply_moc` if the transformer has no MoC yet (`MoCConfig()` when `None`),
-                or set on the applied processors when different.
+                MoC settings. Applied with `apply_moc` to every transformer without MoC yet (`MoCConfig()` when
+                `None`), or set on the applied processors when different.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`LongVideoPipelineOutput`] instead of a tuple.
             attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. LoRA `scale`).
@@ -490,99 +631,153 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        given = dict(
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            fps=fps,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        settings = {k: self.default_settings()[k] if v is None else v for k, v in given.items()}
+        if guidance_scale_2 is None and self.family.experts:
+            guidance_scale_2 = self.default_settings()["guidance_scale_2"] if guidance_scale is None else guidance_scale
         shots = self.check_inputs(
             shots,
             global_prompt,
             negative_prompt,
-            height,
-            width,
-            num_frames,
-            fps,
-            num_inference_steps,
+            settings["height"],
+            settings["width"],
+            settings["num_frames"],
+            settings["fps"],
+            settings["num_inference_steps"],
             num_videos_per_prompt,
             output_type,
             max_sequence_length,
             callback_on_step_end_tensor_inputs,
+            image=image,
+            guidance_scale_2=guidance_scale_2,
         )
         self._prepare_moc(moc_config)
-
-        self._guidance_scale = guidance_scale
+        self._guidance_scale, self._guidance_scale_2 = settings["guidance_scale"], guidance_scale_2
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
-        device = self._execution_device
-        transformer_dtype = self.transformer.dtype
-        batch_size = num_videos_per_prompt
+        return self._generate(
+            shots,
+            global_prompt,
+            negative_prompt,
+            image,
+            settings,
+            num_videos_per_prompt,
+            generator,
+            latents,
+            output_type,
+            return_dict,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            max_sequence_length,
+        )
 
+    def _generate(
+        self,
+        shots,
+        global_prompt,
+        negative_prompt,
+        image,
+        settings,
+        batch_size,
+        generator,
+        latents,
+        output_type,
+        return_dict,
+        callback_on_step_end,
+        callback_tensor_inputs,
+        max_sequence_length,
+    ):
+        device = self._execution_device
+        transformer_dtype = self._denoiser().dtype
+        height, width, fps = settings["height"], settings["width"], settings["fps"]
         pixel_frames = [s.frames(fps, self.vae_scale_factor_temporal) for s in shots]
         latent_frames = [(f - 1) // self.vae_scale_factor_temporal + 1 for f in pixel_frames]
 
         # 1. Text: each distinct caption once; the conditional context holds each distinct caption once too.
-        captions = ([global_prompt] if global_prompt is not None else []) + [s.prompt for s in shots]
-        if self.do_classifier_free_guidance:
-            captions.append(negative_prompt or "")
-        embeds = self.encode_captions(captions, max_sequence_length, device)
-        # The same context layout `diffusers-moc train` conditions on (see `pipelines.captions`).
-        text = caption_layout(global_prompt, [s.prompt for s in shots], max_sequence_length)
-        prompt_embeds = torch.cat([embeds[c] for c in text.segments], dim=1).to(transformer_dtype)
-        prompt_embeds = prompt_embeds.repeat(batch_size, 1, 1)
-        negative_prompt_embeds = None
-        if self.do_classifier_free_guidance:
-            negative_prompt_embeds = embeds[negative_prompt or ""].to(transformer_dtype).repeat(batch_size, 1, 1)
-
-        # One text segment: every token attends to all of it, which is stock cross-attention (no spans needed).
-        cond_context: dict[str, Any] = {"shot_frames": latent_frames, **text.context_kwargs()}
-
-        # 2. Timesteps and noise.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(
-            latent_frames,
-            batch_size,
-            self.transformer.config.in_channels,
-            height,
-            width,
-            torch.float32,
-            device,
-            generator,
-            latents,
+        prompt_embeds, negative_prompt_embeds, text = self._text_contexts(
+            shots, global_prompt, negative_prompt, max_sequence_length, batch_size, device, transformer_dtype
         )
 
+        # 2. Timesteps, noise and the image conditioning of the first shot.
+        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(
+            latent_frames, batch_size, self.vae.config.z_dim, height, width, torch.float32, device, generator, latents
+        )
+        condition = prepare_image_condition(self, image, pixel_frames, latent_frames, batch_size, height, width, device)
+        image_embeds = None if condition.image_embeds is None else condition.image_embeds.to(transformer_dtype)
+        # Image tokens lead the cross-attention context of Wan 2.1 I2V; MoC's processor splits them off.
+        image_context = {} if image_embeds is None else {"image_tokens": image_embeds.shape[1]}
+        shot_context = {"shot_frames": latent_frames, **image_context}
+        cond_context = {**shot_context, **text.context_kwargs()}
+
         # 3. Denoising: all shots at once, MoC told where the shots are.
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=num_inference_steps) as progress_bar, moc_context(shot_frames=latent_frames):
+        contexts = (prompt_embeds, negative_prompt_embeds, image_embeds, cond_context, shot_context)
+        latents = self._denoise(
+            latents, timesteps, condition, contexts, settings, callback_on_step_end, callback_tensor_inputs
+        )
+        latents = condition.replace_first_frame(latents)
+
+        # 4. Decode shot by shot.
+        video, shot_starts = self._decode_shots(latents, latent_frames, pixel_frames, output_type, batch_size)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return video, shot_starts
+        return LongVideoPipelineOutput(frames=video, shot_starts=shot_starts)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: ImageCondition,
+        contexts: tuple,
+        settings: dict[str, Any],
+        callback_on_step_end,
+        callback_tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        prompt_embeds, negative_prompt_embeds, image_embeds, cond_context, shot_context = contexts
+        num_inference_steps = settings["num_inference_steps"]
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        transformer_dtype = self._denoiser().dtype
+        patch = self._denoiser().config.patch_size
+        attention_kwargs = self._attention_kwargs
+        with self.progress_bar(total=num_inference_steps) as progress_bar, moc_context(**shot_context):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                latent_model_input = latents.to(transformer_dtype)
-                timestep = t.expand(latents.shape[0])
+                model, scale = self._expert(t, i)
+                latent_model_input = condition.model_input(latents).to(transformer_dtype)
+                timestep = condition.timestep(t, latents.shape[0], patch)
                 cache_kwargs = {
                     "step_index": i,
                     "sigma": float(self.scheduler.sigmas[i]),
                     "num_inference_steps": self._num_timesteps,
                 }
-                with self.transformer.cache_context("cond", **cache_kwargs), moc_context(**cond_context):
-                    noise_pred = self.transformer(
-                        hidden_states=latent_model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
+                call = dict(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    encoder_hidden_states_image=image_embeds,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )
+                with model.cache_context("cond", **cache_kwargs), moc_context(**cond_context):
+                    noise_pred = model(encoder_hidden_states=prompt_embeds, **call)[0]
                 if self.do_classifier_free_guidance:
                     # The negative prompt is one caption for all shots: stock cross-attention, shot-aware MoC.
-                    with self.transformer.cache_context("uncond", **cache_kwargs):
-                        noise_uncond = self.transformer(
-                            hidden_states=latent_model_input,
-                            timestep=timestep,
-                            encoder_hidden_states=negative_prompt_embeds,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
-                    noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                    with model.cache_context("uncond", **cache_kwargs):
+                        noise_uncond = model(encoder_hidden_states=negative_prompt_embeds, **call)[0]
+                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
@@ -592,7 +787,7 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                         "prompt_embeds": prompt_embeds,
                         "negative_prompt_embeds": negative_prompt_embeds,
                     }
-                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {k: local[k] for k in callback_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
@@ -601,22 +796,4 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
-
-        # 4. Decode shot by shot: VAE memory is that of one shot, and each shot is a clip the VAE was trained on.
-        bounds = np.cumsum([0, *latent_frames]).tolist()
-        if output_type == "latent":
-            video, shot_starts = latents, bounds[:-1]
-        else:
-            parts = [self._decode(latents[:, :, a:b], output_type) for a, b in zip(bounds[:-1], bounds[1:])]
-            shot_starts = np.cumsum([0, *pixel_frames[:-1]]).tolist()
-            if output_type == "np":
-                video = np.concatenate(parts, axis=1)
-            elif output_type == "pt":
-                video = torch.cat(parts, dim=1)
-            else:
-                video = [[frame for part in parts for frame in part[b]] for b in range(batch_size)]
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return video, shot_starts
-        return LongVideoPipelineOutput(frames=video, shot_starts=shot_starts)
+        return latents

@@ -15,14 +15,18 @@ Example (YAML)::
       top_k: 5
       anchor_own_shot: true
 
-Every error names the field it is about (`shots[1].num_frames: ...`).
+Every error names the field it is about (`shots[1].num_frames: ...`). Settings a storyboard leaves out take the
+defaults of its model's family once the model is known ([`Storyboard.with_model_defaults`]: e.g. 24 fps on Wan 2.2
+TI2V-5B); without a model, Wan 2.1's. `image:` (a path relative to the storyboard's folder) starts the first shot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +48,14 @@ TOP_LEVEL_KEYS: dict[str, Any] = {
     "width": 832,
     "num_inference_steps": 50,
     "guidance_scale": 5.0,
+    "guidance_scale_2": None,
     "seed": 0,
     "max_sequence_length": 512,
+    "image": None,
     "moc": None,
 }
+#: Keys whose defaults come from the model's family (`WanFamily.defaults`).
+MODEL_DEFAULT_KEYS = ("fps", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2")
 SHOT_KEYS = ("prompt", "num_frames", "seconds")
 #: Pixel multiple of height/width for Wan (8x VAE, 2x2 patches).
 SIZE_MULTIPLE = 16
@@ -82,7 +90,11 @@ class Storyboard:
         fps (`float`): frame rate of the video (and of `seconds` -> frames).
         height (`int`) / width (`int`): size in pixels, multiples of 16.
         num_inference_steps (`int`), guidance_scale (`float`), seed (`int`, *optional*), max_sequence_length (`int`).
+        guidance_scale_2 (`float`, *optional*): guidance of the low-noise expert (Wan 2.2 A14B).
+        image (`str`, *optional*): the start image of the first shot (a checked path; relative paths in a file are
+            relative to the storyboard's folder).
         moc (`MoCConfig`): MoC settings.
+        explicit (`frozenset[str]`): the keys the storyboard set itself (the others took defaults).
     """
 
     shots: tuple[Shot, ...]
@@ -97,15 +109,27 @@ class Storyboard:
     seed: int | None = 0
     max_sequence_length: int = 512
     moc: MoCConfig = field(default_factory=MoCConfig)
+    guidance_scale_2: float | None = None
+    image: str | None = None
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "storyboard") -> Storyboard:
+    def from_dict(
+        cls,
+        data: Any,
+        source: str = "storyboard",
+        defaults: Mapping[str, Any] | None = None,
+        base_dir: str | None = None,
+    ) -> Storyboard:
         r"""
         Validate a parsed storyboard.
 
         Args:
             data (`dict`): the parsed file.
             source (`str`): name used in error messages (the file path).
+            defaults (`Mapping`, *optional*): defaults for the keys `data` leaves out (a model family's
+                `WanFamily.defaults`); Wan 2.1's otherwise.
+            base_dir (`str`, *optional*): folder a relative `image:` path is relative to (default: the current one).
 
         Raises:
             [`StoryboardError`]: naming the first bad field.
@@ -120,9 +144,11 @@ class Storyboard:
         if unknown:
             names = ", ".join(short_repr(k)[1:-1] if isinstance(k, str) else short_repr(k) for k in unknown[:5])
             raise fail(names, f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
-        values = {**TOP_LEVEL_KEYS, **data}
+        model_defaults = {k: v for k, v in (defaults or {}).items() if k in MODEL_DEFAULT_KEYS}
+        values = {**TOP_LEVEL_KEYS, **model_defaults, **data}
 
         cls._check_settings(values, fail)
+        image = cls._image(values["image"], base_dir, fail)
         fps, seed = values["fps"], values["seed"]
 
         moc = values["moc"]
@@ -158,7 +184,66 @@ class Storyboard:
             seed=seed,
             max_sequence_length=values["max_sequence_length"],
             moc=moc_config,
+            guidance_scale_2=None if values["guidance_scale_2"] is None else float(values["guidance_scale_2"]),
+            image=image,
+            explicit=frozenset(map(str, data)),
         )
+
+    @staticmethod
+    def _image(value: Any, base_dir: str | None, fail) -> str | None:
+        """The start image: a path to a file PIL can read, made absolute."""
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise fail("image", f"must be the path of an image file, got {short_repr(value)}")
+        path = os.path.abspath(os.path.join(base_dir or "", os.path.expanduser(value)))
+        if not os.path.isfile(path):
+            raise fail("image", f"{value}: no such file" + (f" (relative to {base_dir})" if base_dir else ""))
+        try:
+            import PIL.Image
+
+            with PIL.Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001  (any decoding failure: not a usable image)
+            raise fail("image", f"{value}: cannot be read as an image ({type(e).__name__}: {e})") from None
+        return path
+
+    def with_model_defaults(self, defaults: Mapping[str, Any], source: str | None = None) -> Storyboard:
+        r"""
+        This storyboard with the settings it leaves out taken from `defaults` (a model family's
+        `WanFamily.defaults`), validated again: `seconds` become frames at the model's frame rate.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k in self.explicit or k in ("shots", "moc")}
+        return type(self).from_dict(data, source or "storyboard", defaults=defaults)
+
+    def check_model(self, family, source: str = "storyboard") -> None:
+        r"""
+        Refuse what the model `family` (`WanFamily`) cannot do, naming the field: an image on a text-to-video
+        model, no image on an image-to-video one, `guidance_scale_2` on one transformer.
+        """
+        if self.image is not None and not family.takes_image:
+            raise StoryboardError(
+                f"{source}: image: {family.title} is a text-to-video model; an image start needs an image-to-video "
+                "model (Wan 2.1 I2V, Wan 2.2 I2V-A14B or TI2V-5B)"
+            )
+        if self.image is None and family.image == "required":
+            raise StoryboardError(
+                f"{source}: image: {family.title} is an image-to-video model: set `image:` to the first frame (or "
+                "pass --image)"
+            )
+        if self.guidance_scale_2 is not None and not family.experts:
+            raise StoryboardError(
+                f"{source}: guidance_scale_2: only two-expert models (Wan 2.2 A14B) have it, not {family.title}"
+            )
+
+    def load_image(self):
+        """The start image as an RGB `PIL.Image.Image`, or `None`."""
+        if self.image is None:
+            return None
+        import PIL.Image
+
+        with PIL.Image.open(self.image) as im:
+            return im.convert("RGB")
 
     @staticmethod
     def _check_settings(values: dict[str, Any], fail) -> None:
@@ -185,8 +270,10 @@ class Storyboard:
             v = values[name]
             if not _is_int(v) or v < 1:
                 raise fail(name, f"must be a positive integer, got {short_repr(v)}")
-        if not _is_number(values["guidance_scale"]) or values["guidance_scale"] < 0:
-            raise fail("guidance_scale", f"must be a number >= 0, got {short_repr(values['guidance_scale'])}")
+        for name in ("guidance_scale", "guidance_scale_2"):
+            v = values[name]
+            if (v is not None or name == "guidance_scale") and (not _is_number(v) or v < 0):
+                raise fail(name, f"must be a number >= 0, got {short_repr(v)}")
         seed = values["seed"]
         # torch generators take 64-bit seeds; a larger one would only fail later, after the model has loaded.
         if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
@@ -259,6 +346,8 @@ class Storyboard:
             "fps": self.fps,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
+            "guidance_scale_2": self.guidance_scale_2,
+            "image": self.load_image(),
             "max_sequence_length": self.max_sequence_length,
             "moc_config": self.moc,
         }
@@ -273,6 +362,11 @@ class Storyboard:
         ]
         out = {k: getattr(self, k) for k in TOP_LEVEL_KEYS if k not in ("shots", "moc")}
         return {**out, "shots": shots, "moc": self.moc.to_dict()}
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str) -> Storyboard:
+        """This storyboard with some settings replaced (validated again; the replaced keys count as set)."""
+        board = type(self).from_dict({**self.to_dict(), **overrides}, source)
+        return dataclasses.replace(board, explicit=self.explicit | set(overrides))
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -315,4 +409,4 @@ def load_storyboard(path: str | os.PathLike) -> Storyboard:
             data = load_yaml(path, "storyboard")
     except InputError as e:
         raise StoryboardError(str(e)) from None
-    return Storyboard.from_dict(data, source=path)
+    return Storyboard.from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))

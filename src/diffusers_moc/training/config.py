@@ -42,20 +42,32 @@ class ConfigError(InputError):
         super().__init__(f"{path}: {message}")
 
 
+#: `model.expert` values: which Wan 2.2 A14B expert(s) get a LoRA.
+EXPERTS = ("high_noise", "low_noise", "both")
+
+
 @dataclass
 class ModelConfig:
     r"""
     Args:
-        pretrained (`str`): a diffusers Wan pipeline repo id or folder (e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`), or
-            `"tiny"` for the in-process random tiny model of `diffusers_moc.tiny` (tests, smoke runs).
+        pretrained (`str`): a diffusers Wan pipeline repo id or folder of a trainable family (Wan 2.1 T2V, Wan 2.2
+            T2V-A14B, Wan 2.2 TI2V-5B; e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`), or `"tiny"` for the in-process
+            random tiny model of `diffusers_moc.tiny` (tests, smoke runs).
         revision (`str`, *optional*), variant (`str`, *optional*): passed to `from_pretrained`.
         tiny_seed (`int`): seed of the tiny model's random weights.
+        tiny_model (`str`): the family the tiny model stands in for: `wan2.1-t2v`, `wan2.2-t2v-a14b` or
+            `wan2.2-ti2v-5b`.
+        expert (`str`, *optional*): Wan 2.2 A14B only: `high_noise` (`transformer`, timesteps at or above the
+            pipeline's `boundary_ratio * 1000`), `low_noise` (`transformer_2`, timesteps below) or `both` (the
+            default: each optimizer step trains one expert, drawn with the share of timesteps it covers).
     """
 
     pretrained: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     revision: str | None = None
     variant: str | None = None
     tiny_seed: int = 0
+    tiny_model: str = "wan2.1-t2v"
+    expert: Literal["high_noise", "low_noise", "both"] | None = None
 
 
 @dataclass
@@ -133,6 +145,10 @@ class OptimConfig:
     `caption_dropout` is the probability of training a sample on the empty prompt (keeps classifier-free guidance
     working).
 
+    `first_frame_condition` (Wan 2.2 TI2V-5B only) is the probability of training a sample image-to-video: its first
+    latent frame stays clean with timestep 0 on its tokens and out of the loss, as `WanImageToVideoPipeline` and
+    `LongVideoPipeline(image=...)` condition TI2V-5B on a start image.
+
     `compile: true` compiles the transformer's repeated blocks with `torch.compile` (diffusers'
     `compile_repeated_blocks`, regional compilation: one compiled block reused by every layer; static shapes) before
     training, with inductor's `fallback_random` on so random draws (drop-off, drop-in, LoRA dropout) equal eager
@@ -163,6 +179,7 @@ class OptimConfig:
     mode_scale: float = 1.29
     flow_shift: float = 3.0
     caption_dropout: float = 0.0
+    first_frame_condition: float = 0.0
     compile: bool = False
     compile_fullgraph: bool = False
 
@@ -398,6 +415,13 @@ def _check(c: TrainConfig) -> None:
             raise ConfigError(path, f"must be an integer in [0, 2**32), got {seed}")
     if not c.model.pretrained:
         raise ConfigError("model.pretrained", "must be a repo id, a folder or 'tiny'")
+    from ..model_families import WAN_FAMILIES
+
+    trainable = [name for name, f in WAN_FAMILIES.items() if f.trainable]
+    if c.model.tiny_model not in trainable:
+        raise ConfigError("model.tiny_model", f"must be one of {trainable}, got {short_repr(c.model.tiny_model)}")
+    if c.model.pretrained == "tiny" and c.model.expert is not None and c.model.tiny_model != "wan2.2-t2v-a14b":
+        raise ConfigError("model.expert", f"is for Wan 2.2 A14B's two experts; model.tiny_model={c.model.tiny_model}")
     _check_model_side(c)
     _check_data(c)
     _check_training(c.training)
@@ -464,8 +488,9 @@ def _check_training(t: OptimConfig) -> None:
         _positive(f"training.{name}", getattr(t, name), allow_zero=True)
     _positive("training.logit_std", t.logit_std)
     _positive("training.flow_shift", t.flow_shift)
-    if not 0 <= t.caption_dropout <= 1:
-        raise ConfigError("training.caption_dropout", f"must be in [0, 1], got {t.caption_dropout!r}")
+    for name in ("caption_dropout", "first_frame_condition"):
+        if not 0 <= getattr(t, name) <= 1:
+            raise ConfigError(f"training.{name}", f"must be in [0, 1], got {getattr(t, name)!r}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise ConfigError(f"training.{name}", f"must be in [0, 1), got {getattr(t, name)!r}")

@@ -1,5 +1,9 @@
 """LoRA fine-tuning of a Wan transformer through MoC attention, with accelerate (`diffusers-moc train`).
 
+Wan 2.1 T2V, Wan 2.2 TI2V-5B (per-token timesteps; `training.first_frame_condition` trains its image-to-video mode)
+and Wan 2.2 T2V-A14B (`model.expert`: each expert's LoRA on its own timesteps, see `experts`) are trained; the model
+family is known from its configs before any weights load.
+
 The loop follows diffusers' flow-matching LoRA scripts (SD3 / Flux DreamBooth LoRA): frozen base weights in the
 mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(LoraConfig(...))`, AdamW, checkpoints
 through `accelerator.save_state` whose hooks write the adapter in diffusers' LoRA format. On top of that it applies MoC
@@ -37,8 +41,9 @@ import torch
 from ..apply import apply_moc, update_moc_config
 from ..atomic import pause_point
 from ..config import MoCConfig, resolve_pretrained_source
-from ..hub import push_to_hub, save_moc_lora
+from ..hub import ADAPTER_FILES, push_to_hub, save_moc_lora
 from ..layout import ChunkLayout
+from ..model_families import WAN_FAMILIES, UnsupportedModelError, WanFamily, family_of_source
 from ..tiny import cast_like_from_pretrained
 from .checkpoints import (
     RunPlan,
@@ -52,6 +57,7 @@ from .checkpoints import (
 from .config import ConfigError, TrainConfig
 from .data import CachedLatentDataset, StepBatchSampler, VideoClipDataset, collate_samples
 from .encoding import SampleEncoder
+from .experts import Expert, expert_for_step, needed_components, timestep_ranges, trained_components
 from .schedule import SparsitySchedule, routed_density
 from .step import FlowMatchingStep
 from .validation import render_validation
@@ -109,9 +115,9 @@ class _Run:
     plan: RunPlan
     weight_dtype: torch.dtype
     trackers: list[str]
+    family: WanFamily
     pipe: Any = None
-    transformer: Any = None  # as prepared by accelerate (DDP-wrapped with several processes)
-    model: Any = None  # the unwrapped transformer
+    experts: list[Expert] = field(default_factory=list)  # the transformers being trained
     dataset: Any = None
     encoder: SampleEncoder | None = None
     layout_of: Any = None  # shot frames -> the ChunkLayout of a sample
@@ -222,6 +228,7 @@ class MoCLoRATrainer:
                 raise ConfigError(
                     "model.pretrained", f"{local} is not a diffusers pipeline folder (no model_index.json)"
                 )
+        family = self._family()
         trackers = _resolve_trackers(c.logging.report_to)
         if c.hub.push:
             from huggingface_hub import get_token
@@ -251,7 +258,30 @@ class MoCLoRATrainer:
             if plan.action == "export":
                 logger.warning(plan.message)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        return _Run(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers)
+        return _Run(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers, family=family)
+
+    def _family(self) -> WanFamily:
+        """The model's family, from its folder or Hub configs before any weights load; checked against `model`."""
+        m = self.config.model
+        if m.pretrained == "tiny":
+            family = WAN_FAMILIES[m.tiny_model]
+        else:
+            try:
+                family = family_of_source(m.pretrained, revision=m.revision)
+            except UnsupportedModelError as e:
+                raise ConfigError("model.pretrained", str(e)) from None
+            except OSError as e:
+                raise ConfigError("model.pretrained", f"cannot read its configuration: {e}") from None
+        trainable = [f.title for f in WAN_FAMILIES.values() if f.trainable]
+        if not family.trainable:
+            raise ConfigError("model.pretrained", f"is a {family.title} model; training supports {trainable}")
+        if m.expert is not None and not family.experts:
+            raise ConfigError("model.expert", f"is for Wan 2.2 A14B's two experts; {family.title} has one transformer")
+        if self.config.training.first_frame_condition and not family.expand_timesteps:
+            raise ConfigError(
+                "training.first_frame_condition", f"is for Wan 2.2 TI2V-5B (a clean first frame), not {family.title}"
+            )
+        return family
 
     def _clips(self) -> VideoClipDataset:
         d = self.config.data
@@ -263,17 +293,20 @@ class MoCLoRATrainer:
             raise ConfigError("data.root", str(e)) from None
 
     # ------------------------------------------------------------------ setup: models
-    def _load_components(self, weight_dtype: torch.dtype) -> dict[str, Any]:
+    def _load_components(self, family: WanFamily, weight_dtype: torch.dtype) -> dict[str, Any]:
+        """The pipeline's components and settings; of A14B only the experts the run needs."""
         m = self.config.model
+        needed = needed_components(family.experts, m.expert, bool(self.config.validation.every))
+        skipped = {name: None for name in ("transformer", "transformer_2") if family.experts and name not in needed}
         if m.pretrained == "tiny":
             from ..tiny import tiny_wan_components
 
-            return tiny_wan_components(seed=m.tiny_seed)
+            return {**tiny_wan_components(seed=m.tiny_seed, model=m.tiny_model), **skipped}
         from diffusers import WanPipeline
 
         try:
             pipe = WanPipeline.from_pretrained(
-                m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype
+                m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype, **skipped
             )
         except OSError as e:  # missing files, unknown repo, no network
             where = "the folder" if os.path.isdir(m.pretrained) else "it is not a local folder; as a Hub repo it"
@@ -281,33 +314,48 @@ class MoCLoRATrainer:
             raise ConfigError(
                 "model.pretrained", f"{m.pretrained!r} cannot be loaded ({where} failed): {reason}"
             ) from None
-        return dict(pipe.components)
+        settings = {k: pipe.config[k] for k in ("boundary_ratio", "expand_timesteps") if k in pipe.config}
+        return {**dict(pipe.components), **settings}
 
     def _load_models(self, run: _Run) -> None:
         from accelerate.utils import set_seed
         from diffusers import WanPipeline
+
+        c = self.config
+        set_seed(c.seed)
+        components = self._load_components(run.family, run.weight_dtype)
+        set_seed(c.seed)  # the tiny builder reseeds; LoRA init must depend on `seed` only
+        vae, text_encoder = components["vae"], components["text_encoder"]
+        transformers = {name: components[name] for name in ("transformer", "transformer_2") if components.get(name)}
+        for module in (vae, text_encoder, *transformers.values()):
+            module.requires_grad_(False)
+        # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
+        for module, dtype in ((vae, torch.float32), (text_encoder, run.weight_dtype)):
+            module.to(run.accelerator.device)
+            cast_like_from_pretrained(module, dtype)
+        for module in transformers.values():
+            module.to(run.accelerator.device)
+            cast_like_from_pretrained(module, run.weight_dtype)
+        vae.eval()
+        text_encoder.eval()
+        # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
+        # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
+        # forward. `apply_moc` installs the per-shot caption cross-attention too (used when a sample has shot
+        # captions). A frozen A14B expert (for validation videos) runs MoC too.
+        for module in transformers.values():
+            apply_moc(module, c.moc)
+        for name in trained_components(run.family.experts, c.model.expert):
+            self._add_lora(transformers[name], run.weight_dtype)
+            run.experts.append(Expert(name, transformers[name]))
+        run.pipe = self.pipeline = WanPipeline(**components)
+        run.pipe.set_progress_bar_config(disable=True)
+
+    def _add_lora(self, transformer: torch.nn.Module, weight_dtype: torch.dtype) -> None:
+        """The PEFT LoRA adapter (fp32 parameters), gradient checkpointing and regional compilation."""
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
         c, t = self.config, self.config.training
-        set_seed(c.seed)
-        components = self._load_components(run.weight_dtype)
-        set_seed(c.seed)  # the tiny builder reseeds; LoRA init must depend on `seed` only
-        transformer, vae, text_encoder = components["transformer"], components["vae"], components["text_encoder"]
-        for module in (transformer, vae, text_encoder):
-            module.requires_grad_(False)
-        # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
-        for module, dtype in ((vae, torch.float32), (text_encoder, run.weight_dtype), (transformer, run.weight_dtype)):
-            module.to(run.accelerator.device)
-            cast_like_from_pretrained(module, dtype)
-        vae.eval()
-        text_encoder.eval()
-
-        # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
-        # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
-        # forward.
-        # `apply_moc` installs the per-shot caption cross-attention too (used when a sample has shot captions).
-        apply_moc(transformer, c.moc)
         lora = LoraConfig(
             r=c.lora.rank,
             lora_alpha=c.lora.alpha if c.lora.alpha is not None else c.lora.rank,
@@ -319,7 +367,7 @@ class MoCLoRATrainer:
             transformer.add_adapter(lora)
         except ValueError as e:
             raise ConfigError("lora.target_modules", f"{c.lora.target_modules}: {e}") from None
-        if run.weight_dtype != torch.float32:
+        if weight_dtype != torch.float32:
             cast_training_params(transformer, dtype=torch.float32)
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -332,14 +380,17 @@ class MoCLoRATrainer:
             # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph. Static
             # shapes: a training run has one sample shape, and MoC's layout is a per-shape constant.
             transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph, dynamic=False)
-        run.pipe = self.pipeline = WanPipeline(**components)
-        run.pipe.set_progress_bar_config(disable=True)
+
+    @staticmethod
+    def _denoiser(pipe) -> torch.nn.Module:
+        return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
 
     def _check_model_fits(self, pipe) -> None:
         """The training and validation sizes against the model, before anything is encoded."""
         c = self.config
-        rope = getattr(pipe.transformer.config, "rope_max_seq_len", None)
-        p_t, p_h, p_w = pipe.transformer.config.patch_size
+        config = self._denoiser(pipe).config
+        rope = getattr(config, "rope_max_seq_len", None)
+        p_t, p_h, p_w = config.patch_size
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         sizes = [("data", c.data)] + ([("validation", c.validation)] if c.validation.every else [])
         for section, s in sizes:
@@ -371,9 +422,8 @@ class MoCLoRATrainer:
         if d.cache:
             # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
             m = c.model
-            tag = json.dumps(
-                [m.pretrained, m.revision, m.variant, m.tiny_seed, str(run.weight_dtype), d.max_sequence_length]
-            )
+            tiny = [m.tiny_seed, m.tiny_model] if m.pretrained == "tiny" else [m.tiny_seed]
+            tag = json.dumps([m.pretrained, m.revision, m.variant, *tiny, str(run.weight_dtype), d.max_sequence_length])
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
                 run.dataset = CachedLatentDataset(
                     clips, d.cache_dir or os.path.join(c.output_dir, "cache"), run.encoder.encode_one, tag=tag
@@ -405,7 +455,7 @@ class MoCLoRATrainer:
     def _latent_grid(self, pipe) -> tuple[int, int]:
         """(latent frames, tokens per latent frame) of a training sample."""
         d = self.config.data
-        p_t, p_h, p_w = pipe.transformer.config.patch_size
+        p_t, p_h, p_w = self._denoiser(pipe).config.patch_size
         s = pipe.vae_scale_factor_spatial
         frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
         return frames, (d.height // s // p_h) * (d.width // s // p_w)
@@ -414,8 +464,8 @@ class MoCLoRATrainer:
         from diffusers.optimization import get_scheduler
 
         c, t = self.config, self.config.training
-        accelerator, transformer = run.accelerator, run.pipe.transformer
-        run.params = [p for p in transformer.parameters() if p.requires_grad]
+        accelerator = run.accelerator
+        run.params = [p for e in run.experts for p in e.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             run.params,
             lr=t.learning_rate,
@@ -430,12 +480,19 @@ class MoCLoRATrainer:
             num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=t.max_steps * accelerator.num_processes,
         )
-        self._register_hooks(accelerator, transformer, run.weight_dtype)
+        self._register_hooks(accelerator, run.experts, run.weight_dtype)
         accelerator.register_for_checkpointing(run.state)
-        run.transformer, run.optimizer, run.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-        run.model = accelerator.unwrap_model(run.transformer)
+        *prepared, run.optimizer, run.lr_scheduler = accelerator.prepare(
+            *(e.model for e in run.experts), optimizer, lr_scheduler
+        )
         vae_frames = (c.data.num_frames - 1) // run.pipe.vae_scale_factor_temporal + 1
-        run.step_fn = FlowMatchingStep(accelerator, run.transformer, run.encoder, t, c.data.cache, vae_frames)
+        patch = self._denoiser(run.pipe).config.patch_size if run.family.expand_timesteps else None
+        run.step_fn = FlowMatchingStep(accelerator, run.encoder, t, c.data.cache, vae_frames, patch)
+        ranges = timestep_ranges(run.step_fn.timesteps, run.pipe.config.get("boundary_ratio"))
+        total = len(run.step_fn.timesteps)
+        for expert, module in zip(run.experts, prepared):
+            expert.prepared, expert.timesteps = module, ranges[expert.name]
+            expert.share = (expert.timesteps[1] - expert.timesteps[0]) / total
 
     def _resume(self, run: _Run) -> None:
         c, t = self.config, self.config.training
@@ -495,13 +552,14 @@ class MoCLoRATrainer:
         progress = tqdm(
             total=t.max_steps, initial=run.state.step, desc="train", disable=not accelerator.is_local_main_process
         )
-        run.transformer.train()
+        for expert in run.experts:
+            expert.prepared.train()
         current: MoCConfig | None = None
         try:
             while run.state.step < t.max_steps:
                 step_config = run.schedule.moc_config(c.moc, run.state.step)
                 if step_config != current:
-                    update_moc_config(run.model, **step_config.to_dict())
+                    update_moc_config(run.pipe, **step_config.to_dict())
                     current = step_config
                 loss, density = self._optimizer_step(run, step_config)
                 run.state.step += 1
@@ -532,13 +590,15 @@ class MoCLoRATrainer:
         """One optimizer step over `gradient_accumulation_steps` micro-batches: `(loss, attended fraction)`."""
         t = self.config.training
         accelerator = run.accelerator
+        # The whole optimizer step (and its DDP gradient sync) trains one transformer.
+        expert = expert_for_step(run.experts, self.config.seed, run.state.step)
         step_loss = torch.zeros((), device=accelerator.device)
         shots_seen: list = []
         for _ in range(t.gradient_accumulation_steps):
             batch = next(run.batches)
             shots_seen.extend(batch["shot_frames"])
-            with accelerator.accumulate(run.transformer):
-                step_loss += run.step_fn(batch) / t.gradient_accumulation_steps
+            with accelerator.accumulate(expert.prepared):
+                step_loss += run.step_fn(batch, expert.prepared, expert.timesteps) / t.gradient_accumulation_steps
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(run.params, t.max_grad_norm)
                 run.optimizer.step()
@@ -557,7 +617,6 @@ class MoCLoRATrainer:
         return render_validation(
             run.accelerator,
             run.pipe,
-            run.model,
             c.validation,
             c.moc,
             c.data.max_sequence_length,
@@ -569,11 +628,13 @@ class MoCLoRATrainer:
     # ------------------------------------------------------------------ the export
     def _finish(self, run: _Run, result: TrainResult) -> None:
         c = self.config
-        accelerator, model, step = run.accelerator, run.model, run.state.step
+        accelerator, step = run.accelerator, run.state.step
         result.global_step = step
         # The exported model is the target configuration: drop-off / drop-in off (eval) and moc as configured.
-        model.eval()
-        update_moc_config(model, **c.moc.to_dict())
+        for expert in run.experts:
+            expert.model.eval()
+        update_moc_config(run.pipe, **c.moc.to_dict())
+        adapted = {e.name: e.model for e in run.experts}
         if c.validation.every and run.last_validated != step:
             result.validation_videos += self._validate(run, step)
         accelerator.wait_for_everyone()
@@ -581,9 +642,10 @@ class MoCLoRATrainer:
 
             def write(folder: str) -> None:
                 save_moc_lora(
-                    model,
+                    adapted.get("transformer"),
                     folder,
                     c.moc,
+                    transformer_2=adapted.get("transformer_2"),
                     base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
                     repo_id=c.hub.repo_id,
                     training_info=self._training_info(step, run.dense_top_k),
@@ -636,35 +698,40 @@ class MoCLoRATrainer:
             "seed": c.seed,
         }
 
-    def _register_hooks(self, accelerator, transformer: torch.nn.Module, weight_dtype: torch.dtype) -> None:
+    def _register_hooks(self, accelerator, experts: list[Expert], weight_dtype: torch.dtype) -> None:
         from diffusers import WanPipeline
         from diffusers.training_utils import cast_training_params
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        model_cls = type(transformer)
+        # Each trained transformer's adapter is its own file, named as in the exported folder (hub.ADAPTER_FILES).
+        files = {id(e.model): ADAPTER_FILES[e.name] for e in experts}
 
-        # Checkpoints hold only the adapter, in diffusers' LoRA format, not the frozen base weights.
+        def weight_file(m) -> str:
+            if id(m) not in files:
+                raise ValueError(f"unexpected model {type(m).__name__} in the checkpoint")
+            return files[id(m)]
+
+        # Checkpoints hold only the adapters, in diffusers' LoRA format, not the frozen base weights.
         def save_hook(models, weights, output_dir):
-            for m in models:
-                m = accelerator.unwrap_model(m)
-                if isinstance(m, model_cls) and accelerator.is_main_process:
+            if accelerator.is_main_process:
+                for m in models:
+                    m = accelerator.unwrap_model(m)
                     WanPipeline.save_lora_weights(
                         output_dir,
                         transformer_lora_layers=get_peft_model_state_dict(m),
                         transformer_lora_adapter_metadata=m.peft_config["default"].to_dict(),
+                        weight_name=weight_file(m),
                     )
-                    # output_dir is `.checkpoint-<step>.partial`: the pause point names the checkpoint being saved.
-                    pause_point(f"{os.path.basename(output_dir).strip('.').removesuffix('.partial')}:weights-saved")
+                # output_dir is `.checkpoint-<step>.partial`: the pause point names the checkpoint being saved.
+                pause_point(f"{os.path.basename(output_dir).strip('.').removesuffix('.partial')}:weights-saved")
             while weights:
                 weights.pop()
 
         def load_hook(models, input_dir):
             while models:
                 m = accelerator.unwrap_model(models.pop())
-                if not isinstance(m, model_cls):
-                    raise ValueError(f"unexpected model {type(m).__name__} in the checkpoint")
-                state = WanPipeline.lora_state_dict(input_dir)
+                state = WanPipeline.lora_state_dict(input_dir, weight_name=weight_file(m))
                 state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
                 incompatible = set_peft_model_state_dict(m, convert_unet_state_dict_to_peft(state), "default")
                 unexpected = getattr(incompatible, "unexpected_keys", None)

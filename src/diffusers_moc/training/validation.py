@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..apply import get_moc_config, update_moc_config
+from ..apply import get_moc_config, pipeline_transformers, update_moc_config
 from ..config import MoCConfig
 from ..context import moc_context
 from ..video_io import write_videos
@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 def render_validation(
     accelerator,
     pipe,
-    model: torch.nn.Module,
     settings: ValidationConfig,
     moc: MoCConfig,
     max_sequence_length: int,
@@ -31,7 +30,8 @@ def render_validation(
     trackers: list[str],
 ) -> list[str]:
     r"""
-    Generate one video per validation prompt with the target MoC settings (eval mode: no drop-off / drop-in), write
+    Generate one video per validation prompt with `pipe` (every transformer it holds in eval mode, with the target
+    MoC settings: no drop-off / drop-in; both experts of Wan 2.2 A14B), write
     them to `out_dir/step-<step>-<i>.mp4` and log them to the trackers. Uses no global RNG (own generators), so
     validation does not change the training run. Main process only; other processes return `[]`.
 
@@ -43,10 +43,12 @@ def render_validation(
     v = settings
     if not accelerator.is_main_process:
         return []
-    was_training = model.training
-    before = get_moc_config(model)
-    model.eval()
-    update_moc_config(model, **moc.to_dict())
+    models = pipeline_transformers(pipe)
+    was_training = {name: m.training for name, m in models.items()}
+    before = get_moc_config(pipe)
+    for m in models.values():
+        m.eval()
+    update_moc_config(pipe, **moc.to_dict())
     os.makedirs(out_dir, exist_ok=True)
     paths, videos = [], []
     autocast = (
@@ -72,8 +74,9 @@ def render_validation(
                 videos.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
                 paths.append(os.path.join(out_dir, f"step-{step:06d}-{i}.mp4"))
     finally:
-        update_moc_config(model, **before.to_dict())
-        model.train(was_training)
+        for name, m in models.items():
+            update_moc_config(m, **before[name].to_dict())
+            m.train(was_training[name])
     write_videos(list(zip(paths, videos)), fps=v.fps)
     _log(accelerator, trackers, paths, videos, v.prompts, step)
     logger.info("validation videos at step %d: %s", step, paths)
