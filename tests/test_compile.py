@@ -9,9 +9,10 @@ Matrix (kept small: an inductor compile takes 10-30 s on a 2-core CPU, a dynamo 
   AOTAutograd (`backend="aot_eager"`: fake tensors, the op's fake implementation and registered autograd) gives the
   eager output, which is the stock output, and the eager gradients; no recompile;
 - every model: `torch.export` equals eager, with MoC as one opaque op in the graph;
+- every model, sparse, inference: regional compile (`compile_repeated_blocks(fullgraph=True)`) with inductor equals
+  eager, no recompile;
 - inductor: diffusers' `test_compile_works_with_aot` (an AOTInductor package) on Wan, a Wan sparse training step with
-  drop-off / drop-in compiled whole, and (`test_attention.py`) MoC attention with per-sample caption padding. Inductor
-  adds nothing model-specific beyond these: MoC is one opaque op, and routing is the same code for every model.
+  drop-off / drop-in compiled whole, and (`test_attention.py`) MoC attention with per-sample caption padding.
 """
 
 from __future__ import annotations
@@ -93,6 +94,20 @@ def test_regional_compile_training_step_at_full_density(name):
         _assert_grads_close(grads, eager_grads)
         with torch._dynamo.config.patch(error_on_recompile=True):
             _training_step(model, inputs)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_regional_inductor_compile_equals_eager_without_recompiling(name):
+    """diffusers' recommended idiom, `compile_repeated_blocks(fullgraph=True)`, with inductor on every model: the
+    sparse MoC forward equals eager, and the second call does not recompile."""
+    model, inputs = MODELS[name]()
+    apply_moc(model, SPARSE)
+    with torch.no_grad():
+        eager = _out(model, inputs)
+        compile_regionally(model, fullgraph=True)
+        torch.testing.assert_close(_out(model, inputs), eager, atol=1e-5, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(_out(model, inputs), eager, atol=1e-5, rtol=1e-5)
 
 
 def test_inductor_training_step_with_regularisers_equals_eager():
