@@ -8,7 +8,12 @@
 12 heads of 128, float32, forward (routing included, its share reported) and forward+backward. Each measurement runs
 in a fresh process; peak memory is its peak resident set size above what the inputs use. Times are the best of
 `--repeats` runs; speedups are ratios measured in one run. Prints a table, the issue's CPU targets as PASS / FAIL and
-whether MoC's peak stays at or below dense's, and writes JSON and Markdown under `benchmarks/results/`. The machine's
+whether MoC's peak stays at or below dense's, and writes JSON and Markdown under `benchmarks/results/`.
+
+The *kernel-only bound* times PyTorch's fused CPU attention kernel alone on exactly MoC's attended pairs, perfectly
+batched (blocks of 256 query rows, each against one chunk's keys): no routing, gathers or merges. Its ratio to dense
+is the most any MoC forward built on this kernel can reach, below the FLOP ratio because a chunk's short key range
+amortises the kernel's per-block work less than dense attention's long one. The machine's
 load average is recorded: these CPUs may be shared, and a loaded machine slows MoC's many mid-sized calls more than
 dense attention's single one.
 
@@ -143,10 +148,28 @@ def case_fn(name: str, layout, q, k, v, config: MoCConfig):
     return forward
 
 
+def kernel_bound_fn(args, device, dtype):
+    """The fused kernel alone on `args.pairs` query-key pairs: blocks of 256 query rows against one chunk each."""
+    rows = -(-args.pairs // (args.heads * args.chunk))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = [(-(-rows // 256), args.heads, n, args.head_dim) for n in (256, args.chunk, args.chunk)]
+    q, k, v = (torch.randn(s, generator=gen).to(device, dtype) for s in shapes)
+
+    def forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+
+    return forward
+
+
 def worker(args) -> None:
     """Measure one (setting, size, function) in this fresh process, so peak memory is this case's alone."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.worker == "kernel_fwd":
+        seconds, mib = measure(kernel_bound_fn(args, device, dtype), device, args.repeats)
+        print(json.dumps({"seconds": seconds, "peak_mib": mib}))
+        return
     layout, q, k, v = make_case(args.setting, args.frames[0], args.shots, args.heads, args.head_dim, dtype, device)
     config = base_config(args.setting).replace(top_k=args.top_k)
     # Warm up thread pools and kernels on a small input of the same kind, outside the timed and measured run.
@@ -175,10 +198,13 @@ def run_case(setting: str, frames: int, args, device) -> dict:
     else:
         config, density = pick_top_k(q, k, layout, base_config(setting), args.density)
     L = layout.num_tokens
+    pairs = int(route(q, k, layout, config).attended_tokens().sum())
+    chunk = int(layout.chunk_sizes().max())
     row = {"setting": setting, "tokens": L, "frames": frames, "shots": shots, "chunks": layout.num_chunks}
     row.update(top_k=config.top_k, density=density, load_before=os.getloadavg()[0])
-    for name in ("dense_fwd", "moc_fwd", "dense_fwd_bwd", "moc_fwd_bwd"):
+    for name in ("dense_fwd", "moc_fwd", "kernel_fwd", "dense_fwd_bwd", "moc_fwd_bwd"):
         cmd = [sys.executable, __file__, "--worker", name, "--setting", setting, "--frames", str(frames)]
+        cmd += ["--pairs", str(pairs), "--chunk", str(chunk)]
         cmd += ["--top-k", str(config.top_k), "--shots", str(shots), "--heads", str(args.heads)]
         cmd += ["--head-dim", str(args.head_dim), "--dtype", args.dtype, "--repeats", str(args.repeats)]
         cmd += ["--device", str(device)]
@@ -190,6 +216,7 @@ def run_case(setting: str, frames: int, args, device) -> dict:
     row["load_after"] = os.getloadavg()[0]
     row["fwd_speedup"] = row["dense_fwd_s"] / row["moc_fwd_s"]
     row["fwd_bwd_speedup"] = row["dense_fwd_bwd_s"] / row["moc_fwd_bwd_s"]
+    row["kernel_bound_speedup"] = row["dense_fwd_s"] / row["kernel_fwd_s"]
     row["route_share"] = row["route_s"] / row["moc_fwd_s"]
     for mode in ("fwd", "fwd_bwd"):
         row[f"{mode}_peak_at_or_below_dense"] = row[f"moc_{mode}_peak_mib"] <= row[f"dense_{mode}_peak_mib"]
@@ -198,7 +225,8 @@ def run_case(setting: str, frames: int, args, device) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| setting | tokens | chunks | top_k | density | dense fwd s | MoC fwd s | fwd speedup | routing share "
+        "| setting | tokens | chunks | top_k | density | dense fwd s | MoC fwd s | fwd speedup "
+        "| kernel-only bound | routing share "
         "| dense fwd+bwd s | MoC fwd+bwd s | fwd+bwd speedup | dense / MoC fwd peak MiB "
         "| dense / MoC fwd+bwd peak MiB | MoC peak <= dense (fwd, fwd+bwd) | load avg |"
     )
@@ -207,7 +235,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['tokens']} | {r['chunks']} | {r['top_k']} | {r['density']:.3f} "
-            f"| {r['dense_fwd_s']:.3f} | {r['moc_fwd_s']:.3f} | {r['fwd_speedup']:.2f}x | {r['route_share']:.0%} "
+            f"| {r['dense_fwd_s']:.3f} | {r['moc_fwd_s']:.3f} | {r['fwd_speedup']:.2f}x "
+            f"| {r['kernel_bound_speedup']:.2f}x | {r['route_share']:.0%} "
             f"| {r['dense_fwd_bwd_s']:.3f} | {r['moc_fwd_bwd_s']:.3f} | {r['fwd_bwd_speedup']:.2f}x "
             f"| {r['dense_fwd_peak_mib']:.0f} / {r['moc_fwd_peak_mib']:.0f} "
             f"| {r['dense_fwd_bwd_peak_mib']:.0f} / {r['moc_fwd_bwd_peak_mib']:.0f} "
@@ -229,7 +258,8 @@ def target_lines(rows: list[dict]) -> list[str]:
         speedup = row["fwd_speedup"]
         lines.append(
             f"TARGET {status} {setting} at {tokens} tokens: forward {speedup:.2f}x dense (goal {goal}x; "
-            f"routing {share:.0%} of the MoC forward)"
+            f"routing {share:.0%} of the MoC forward; the fused kernel alone on MoC's pairs: "
+            f"{row['kernel_bound_speedup']:.2f}x)"
         )
     for r in rows:
         if not r["fwd_bwd_peak_at_or_below_dense"]:
@@ -252,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default="wan", help=argparse.SUPPRESS)
     parser.add_argument("--top-k", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.worker:

@@ -356,9 +356,24 @@ def _chunk_grads(dk, dv, dk_c, dv_c, c, bhs, plan: VarlenPlan, staged, done: boo
         for dst, src in ((dk, dk_c), (dv, dv_c)):
             dst[:, lo:hi] = src.view(B, H, n, -1).transpose(1, 2)
         return
+    if dk.dtype == work and dv.dtype == work:
+        # float32 / float64 gradients accumulate in place (`staged` only marks the chunk as begun): a float32 stage
+        # of the chunk's B * H * n rows of dk and dv would raise the backward's peak above dense attention's.
+        staged.setdefault(c, None)
+        for b in range(B):
+            at = [i for i, bh in enumerate(bhs) if bh // H == b]
+            if not at:
+                continue
+            heads = torch.tensor([bhs[i] % H for i in at], device=dk.device)
+            for dst, src in ((dk, dk_c), (dv, dv_c)):
+                part = src.reshape(len(bhs), n, -1)[at[0] : at[-1] + 1]  # `bhs` ascend: b's pieces are consecutive
+                dst[b, lo:hi].transpose(0, 1).index_add_(0, heads, part)
+        if done:
+            staged.pop(c)
+        return
+    idx = torch.tensor(bhs, device=dk.device)
     if c not in staged:
         staged[c] = tuple(torch.zeros(B * H, n, x.shape[-1], dtype=work, device=x.device) for x in (dk, dv))
-    idx = torch.tensor(bhs, device=dk.device)
     for stage, src in zip(staged[c], (dk_c, dv_c)):
         stage.index_add_(0, idx, src.reshape(len(bhs), n, -1).to(work))
     if done:
