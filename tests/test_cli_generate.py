@@ -182,6 +182,8 @@ def test_tiny_ti2v_from_an_image_with_a_routing_map(tmp_path, capsys):
         ({}, ["--tiny", "--routing-map", "map.gif"], r"--routing-map map.gif: the picture must end in one of"),
         ({}, ["--tiny", "--routing-map", "TMP/start.png"], r"start.png exists; pass --overwrite"),
         ({"model": "UNSUPPORTED"}, [], r"model: .* is a StableDiffusionPipeline model; LongVideoPipeline runs"),
+        ({"model": "UNSUPPORTED"}, ["--tiny"], r"model: .* is a StableDiffusionPipeline model; LongVideoPipeline"),
+        ({"model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "height": 720}, [], r"height: Wan 2.2 TI2V-5B takes multiples"),
     ],
 )
 def test_model_and_image_errors_are_named_before_any_model_loads(board, tmp_path, capsys, change, args, match):
@@ -208,3 +210,24 @@ def test_a_failed_write_leaves_no_routing_map(board, tmp_path, monkeypatch):
     argv = ["generate", str(board), "-o", str(tmp_path / "v.mp4"), "--tiny", "--quiet"]
     assert main([*argv, "--routing-map", str(tmp_path / "map.png")]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board.yaml"]
+
+
+def test_a_repo_id_the_hub_cannot_answer_is_a_named_input_error(board, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    board.write_text(yaml.safe_dump({**BOARD, "model": "Wan-AI/Wan2.2-T2V-A14B"}), encoding="utf-8")
+    argv = ["generate", str(board), "-o", str(tmp_path / "video.mp4"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model: cannot read the configuration of Wan-AI/Wan2.2-T2V-A14B from the Hub (a mistyped repo id" in err
+    assert "no connection to the Hub and not in the cache" in err and "Traceback" not in err
+    # --tiny downloads nothing: an unknown id runs the default tiny model, and says so.
+    assert main([*argv, "--tiny"]) == 0
+    assert "is not a known Wan checkpoint id and --tiny downloads nothing, so the tiny model is Wan 2.1 T2V" in (
+        capsys.readouterr().err
+    )

@@ -560,6 +560,29 @@ def test_from_pretrained_local_folders(model, tmp_path):
         torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
 
 
+def test_family_from_configs_names_each_family_and_refuses_the_others():
+    from diffusers_moc.model_families import UnsupportedModelError, family_from_configs
+
+    i2v = dict(in_channels=36, z_dim=16, image_dim=1280)
+    assert family_from_configs(in_channels=16, z_dim=16).name == "wan2.1-t2v"
+    assert family_from_configs(**i2v).name == "wan2.1-i2v"
+    assert family_from_configs(in_channels=16, z_dim=16, has_transformer_2=True, boundary_ratio=0.875).name == (
+        "wan2.2-t2v-a14b"
+    )
+    assert family_from_configs(in_channels=36, z_dim=16, has_transformer_2=True, boundary_ratio=0.9).name == (
+        "wan2.2-i2v-a14b"
+    )
+    assert family_from_configs(in_channels=48, z_dim=48, expand_timesteps=True).name == "wan2.2-ti2v-5b"
+    for kwargs, match in [
+        ({**i2v, "pos_embed_seq_len": 514}, "first-last-frame .FLF2V. checkpoint is no supported family"),
+        ({"in_channels": 20, "z_dim": 16}, "20 input channels and a 16-channel VAE"),
+        ({"in_channels": 16, "z_dim": 16, "has_transformer_2": True}, "transformer_2 but no boundary_ratio"),
+        ({"in_channels": 36, "z_dim": 16}, "without image_dim"),
+    ]:
+        with pytest.raises(UnsupportedModelError, match=match):
+            family_from_configs(**kwargs)
+
+
 def test_caption_layout_is_the_pipeline_and_training_text_context():
     from diffusers_moc.pipelines.captions import CaptionLayout, caption_layout
 

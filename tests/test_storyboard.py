@@ -214,6 +214,13 @@ def test_model_defaults_fill_only_what_the_storyboard_leaves_out(tmp_path):
     assert resolved.with_overrides({"width": 64}, "cli").with_model_defaults(ti2v).width == 64
     a14b = board.with_model_defaults(WAN_FAMILIES["wan2.2-t2v-a14b"].defaults)
     assert (a14b.guidance_scale, a14b.guidance_scale_2, a14b.num_inference_steps) == (4.0, 3.0, 40)
+    # A given guidance_scale also guides the low-noise expert, as in WanPipeline and LongVideoPipeline.
+    given = Storyboard.from_dict({"guidance_scale": 6, "shots": [{"prompt": "a cat", "seconds": 0.5}]})
+    a14b = given.with_model_defaults(WAN_FAMILIES["wan2.2-t2v-a14b"].defaults)
+    assert (a14b.guidance_scale, a14b.guidance_scale_2) == (6.0, 6.0)
+    assert given.with_model_defaults(ti2v).guidance_scale_2 is None
+    both = Storyboard.from_dict({"guidance_scale": 6, "guidance_scale_2": 2, "shots": [{"prompt": "a", "seconds": 1}]})
+    assert both.with_model_defaults(WAN_FAMILIES["wan2.2-t2v-a14b"].defaults).guidance_scale_2 == 2.0
 
 
 def test_image_is_a_readable_file_relative_to_the_storyboard(tmp_path):

@@ -829,7 +829,8 @@ def test_expert_timestep_ranges_and_step_draws():
 
 def test_load_moc_lora_follows_diffusers_wan22_conventions(trained, tmp_path):
     """A default-named adapter goes into `transformer_2` with `load_into_transformer_2=True`, as diffusers'
-    `load_lora_weights` does; an adapter for `transformer_2` is refused by a pipeline without one, before loading."""
+    `load_lora_weights` does, and MoC goes on both experts, as training ran them; an adapter for `transformer_2` is
+    refused by a pipeline without one, and `load_into_transformer_2` by a folder with both experts', before loading."""
     from diffusers import WanPipeline
     from peft import LoraConfig
 
@@ -839,7 +840,7 @@ def test_load_moc_lora_follows_diffusers_wan22_conventions(trained, tmp_path):
     config, _, result = trained
     a14b = WanPipeline(**tiny_wan_components(model="wan2.2-t2v-a14b"))
     load_moc_lora(a14b, result.final_dir, load_into_transformer_2=True)
-    assert get_moc_config(a14b) == {"transformer_2": config.moc}
+    assert get_moc_config(a14b) == {"transformer": config.moc, "transformer_2": config.moc}
     assert getattr(a14b.transformer, "peft_config", None) is None and a14b.transformer_2.peft_config
     experts = tiny_wan_components(model="wan2.2-t2v-a14b")
     experts["transformer_2"].add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
@@ -849,3 +850,11 @@ def test_load_moc_lora_follows_diffusers_wan22_conventions(trained, tmp_path):
     with pytest.raises(ValueError, match="adapter for transformer_2 .*which this WanPipeline does not have"):
         load_moc_lora(wan21, tmp_path / "low")
     assert get_moc_config(wan21) == {} and getattr(wan21.transformer, "peft_config", None) is None
+    experts["transformer"].add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    save_moc_lora(experts["transformer"], tmp_path / "both", config.moc, transformer_2=experts["transformer_2"])
+    fresh = WanPipeline(**tiny_wan_components(model="wan2.2-t2v-a14b"))
+    with pytest.raises(ValueError, match="holds adapters for both experts .*would load both into transformer_2"):
+        load_moc_lora(fresh, tmp_path / "both", load_into_transformer_2=True)
+    assert get_moc_config(fresh) == {} and getattr(fresh.transformer_2, "peft_config", None) is None
+    load_moc_lora(fresh, tmp_path / "both")
+    assert fresh.transformer.peft_config and fresh.transformer_2.peft_config and len(get_moc_config(fresh)) == 2

@@ -241,12 +241,14 @@ def _adapter_files(source: str, subfolder: str | None, hub_kwargs: dict[str, Any
         folder = os.path.join(source, subfolder or "")
         return [name for name in ADAPTER_FILES.values() if os.path.isfile(os.path.join(folder, name))]
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     found = []
     for name in ADAPTER_FILES.values():
         try:
             hf_hub_download(source, name, subfolder=subfolder, **hub_kwargs)  # cached: load_lora_weights reuses it
+        except LocalEntryNotFoundError as e:  # not "no such file": the Hub could not be asked
+            raise OSError(f"{source}: cannot download {name}: no connection to the Hub and not in the cache") from e
         except EntryNotFoundError:
             continue
         found.append(name)
@@ -263,13 +265,13 @@ def load_moc_lora(
 ):
     r"""
     Load a MoC LoRA onto a pipeline in one call: the adapter weights (`pipe.load_lora_weights`) and the saved
-    `moc_config.json`, applied with [`apply_moc`] to each transformer that received adapter weights.
+    `moc_config.json`, applied with [`apply_moc`] to every transformer of the pipeline, as training ran them.
 
     Wan 2.2 A14B follows diffusers' convention: `pytorch_lora_weights.safetensors` goes into `transformer` (the
     high-noise expert) and `pytorch_lora_weights_transformer_2.safetensors` into `transformer_2` (low noise), each
-    with `pipe.load_lora_weights(..., load_into_transformer_2=...)`; a folder may hold either or both. A transformer
-    without adapter weights keeps its attention as it is (check with `get_moc_config(pipe)`; add MoC to it with
-    `apply_moc(pipe.transformer_2, config)`).
+    with `pipe.load_lora_weights(..., load_into_transformer_2=...)`; a folder may hold either or both. An expert
+    without adapter weights (a run that trained one expert) keeps its weights and runs MoC too, as it did during that
+    training's validation; `get_moc_config(pipe)` names the transformers that run MoC.
 
     Args:
         pipe (`DiffusionPipeline`): a pipeline with LoRA support and MoC-supported transformers (e.g. `WanPipeline`,
@@ -278,7 +280,7 @@ def load_moc_lora(
         adapter_name (`str`, *optional*): adapter name for `load_lora_weights`.
         load_into_transformer_2 (`bool`, defaults to `False`): load `pytorch_lora_weights.safetensors` (or
             `weight_name`) into `transformer_2` instead, as diffusers' `load_lora_weights` does (for a low-noise
-            adapter saved under the default name).
+            adapter saved under the default name). Refused for a folder that holds both experts' adapters.
         kwargs: Hub options passed to both loads (`revision`, `token`, `cache_dir`, `subfolder`, `weight_name`, ...).
 
     Returns:
@@ -296,6 +298,11 @@ def load_moc_lora(
         files = _adapter_files(source, kwargs.get("subfolder"), hub_kwargs)
         if not files:
             raise FileNotFoundError(f"{source} holds no adapter weights ({' or '.join(ADAPTER_FILES.values())})")
+    if load_into_transformer_2 and len(files) > 1:
+        raise ValueError(
+            f"{source} holds adapters for both experts ({', '.join(files)}): load_into_transformer_2=True would load "
+            "both into transformer_2; leave it False and each goes into its own expert"
+        )
     targets = {}
     for name in files:
         component = "transformer_2" if name == LORA_WEIGHT_NAME_2 or load_into_transformer_2 else "transformer"
@@ -314,5 +321,4 @@ def load_moc_lora(
             load_into_transformer_2=component == "transformer_2",
             **kwargs,
         )
-        apply_moc(getattr(pipe, component), moc_config)
-    return pipe
+    return apply_moc(pipe, moc_config)

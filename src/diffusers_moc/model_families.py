@@ -53,6 +53,9 @@ class WanFamily:
         trainable (`bool`): `diffusers-moc train` fine-tunes it (text-to-video training; TI2V-5B included).
         defaults (`dict`): `height`, `width`, `num_frames`, `fps`, `num_inference_steps`, `guidance_scale` (and
             `guidance_scale_2` with experts) of the model card.
+        size_multiple (`int`): what heights and widths the released checkpoints take a multiple of: the VAE's
+            spatial compression times the 2 x 2 patches (16; 32 for TI2V-5B's 16x VAE), checked before a real model
+            loads (the pipeline derives it from the loaded VAE and transformer).
     """
 
     name: str
@@ -64,6 +67,7 @@ class WanFamily:
     expand_timesteps: bool = False
     trainable: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    size_multiple: int = 16
 
     @property
     def takes_image(self) -> bool:
@@ -132,6 +136,7 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             expand_timesteps=True,
             trainable=True,
             defaults=dict(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0),
+            size_multiple=32,
         ),
     )
 }
@@ -152,10 +157,12 @@ def family_from_configs(
     boundary_ratio: float | None = None,
     expand_timesteps: bool = False,
     image_dim: int | None = None,
+    pos_embed_seq_len: int | None = None,
 ) -> WanFamily:
     r"""
-    The family of a Wan pipeline from its config facts: the transformer's `in_channels` and `image_dim`, the VAE's
-    `z_dim`, whether it has a `transformer_2`, and the pipeline's `boundary_ratio` and `expand_timesteps`.
+    The family of a Wan pipeline from its config facts: the transformer's `in_channels`, `image_dim` and
+    `pos_embed_seq_len`, the VAE's `z_dim`, whether it has a `transformer_2`, and the pipeline's `boundary_ratio` and
+    `expand_timesteps`.
 
     Raises:
         [`UnsupportedModelError`]: for a combination no family has (e.g. a Wan 2.1 FLF2V or VACE checkpoint).
@@ -176,6 +183,11 @@ def family_from_configs(
     if image_channels:
         if image_dim is None:
             raise UnsupportedModelError("an image-to-video Wan transformer without image_dim and one expert")
+        if pos_embed_seq_len is not None:  # FLF2V embeds a first and a last frame; a long video has no last frame
+            raise UnsupportedModelError(
+                "a Wan 2.1 first-last-frame (FLF2V) checkpoint is no supported family: LongVideoPipeline starts from "
+                "one image; use a Wan 2.1 I2V checkpoint"
+            )
         return WAN_FAMILIES["wan2.1-i2v"]
     return WAN_FAMILIES["wan2.1-t2v"]
 
@@ -191,6 +203,7 @@ def family_of_pipeline(pipe) -> WanFamily:
         boundary_ratio=config.get("boundary_ratio"),
         expand_timesteps=bool(config.get("expand_timesteps", False)),
         image_dim=transformer.config.get("image_dim"),
+        pos_embed_seq_len=transformer.config.get("pos_embed_seq_len"),
     )
 
 
@@ -201,10 +214,12 @@ def _read_json(source: str, filename: str, local: bool, hub_kwargs: dict) -> dic
             return None
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
             path = hf_hub_download(source, filename, **hub_kwargs)
+        except LocalEntryNotFoundError as e:  # not "no such file": the Hub could not be asked
+            raise OSError(f"{source}: cannot download {filename}: no connection to the Hub and not in the cache") from e
         except EntryNotFoundError:
             return None
     with open(path, encoding="utf-8") as f:
@@ -251,4 +266,5 @@ def family_of_source(source: str | os.PathLike, **hub_kwargs) -> WanFamily:
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
         image_dim=transformer.get("image_dim"),
+        pos_embed_seq_len=transformer.get("pos_embed_seq_len"),
     )

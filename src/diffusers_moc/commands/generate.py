@@ -126,12 +126,21 @@ def _family(args, storyboard):
             if args.tiny not in WAN_FAMILIES:
                 raise InputError(f"--tiny {args.tiny}: no such model family; choose one of {list(WAN_FAMILIES)}")
             return WAN_FAMILIES[args.tiny]
-        # The storyboard's model family, when it can be told without a download; Wan 2.1 otherwise.
+        # The storyboard's model family, when it can be told without a download; Wan 2.1 otherwise (said so).
         model = storyboard.model
         if model and os.path.isdir(model):
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 return family_of_source(model)
-        return family_of_repo_id(model) or WAN_FAMILIES["wan2.1-t2v"]
+            except (OSError, ValueError) as e:  # the real run would fail on this folder too
+                raise InputError(f"model: {e}") from None
+        family = family_of_repo_id(model)
+        if family is None and model:
+            print(
+                f"note: model {model!r} is not a known Wan checkpoint id and --tiny downloads nothing, so the tiny "
+                f"model is {WAN_FAMILIES['wan2.1-t2v'].title}; choose one with --tiny FAMILY",
+                file=sys.stderr,
+            )
+        return family or WAN_FAMILIES["wan2.1-t2v"]
     field, model = ("--model", args.model) if args.model else ("model", storyboard.model)
     if not model:
         raise InputError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
@@ -145,7 +154,12 @@ def _family(args, storyboard):
     except OSError as e:
         if os.path.isdir(model):
             raise InputError(f"{field}: {model}: {e}") from None
-        raise RuntimeError(f"{field}: cannot read the configuration of {model} from the Hub: {e}") from e
+        # A mistyped repo id and an unreachable Hub look alike from here; both are the input's to fix.
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"{field}: cannot read the configuration of {model} from the Hub (a mistyped repo id, a private repo "
+            f"without a token, or no network): {first_line}"
+        ) from None
 
 
 def _resolve(args, storyboard, family):
@@ -164,6 +178,13 @@ def _resolve(args, storyboard, family):
     if overrides:
         storyboard = storyboard.with_overrides(overrides, f"{source} (with command-line overrides)")
     storyboard.check_model(family, source)
+    multiple = family.size_multiple
+    for name in ("height", "width") if args.tiny is None else ():  # a tiny model is checked once built (at once)
+        if getattr(storyboard, name) % multiple:
+            raise InputError(
+                f"{source}: {name}: {family.title} takes multiples of {multiple} (VAE compression x patch size), "
+                f"got {getattr(storyboard, name)}"
+            )
     return storyboard
 
 

@@ -146,6 +146,9 @@ class Storyboard:
             raise fail(names, f"unknown key(s); known keys are {sorted(TOP_LEVEL_KEYS)}")
         model_defaults = {k: v for k, v in (defaults or {}).items() if k in MODEL_DEFAULT_KEYS}
         values = {**TOP_LEVEL_KEYS, **model_defaults, **data}
+        if "guidance_scale" in data and "guidance_scale_2" not in data:
+            # As `WanPipeline` and `LongVideoPipeline`: the low-noise expert takes the given guidance_scale.
+            values["guidance_scale_2"] = data["guidance_scale"] if model_defaults.get("guidance_scale_2") else None
 
         cls._check_settings(values, fail)
         image = cls._image(values["image"], base_dir, fail)
