@@ -180,6 +180,9 @@ def test_bad_input_gets_named_errors():
     for scale in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="scale must be a finite number"):
             moc_attention(q, q, q, layout, scale=scale)
+    for scale in (True, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="scale must be a Python float or None, got (bool|Tensor)"):
+            moc_attention(q, q, q, layout, scale=scale)
     with pytest.raises(ValueError, match=r"padding_mask must be a bool tensor shaped \(B, L\) = \(1, 6\)"):
         moc_attention(q, q, q, layout, padding_mask=torch.ones(1, 5, dtype=torch.bool))
     video_hidden = torch.ones(1, 6, dtype=torch.bool)
@@ -256,3 +259,19 @@ def test_padding_mask_compiles_whole_with_inductor():
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(compiled(q, k, v, mask), f(q, k, v, mask), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_moc_context_refuses_what_it_would_truncate():
+    import numpy as np
+
+    from diffusers_moc import moc_context
+    from diffusers_moc.context import MoCContext
+
+    assert MoCContext(shot_frames=[np.int64(2), 1]).shot_frames == (2, 1)
+    for frames in ([2.9, 1.2], [4.5], "13", [True, 2], 3):
+        with pytest.raises(ValueError, match="shot_frames must be positive latent-frame counts"):
+            with moc_context(shot_frames=frames):
+                pass
+    for span in ([0.5, 4], "04", [0, 4, 8]):
+        with pytest.raises(ValueError, match=r"caption_spans\[0\] must be a \(start, end\) pair of token indices"):
+            MoCContext(shot_frames=[2], caption_spans=[span])

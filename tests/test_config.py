@@ -48,7 +48,10 @@ def test_save_into_a_file_path_is_refused(tmp_path):
         (dict(route_by="tile"), "route_by must be one of"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(drop_off=1.5), r"drop_off must be a number in \[0, 1\]"),
-        (dict(drop_in=-0.1), "drop_in must be a number >= 0"),
+        (dict(drop_in=-0.1), "drop_in must be a finite number >= 0"),
+        (dict(drop_in=float("inf")), "drop_in must be a finite number >= 0"),
+        (dict(drop_in=float("nan")), "drop_in must be a finite number >= 0"),
+        (dict(drop_off=float("nan")), r"drop_off must be a number in \[0, 1\]"),
     ],
 )
 def test_validation(kwargs, message):

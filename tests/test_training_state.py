@@ -220,6 +220,13 @@ def test_unwritable_folders_fail_before_the_model_loads(data_root, tmp_path, fie
     load.assert_not_called()
 
 
+def test_a_run_that_fails_its_checks_leaves_no_output_folder(tmp_path):
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(ConfigError, match="data.root"):
+        MoCLoRATrainer(_config(tmp_path / "no-such-data", out)).train()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_model_too_small_for_the_size_fails_before_encoding(data_root, tmp_path):
     from diffusers import AutoencoderKLWan
 

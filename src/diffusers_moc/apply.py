@@ -18,6 +18,7 @@ from .attention_processors import (
     MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
 )
+from .attention_processors.base import CheckpointWithFacts
 from .config import MoCConfig
 from .model_families import WAN_FAMILIES
 
@@ -233,6 +234,9 @@ def _remove_hooks(transformer: torch.nn.Module) -> None:
         if isinstance(hook, MoCForwardPreHook):
             del transformer._forward_pre_hooks[key]
             transformer._forward_pre_hooks_with_kwargs.pop(key, None)
+    checkpoint = getattr(transformer, "_gradient_checkpointing_func", None)
+    if isinstance(checkpoint, CheckpointWithFacts):
+        transformer._gradient_checkpointing_func = checkpoint.inner
 
 
 def _is_pipeline(obj) -> bool:

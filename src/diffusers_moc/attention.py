@@ -299,7 +299,10 @@ def _check_inputs(query, key, value, layout, scale, padding_mask) -> None:
         raise ValueError(
             f"query, key and value live on different devices: {query.device}, {key.device}, {value.device}"
         )
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        # A tensor scale would be read to the host and is not what SDPA takes either.
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if padding_mask is not None and (
         not isinstance(padding_mask, torch.Tensor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -99,8 +100,12 @@ class MoCConfig:
             or not 0 <= self.drop_off <= 1
         ):
             raise ValueError(f"MoCConfig.drop_off must be a number in [0, 1], got {self.drop_off!r}")
-        if isinstance(self.drop_in, bool) or not isinstance(self.drop_in, (int, float)) or self.drop_in < 0:
-            raise ValueError(f"MoCConfig.drop_in must be a number >= 0, got {self.drop_in!r}")
+        if (
+            isinstance(self.drop_in, bool)
+            or not isinstance(self.drop_in, (int, float))
+            or not 0 <= self.drop_in < math.inf  # NaN fails too
+        ):
+            raise ValueError(f"MoCConfig.drop_in must be a finite number >= 0, got {self.drop_in!r}")
 
     # ------------------------------------------------------------------ convenience
     def replace(self, **changes: Any) -> MoCConfig:

@@ -15,7 +15,8 @@ context variables, so a compiled transformer forward reads a process-wide mirror
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,13 +52,15 @@ class MoCContext:
 
     def __post_init__(self):
         if self.shot_frames is not None:
-            frames = tuple(int(n) for n in self.shot_frames)
+            frames = _integers(self.shot_frames)
             if not frames or any(n <= 0 for n in frames):
                 raise ValueError(f"shot_frames must be positive latent-frame counts, got {self.shot_frames!r}")
             object.__setattr__(self, "shot_frames", frames)
         if self.caption_spans is not None:
             if self.shot_frames is None:
                 raise ValueError("caption_spans needs shot_frames: each span belongs to one shot")
+            if isinstance(self.caption_spans, (str, bytes)) or not isinstance(self.caption_spans, Iterable):
+                raise ValueError(f"caption_spans must be one (start, end) pair per shot, got {self.caption_spans!r}")
             spans = tuple(_span(f"caption_spans[{i}]", s) for i, s in enumerate(self.caption_spans))
             if len(spans) != len(self.shot_frames):
                 raise ValueError(
@@ -77,11 +80,25 @@ class MoCContext:
             raise ValueError(f"image_tokens must be a positive integer or None, got {self.image_tokens!r}")
 
 
-def _span(name: str, span: Sequence[int]) -> tuple[int, int]:
+def _integers(values) -> tuple[int, ...] | None:
+    """`values` as a tuple of ints (Python or NumPy integers), or `None` for anything else: a float such as 2.5 or a
+    string is refused, not truncated."""
+    if isinstance(values, (str, bytes)):
+        return None
     try:
-        start, end = (int(v) for v in span)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a (start, end) pair of token indices, got {span!r}") from None
+        items = list(values)
+        if any(isinstance(v, bool) for v in items):
+            return None
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        return None
+
+
+def _span(name: str, span: Sequence[int]) -> tuple[int, int]:
+    pair = _integers(span)
+    if pair is None or len(pair) != 2:
+        raise ValueError(f"{name} must be a (start, end) pair of token indices, got {span!r}")
+    start, end = pair
     if not 0 <= start < end:
         raise ValueError(f"{name} must satisfy 0 <= start < end, got {span!r}")
     return start, end
@@ -134,8 +151,8 @@ def moc_context(
         image_tokens (`int`, *optional*): image-embedding tokens leading the cross-attention context (Wan 2.1 I2V).
     """
     ctx = MoCContext(
-        shot_frames=None if shot_frames is None else tuple(shot_frames),
-        caption_spans=None if caption_spans is None else tuple(caption_spans),
+        shot_frames=shot_frames,  # converted and checked by MoCContext
+        caption_spans=caption_spans,
         global_caption_span=global_caption_span,
         regularise=regularise,
         image_tokens=image_tokens,

@@ -27,6 +27,7 @@ from ..parallel import heads_to_sequence, sequence_to_heads, ulysses_config
 from ..recording import active_routing_map
 
 __all__ = [
+    "CheckpointWithFacts",
     "MoCAttnProcessorBase",
     "MoCForwardFacts",
     "MoCForwardPreHook",
@@ -142,6 +143,40 @@ class MoCForwardPreHook:
         context = current_moc_context()
         facts = forward_facts(grid, context, self.processor.config.chunk_tokens, module.training)
         self.processor.state.facts = facts
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is not None and not isinstance(checkpoint, CheckpointWithFacts):
+            # (Re)wrapped here, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
+            module._gradient_checkpointing_func = CheckpointWithFacts(checkpoint, self.processor.state)
+
+
+class CheckpointWithFacts:
+    r"""
+    Wraps a diffusers model's `_gradient_checkpointing_func` so that a block recomputed during backward sees the
+    facts of the forward it was first run in, not those of a later forward (two forwards with different
+    [`moc_context`] shots, then one backward). Under `torch.compile` the facts are constants of the traced graph and
+    the wrapper steps aside. Module-level classes, so the model pickles; `remove_moc` unwraps it.
+    """
+
+    def __init__(self, inner, state: MoCForwardState):
+        self.inner = inner
+        self.state = state
+
+    def __call__(self, function, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.inner(function, *args, **kwargs)
+        return self.inner(_WithFacts(function, self.state, self.state.facts), *args, **kwargs)
+
+
+class _WithFacts:
+    def __init__(self, function, state: MoCForwardState, facts: MoCForwardFacts | None):
+        self.function, self.state, self.facts = function, state, facts
+
+    def __call__(self, *args, **kwargs):
+        before, self.state.facts = self.state.facts, self.facts
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.state.facts = before
 
 
 # ---------------------------------------------------------------------------------------------- RoPE fallback

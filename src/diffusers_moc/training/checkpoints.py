@@ -133,10 +133,15 @@ def exported_step(final_dir: str) -> int | None:
 
 
 def check_writable(folder: str, field_path: str) -> None:
-    """Create `folder` if needed and write a probe file in it; a failure is a [`ConfigError`] naming the field."""
+    """Write a probe file in `folder`, or where it would be created (its nearest existing parent folder), so that a
+    run that fails later leaves no empty folder behind; a failure is a [`ConfigError`] naming the field."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(field_path, f"cannot write to {folder}: {existing} is not a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -155,7 +160,7 @@ def prepare_output_dir(output_dir: str, clean_up: bool = True) -> None:
         path = os.path.join(output_dir, sub)
         if os.path.isdir(path):
             check_writable(path, "output_dir")
-    if not clean_up:
+    if not clean_up or not os.path.isdir(output_dir):
         return
     if recover_replaced_dir(os.path.join(output_dir, FINAL_NAME)):
         logger.warning("restored %s/final: a run was killed while replacing it", output_dir)
