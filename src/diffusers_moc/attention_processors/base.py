@@ -154,7 +154,7 @@ class CheckpointWithFacts:
     Wraps a diffusers model's `_gradient_checkpointing_func` so that a block recomputed during backward sees the
     facts of the forward it was first run in, not those of a later forward (two forwards with different
     [`moc_context`] shots, then one backward). Under `torch.compile` the facts are constants of the traced graph and
-    the wrapper steps aside. Module-level classes, so the model pickles; `remove_moc` unwraps it.
+    the wrapper steps aside. `remove_moc` unwraps it.
     """
 
     def __init__(self, inner, state: MoCForwardState):

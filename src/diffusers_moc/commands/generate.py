@@ -178,13 +178,14 @@ def _resolve(args, storyboard, family):
     if overrides:
         storyboard = storyboard.with_overrides(overrides, f"{source} (with command-line overrides)")
     storyboard.check_model(family, source)
-    multiple = family.size_multiple
-    for name in ("height", "width") if args.tiny is None else ():  # a tiny model is checked once built (at once)
-        if getattr(storyboard, name) % multiple:
-            raise InputError(
-                f"{source}: {name}: {family.title} takes multiples of {multiple} (VAE compression x patch size), "
-                f"got {getattr(storyboard, name)}"
-            )
+    if args.tiny is None:  # a real checkpoint takes long to load: its size rule is checked first (a tiny one: built)
+        multiple = family.size_multiple
+        for name in ("height", "width"):
+            if getattr(storyboard, name) % multiple:
+                raise InputError(
+                    f"{source}: {name}: {family.title} takes multiples of {multiple} (VAE compression x patch "
+                    f"size), got {getattr(storyboard, name)}"
+                )
     return storyboard
 
 

@@ -22,8 +22,8 @@ independently when split-KV is off, which the flash executor requests.
 (anchor attendees and routed), run through the executor's var-len backward with the *merged* output and
 log-sum-exp, which gives exactly that segment's share of the gradient. `dq` is added into a float32 accumulator
 (`index_add_`, atomic on CUDA: exact only to rounding), a chunk's `dk` and `dv` come out of its segments whole
-(staged in float32 only when the budget split them). Nothing of the size of the attended pairs is kept for
-autograd: the plan is rebuilt from the routing.
+(when the budget split them: added in place for float32 / float64, staged in float32 for float16 / bfloat16).
+Nothing of the size of the attended pairs is kept for autograd: the plan is rebuilt from the routing.
 
 **Memory.** Each call holds at most the plan's budget (`varlen_plan.memory_budget`, a fraction or small multiple
 of the attention output chosen so that the forward+backward peak stays at or below dense attention's; all pairs at
