@@ -10,7 +10,8 @@ Matrix (kept small: an inductor compile takes 10-30 s on a 2-core CPU, a dynamo 
   eager output, which is the stock output, and the eager gradients; no recompile;
 - every model: `torch.export` equals eager, with MoC as one opaque op in the graph;
 - every model, sparse, inference: regional compile (`compile_repeated_blocks(fullgraph=True)`) with inductor equals
-  eager, no recompile;
+  eager, no recompile; and at full density, `torch.compile(transformer, fullgraph=True)` with inductor equals eager,
+  no recompile (HunyuanVideo 1.5 without `fullgraph`);
 - inductor: diffusers' `test_compile_works_with_aot` (an AOTInductor package) on Wan, a Wan sparse training step with
   drop-off / drop-in compiled whole, and (`test_attention.py`) MoC attention with per-sample caption padding.
 """
@@ -108,6 +109,20 @@ def test_regional_inductor_compile_equals_eager_without_recompiling(name):
         torch.testing.assert_close(_out(model, inputs), eager, atol=1e-5, rtol=1e-5)
         with torch._dynamo.config.patch(error_on_recompile=True):
             torch.testing.assert_close(_out(model, inputs), eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_whole_model_inductor_compile_at_full_density_equals_eager(name):
+    """`torch.compile(transformer, fullgraph=True)` with inductor on every model, at full density (the regional test
+    above runs sparse): equals eager, and the second call does not recompile."""
+    model, inputs = MODELS[name]()
+    apply_moc(model, DENSE)
+    with torch.no_grad():
+        eager = _out(model, inputs)
+        compiled = torch.compile(model, fullgraph=name not in NO_FULLGRAPH)
+        torch.testing.assert_close(_out(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(_out(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
 
 
 def test_inductor_training_step_with_regularisers_equals_eager():
