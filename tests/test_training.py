@@ -682,8 +682,8 @@ def test_gradient_checkpointing_replays_the_routing_of_multi_shot_training():
 
 def test_gradient_checkpointing_recomputes_each_forward_with_its_own_shots():
     # Two forwards under different moc_context shots, then one backward: a recomputed block must route with the
-    # shots of the forward it belongs to, not the latest. Also with checkpointing enabled after apply_moc, and gone
-    # again after remove_moc.
+    # shots of the forward it belongs to, not the latest. The wrapper that ensures it goes on at a forward (so the
+    # order of enable_gradient_checkpointing and apply_moc does not matter) and comes off with remove_moc.
     from diffusers_moc import apply_moc, moc_context, remove_moc
     from diffusers_moc.attention_processors.base import CheckpointWithFacts
     from diffusers_moc.tiny import tiny_wan_components
