@@ -28,7 +28,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -45,23 +44,12 @@ except ImportError:  # pragma: no cover
 import diffusers_moc.attention as attention
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_torch_backend import machine  # noqa: E402
+
 TOKENS_PER_FRAME = 1560
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 # ---------------------------------------------------------------------------------------------- routing before

@@ -15,7 +15,26 @@ _ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
 _ADDED_NORMS = ("norm_added_q", "norm_added_k")
 
 
-class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
+class HunyuanProcessorBase(MoCAttnProcessorBase):
+    """What the HunyuanVideo and HunyuanVideo 1.5 processors share: the dense processor of the caption refiner's
+    text-only attention, and the latent grid (from the input shape, or read off the rotary table, time first)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._refiner = AttnProcessor2_0()
+
+    @staticmethod
+    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
+        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
+        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return frames // p_t, height // p, width // p
+
+    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
+        return frames_from_rotary(rotary_emb, time_column=0)
+
+
+class MoCHunyuanVideoAttnProcessor(HunyuanProcessorBase):
     r"""
     Drop-in for diffusers' `HunyuanVideoAttnProcessor2_0` that computes the joint video-text attention with MoC.
 
@@ -32,20 +51,6 @@ class MoCHunyuanVideoAttnProcessor(MoCAttnProcessorBase):
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
     """
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._refiner = AttnProcessor2_0()
-
-    @staticmethod
-    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
-        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
-        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return frames // p_t, height // p, width // p
-
-    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
-        return frames_from_rotary(rotary_emb, time_column=0)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):

@@ -6,7 +6,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads, video_padding_mask
+from .base import qkv_heads, video_padding_mask
+from .hunyuan_video import HunyuanProcessorBase
 
 __all__ = ["MoCHunyuanVideo15AttnProcessor"]
 
@@ -15,7 +16,7 @@ _ADDED = ("add_q_proj", "add_k_proj", "add_v_proj")
 _ADDED_NORMS = ("norm_added_q", "norm_added_k")
 
 
-class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
+class MoCHunyuanVideo15AttnProcessor(HunyuanProcessorBase):
     r"""
     Drop-in for diffusers' `HunyuanVideo15AttnProcessor2_0` that computes the joint attention with MoC.
 
@@ -33,20 +34,6 @@ class MoCHunyuanVideo15AttnProcessor(MoCAttnProcessorBase):
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
     """
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._refiner = AttnProcessor2_0()
-
-    @staticmethod
-    def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
-        """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
-        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return frames // p_t, height // p, width // p
-
-    def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
-        return frames_from_rotary(rotary_emb, time_column=0)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):

@@ -78,6 +78,25 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
+# flash-attn 2's features MoC does not use, switched off (FA4's interface has none of them).
+_FA2_OFF = dict(dropout_p=0.0, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None)
+
+
+def _varlen_args(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> dict:
+    """The var-len arguments forward and backward share, heads padded to the kernels' granularity."""
+    return dict(
+        q=pad_head(q),
+        k=pad_head(k),
+        v=pad_head(v),
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        causal=False,
+    )
+
+
 class FlashAttnExecutor:
     """Var-len calls through the installed flash-attn (2.x, else 4)."""
 
@@ -90,29 +109,9 @@ class FlashAttnExecutor:
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale):
         kind, fwd, _, _ = _interface()
         D = v.shape[-1]
-        q, k, v = pad_head(q), pad_head(k), pad_head(v)
-        common = dict(
-            q=q,
-            k=k,
-            v=v,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max_q,
-            max_seqlen_k=max_k,
-            softmax_scale=scale,
-            causal=False,
-        )
+        common = _varlen_args(q, k, v, cu_q, cu_k, max_q, max_k, scale)
         if kind == "fa2":
-            res = _call(
-                fwd,
-                **common,
-                dropout_p=0.0,
-                window_size_left=-1,
-                window_size_right=-1,
-                softcap=0.0,
-                alibi_slopes=None,
-                return_softmax=False,
-            )
+            res = _call(fwd, **common, **_FA2_OFF, return_softmax=False)
         else:
             res = _call(fwd, **common, return_lse=True)
         lse = res[5] if len(res) == 8 else res[1]  # 2.6 returned (out, q, k, v, out_padded, lse, S, rng_state)
@@ -121,38 +120,11 @@ class FlashAttnExecutor:
     def backward(self, grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
         kind, _, bwd, _ = _interface()
         D = q.shape[-1]
-        q, k, v, out, grad_out = (pad_head(x) for x in (q, k, v, out, grad_out))
-        common = dict(
-            q=q,
-            k=k,
-            v=v,
-            out=out,
-            dout=grad_out,
-            softmax_lse=lse,
-            lse=lse,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=max_q,
-            max_seqlen_k=max_k,
-            softmax_scale=scale,
-            causal=False,
-        )
+        common = _varlen_args(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        common.update(out=pad_head(out), dout=pad_head(grad_out), softmax_lse=lse, lse=lse)
         if kind == "fa2":
-            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            _call(
-                bwd,
-                **common,
-                dq=dq,
-                dk=dk,
-                dv=dv,
-                dropout_p=0.0,
-                window_size_left=-1,
-                window_size_right=-1,
-                softcap=0.0,
-                alibi_slopes=None,
-                deterministic=False,
-                rng_state=None,
-            )
+            dq, dk, dv = (torch.empty_like(common[x]) for x in "qkv")
+            _call(bwd, **common, dq=dq, dk=dk, dv=dv, **_FA2_OFF, deterministic=False, rng_state=None)
         else:
             dq, dk, dv = _call(bwd, **common)[:3]
         return dq[..., :D], dk[..., :D], dv[..., :D]
