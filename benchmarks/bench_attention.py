@@ -2,12 +2,15 @@ r"""MoC attention (every backend) against dense and sparse peers, on Wan-style m
 
 Rows, per sequence length and input kind (video-like or iid random), forward and forward+backward:
 
-- `moc-flash`, `moc-flash_attn`, `moc-triton`, `moc-torch`: `diffusers_moc` routing + one backend (PyTorch's flash
-  var-len kernels, the flash-attn package, the Triton kernels, the portable torch backend); the time includes
-  routing and its share is reported; rows whose backend cannot run here are skipped with the reason;
+- `moc-flash`, `moc-flash_attn`, `moc-flex`, `moc-triton`, `moc-torch`: `diffusers_moc` routing + one backend
+  (PyTorch's flash var-len kernels, the flash-attn package, FlexAttention with the routing's block mask on the
+  kernels the backend chooses (`kernels` column: FLASH is FlashAttention-4), the Triton kernels, the portable torch
+  backend); `moc-flex-triton`: the flex backend forced onto FlexAttention's Triton kernels, where it would choose
+  FlashAttention-4; the time includes routing and its share is reported; rows whose backend cannot run here are
+  skipped with the reason;
 - `sdpa-dense`: the fastest dense `scaled_dot_product_attention` backend (cuDNN, flash or memory-efficient);
-- `flex`: `torch.nn.attention.flex_attention` (compiled) with a block mask built from the same routing and a
-  `mask_mod` that applies the exact token-level attended set;
+- `flex`: FlexAttention's Triton kernels (compiled) with the flex backend's block mask of the same routing, its own
+  autograd, the mask built outside the timing (`block_mask_ms` says what building it costs);
 - `vsa`: Video Sparse Attention from the `fastvideo-kernel` package at about the same density (its own routing),
   where it imports.
 
@@ -40,10 +43,12 @@ try:  # run from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, moc_attention, route
-from diffusers_moc.kernels import torch_attention
+from diffusers_moc import ChunkLayout, MoCConfig, moc_attention, route
+from diffusers_moc.kernels import flex as flex_backend
+from diffusers_moc.kernels import kernel_attention, torch_attention
 from diffusers_moc.kernels.executors import torch_flash_unsupported
 from diffusers_moc.kernels.flash_attn_executors import flash_attn_unsupported
+from diffusers_moc.kernels.flex_mask import flex_block_mask
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -186,52 +191,6 @@ def sdpa_runner(backend):
     return run
 
 
-def flex_block_mask(routing: MoCRouting, block: int = 128):
-    r"""
-    A FlexAttention `BlockMask` for exactly the attended set of a routing: per (query block, key block) the block is
-    *full* when every query of the block attends every key of it, *partial* when some do (then `mask_mod` decides
-    per token), skipped otherwise. Built from chunk-level facts; no `L x L` tensor.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    layout = routing.layout
-    device = routing.selected.device
-    B, H, L, _ = routing.selected.shape
-    C = layout.num_chunks
-    attend = routing.chunk_mask()  # (B, H, L, C) bool: L x C per head
-    nq = nk = math.ceil(L / block)
-    q_block = torch.arange(L, device=device) // block
-    counts = torch.zeros(B, H, nq, C, device=device, dtype=torch.float32)
-    counts.index_add_(2, q_block, attend.float())
-    rows = torch.bincount(q_block, minlength=nq).float()
-    union = counts > 0
-    inter = counts == rows[:, None]
-    # Chunks overlapped by each key block.
-    tok_chunk = layout.token_chunks(device)
-    cover = torch.zeros(nk, C, device=device)
-    cover.index_put_((q_block, tok_chunk), torch.ones(L, device=device), accumulate=True)
-    cover = (cover > 0).float()
-    any_blk = (union.float() @ cover.T) > 0
-    full_blk = ((~inter).float() @ cover.T) == 0
-    partial = any_blk & ~full_blk
-
-    def pack(mask):
-        num = mask.sum(-1).to(torch.int32)
-        idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num, idx
-
-    kv_num, kv_idx = pack(partial)
-    full_num, full_idx = pack(full_blk)
-    attend_c = attend.contiguous()
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return attend_c[b, h, q_idx, tok_chunk[kv_idx]]
-
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(L, L))  # fmt: skip
-    return mask
-
-
 def vsa_runner(density: float):
     import inspect
 
@@ -264,11 +223,17 @@ def _row(name, length, kind, mode, ms, pairs, head_dim, **extra):
 
 
 def moc_unavailable(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why a MoC backend cannot run these inputs natively (no fallback is timed), or `None`."""
+    """Why a MoC backend cannot run these inputs natively (no fallback is timed), or `None`. `flex-triton` is the
+    flex backend forced onto FlexAttention's Triton kernels (CUDA only)."""
     if backend == "flash":
         return torch_flash_unsupported(q, v)
     if backend == "flash_attn":
         return flash_attn_unsupported(q, v)
+    if backend in ("flex", "flex-triton"):
+        reason = flex_backend.flex_unavailable()
+        if reason is None and backend == "flex-triton" and q.device.type != "cuda":
+            reason = "FlexAttention's Triton kernels need CUDA"
+        return reason
     if backend == "triton":
         try:
             from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
@@ -278,99 +243,138 @@ def moc_unavailable(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | Non
             return "needs CUDA (or TRITON_INTERPRET=1 set before Triton is imported)"
         if q.device.type != "cuda" and q.dtype == torch.bfloat16:
             return "bfloat16 is wrong in the Triton interpreter"
+        if q.device.type != "cuda" and _interpreter_numpy_clash():
+            return "Triton 3.6's interpreter cannot run loops bounded by loaded values under NumPy 2.4+"
         return None
     if backend == "torch":
         return None
     return f"unknown backend {backend!r}"
 
 
+def _interpreter_numpy_clash() -> bool:
+    """Triton's interpreter before 3.7 turns a loaded scalar into a one-element array, which NumPy 2.4+ refuses to
+    convert to an index (seen with Triton 3.6 and NumPy 2.4; Triton 3.9 runs the kernels)."""
+    import numpy  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+
+    version = lambda text: tuple(int(x) for x in text.split(".")[:2] if x.isdigit())  # noqa: E731
+    return version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)
+
+
+def _failed(skipped: list[str], what: str, e: Exception) -> None:
+    """Record an error of one method and go on (a benchmark reports, it does not abort); free what it held."""
+    skipped.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Case:
+    """One benchmark case: layout, config, inputs and routing of one length and input kind."""
+
+    def __init__(self, args, length: int, kind: str, device, dtype):
+        self.args, self.kind, self.device = args, kind, device
+        self.layout = make_layout(length, args.frame_tokens, args.shots)
+        L = self.layout.num_tokens
+        base = MoCConfig(top_k=1, local_window=args.local_window, causal=True, text_anchors="all")
+        self.config = base.replace(top_k=top_k_for_density(self.layout, base, args.density))
+        self.q, self.k, self.v = make_inputs(
+            self.layout, args.frame_tokens, args.heads, args.head_dim, kind, dtype, device, seed=args.seed
+        )
+        self.grad = torch.randn_like(self.q)
+        self.routing = route(self.q, self.k, self.layout, self.config)
+        self.pairs = int(self.routing.attended_tokens().sum().item())
+        self.common = dict(density=self.pairs / (args.heads * L * L), top_k=self.config.top_k,
+                           chunks=self.layout.num_chunks)  # fmt: skip
+        self.t_route = time_fn(lambda: route(self.q, self.k, self.layout, self.config), device, args.warmup, args.iters)
+
+
 def run_case(args, length, kind, device, dtype, skipped: list[str], guard=None) -> list[dict]:
     r"""
     Rows for one length and input kind. `guard(method, tokens, kind) -> bool`, when given, may skip a method (the
-    GPU check's time budget).
+    GPU check's time budget). A method that raises is reported in `skipped`, and the others go on.
     """
-    layout = make_layout(length, args.frame_tokens, args.shots)
-    L = layout.num_tokens
-    args.current_kind = kind
-    base = MoCConfig(top_k=1, local_window=args.local_window, causal=True, text_anchors="all")
-    config = base.replace(top_k=top_k_for_density(layout, base, args.density))
-    q, k, v = make_inputs(layout, args.frame_tokens, args.heads, args.head_dim, kind, dtype, device, seed=args.seed)
-    grad = torch.randn_like(q)
-    H, D = args.heads, args.head_dim
-    warm, iters = args.warmup, args.iters
+    case = Case(args, length, kind, device, dtype)
+    L, q, v = case.layout.num_tokens, case.q, case.v
     rows = []
-
-    routing = route(q, k, layout, config)
-    pairs = int(routing.attended_tokens().sum().item())
-    density = pairs / (H * L * L)
-    common = dict(density=density, top_k=config.top_k, chunks=layout.num_chunks)
-    t_route = time_fn(lambda: route(q, k, layout, config), device, warm, iters)
-
-    # ---- MoC, every backend that runs here (Triton: one row pair per routing granularity and query tile size)
-    for backend in args.moc:
+    for backend in args.moc:  # MoC, every backend that runs here
         reason = moc_unavailable(backend, q, v)
         if reason is not None:
             skipped.append(f"moc-{backend}: {reason}; row skipped")
-        elif guard is not None and not guard(f"moc-{backend}", L, kind):
-            continue
-        elif backend == "triton":
-            rows.extend(_triton_rows(args, q, k, v, grad, layout, config, routing, t_route, pairs, common))
-        else:
-            rows.extend(_moc_rows(backend, args, q, k, v, grad, layout, config, routing, t_route, pairs, common))
-
-    # ---- dense SDPA: the fastest backend that runs (timed once per length: its speed does not depend on the values)
+        elif guard is None or guard(f"moc-{backend}", L, kind):
+            try:
+                rows.extend(_triton_rows(case) if backend == "triton" else _moc_rows(backend, case))
+            except Exception as e:  # noqa: BLE001
+                _failed(skipped, f"moc-{backend} at {L} tokens ({kind} inputs)", e)
+    # Dense SDPA: the fastest backend that runs (timed once per length: its speed does not depend on the values).
     cache = getattr(args, "dense_cache", None)
     if cache is not None and L in cache:
         rows.extend(dict(r, inputs=kind, timed_on=r["inputs"]) for r in cache[L])
     elif guard is None or guard("sdpa-dense", L, kind):
-        dense = _dense_rows(args, q, k, v, grad, L, kind, skipped)
+        dense = _dense_rows(args, case.q, case.k, case.v, case.grad, L, kind, skipped)
         rows.extend(dense)
         if cache is not None:
             cache[L] = dense
-
-    # ---- FlexAttention with the same attended set
-    if device.type != "cuda":
-        skipped.append("flex: compiled FlexAttention kernels need CUDA (row skipped)")
-    elif "flex" in args.peers and (guard is None or guard("flex", L, kind)):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
-        t0 = time.perf_counter()
-        block_mask = flex_block_mask(routing)
-        _sync(device)
-        mask_ms = (time.perf_counter() - t0) * 1e3
-
-        def flex_run(a, b, c):
-            return flex(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), block_mask=block_mask).transpose(1, 2)
-
-        for mode in ("fwd", "fwd+bwd"):
-            run = (lambda: flex_run(q, k, v)) if mode == "fwd" else fwd_bwd(flex_run, q, k, v, grad)
-            try:
-                t = time_fn(run, device, warm, iters)
-                rows.append(
-                    _row("flex", L, kind, mode, t, pairs, D, block_mask_ms=mask_ms, peak_mib=peak_mib(run, device),
-                         **common)
-                )  # fmt: skip
-            except Exception as e:  # noqa: BLE001  (report, do not abort the whole benchmark)
-                skipped.append(f"flex {mode} L={L}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-
-    # ---- VSA (fastvideo-kernel), at about the same density with its own block routing
+    if "flex" in args.peers:
+        rows.extend(_flex_peer_rows(case, skipped, guard))
     if "vsa" in args.peers:
-        if device.type != "cuda":
-            skipped.append("vsa: fastvideo-kernel needs CUDA (row skipped)")
-        else:
-            try:
-                vsa = vsa_runner(density)
-            except ImportError as e:
-                skipped.append(f"vsa: fastvideo-kernel does not import ({e}); row skipped")
-            else:
-                for mode in ("fwd", "fwd+bwd"):
-                    run = (lambda: vsa(q, k, v)) if mode == "fwd" else fwd_bwd(vsa, q, k, v, grad)
-                    try:
-                        t = time_fn(run, device, warm, iters)
-                        rows.append(_row("vsa", L, kind, mode, t, pairs, D, peak_mib=peak_mib(run, device), **common))
-                    except Exception as e:  # noqa: BLE001
-                        skipped.append(f"vsa {mode} L={L}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        rows.extend(_vsa_rows(case, skipped))
+    return rows
+
+
+def _flex_peer_rows(case: Case, skipped: list[str], guard) -> list[dict]:
+    """FlexAttention's Triton kernels with the flex backend's block mask, its own autograd."""
+    L, device, args = case.layout.num_tokens, case.device, case.args
+    if device.type != "cuda":
+        skipped.append("flex: compiled FlexAttention kernels with a backward need CUDA (row skipped)")
+        return []
+    if flex_backend.flex_unavailable() is not None or (guard is not None and not guard("flex", L, case.kind)):
+        return []
+    t_mask = time_fn(lambda: flex_block_mask(case.routing), device, args.warmup, args.iters)
+    t_mask_fwd = time_fn(lambda: flex_block_mask(case.routing, compute_q_blocks=False), device, args.warmup, args.iters)
+    mask = flex_block_mask(case.routing)
+    scale = 1.0 / math.sqrt(case.q.shape[-1])
+
+    def flex_run(a, b, c, lse=False):  # the forward asks for the log-sum-exp, as the flex backend's forward does
+        return flex_backend._flex(a, b, c, mask, scale, "TRITON", lse=lse)[0]
+
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        run = (
+            (lambda: flex_run(case.q, case.k, case.v, lse=True))
+            if mode == "fwd"
+            else fwd_bwd(flex_run, case.q, case.k, case.v, case.grad)
+        )
+        try:
+            t = time_fn(run, device, args.warmup, args.iters)
+            rows.append(
+                _row("flex", L, case.kind, mode, t, case.pairs, case.q.shape[-1], block_mask_ms=t_mask,
+                     block_mask_fwd_ms=t_mask_fwd, peak_mib=peak_mib(run, device), **case.common)
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            _failed(skipped, f"flex {mode} L={L}", e)
+    return rows
+
+
+def _vsa_rows(case: Case, skipped: list[str]) -> list[dict]:
+    """Video Sparse Attention (fastvideo-kernel) at about the same density, with its own block routing."""
+    if case.device.type != "cuda":
+        skipped.append("vsa: fastvideo-kernel needs CUDA (row skipped)")
+        return []
+    try:
+        vsa = vsa_runner(case.common["density"])
+    except ImportError as e:
+        skipped.append(f"vsa: fastvideo-kernel does not import ({e}); row skipped")
+        return []
+    rows, L = [], case.layout.num_tokens
+    for mode in ("fwd", "fwd+bwd"):
+        run = (lambda: vsa(case.q, case.k, case.v)) if mode == "fwd" else fwd_bwd(vsa, case.q, case.k, case.v,
+                                                                                   case.grad)  # fmt: skip
+        try:
+            t = time_fn(run, case.device, case.args.warmup, case.args.iters)
+            rows.append(_row("vsa", L, case.kind, mode, t, case.pairs, case.q.shape[-1],
+                             peak_mib=peak_mib(run, case.device), **case.common))  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            _failed(skipped, f"vsa {mode} L={L}", e)
     return rows
 
 
@@ -404,59 +408,105 @@ def _dense_rows(args, q, k, v, grad, L, kind, skipped) -> list[dict]:
     return rows
 
 
-def _moc_rows(backend, args, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
-    """Forward and forward+backward rows of one var-len backend (`flash`, `flash_attn`, `torch`)."""
-    device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
-    cfg = config.replace(backend=backend)
+def _moc_functions(backend: str, case: Case):
+    """`(with the routing given, routing included)`: MoC attention on one backend, as functions of `q, k, v`."""
+    layout, cfg, routing = case.layout, case.config.replace(backend=backend.split("-")[0]), case.routing
+    if backend == "flex-triton":
+        kernel = flex_backend.make_flex_kernel("TRITON")
+        scale = 1.0 / math.sqrt(case.q.shape[-1])
+        return (
+            lambda a, b, c: kernel_attention(kernel, a, b, c, routing, scale)[0],
+            lambda a, b, c: kernel_attention(kernel, a, b, c, route(a, b, layout, cfg), scale)[0],
+        )
+    return (
+        lambda a, b, c: moc_attention(a, b, c, layout, cfg, routing=routing),
+        lambda a, b, c: moc_attention(a, b, c, layout, cfg),
+    )
 
-    def moc(a, b, c):
-        return moc_attention(a, b, c, layout, cfg, routing=routing)
 
-    def moc_routed(a, b, c):  # routing included, for peak memory
-        return moc_attention(a, b, c, layout, cfg)
+def _flex_extras(backend: str, case: Case) -> dict:
+    """The flex rows' kernels and what building the block mask costs (forward: without the transposed lists)."""
+    if not backend.startswith("flex"):
+        return {}
+    kernels = "TRITON" if backend == "flex-triton" else flex_backend.flex_kernel_choice(case.q, case.v)[0]
+    t = time_fn(lambda: flex_block_mask(case.routing, compute_q_blocks=False), case.device, case.args.warmup,
+                case.args.iters)  # fmt: skip
+    return {"kernels": kernels, "block_mask_fwd_ms": t}
 
-    check = _check_against_torch(moc, q, k, v, grad, routing) if args.check and backend != "torch" else {}
+
+def _moc_rows(backend: str, case: Case) -> list[dict]:
+    """Forward and forward+backward rows of one backend (`flash`, `flash_attn`, `flex`, `flex-triton`, `torch`)."""
+    args, device, q, k, v, grad = case.args, case.device, case.q, case.k, case.v, case.grad
+    moc, moc_routed = _moc_functions(backend, case)
+    check = _check_against_torch(moc, q, k, v, grad, case.routing) if args.check and backend != "torch" else {}
+    extras = _flex_extras(backend, case)
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         run = (lambda: moc(q, k, v)) if mode == "fwd" else fwd_bwd(moc, q, k, v, grad)
-        t_k = time_fn(run, device, warm, iters)
+        t_k = time_fn(run, device, args.warmup, args.iters)
         mem = peak_mib((lambda: moc_routed(q, k, v)) if mode == "fwd" else fwd_bwd(moc_routed, q, k, v, grad), device)
-        total = t_route + t_k
-        rows.append(
-            _row(f"moc-{backend}", layout.num_tokens, args.current_kind, mode, total, pairs, D, route_ms=t_route,
-                 kernel_ms=t_k, routing_share=t_route / total, peak_mib=mem, **check, **common)
-        )  # fmt: skip
+        total = case.t_route + t_k
+        row = _row(f"moc-{backend}", case.layout.num_tokens, case.kind, mode, total, case.pairs, q.shape[-1],
+                   route_ms=case.t_route, kernel_ms=t_k, routing_share=case.t_route / total, peak_mib=mem, **check,
+                   **extras, **case.common)  # fmt: skip
+        if "block_mask_fwd_ms" in extras and mode == "fwd":
+            row["block_mask_share"] = extras["block_mask_fwd_ms"] / t_k
+        if case.layout.num_tokens >= getattr(args, "profile_tokens", math.inf):
+            row["profile"] = profile_cuda(run, device)
+        rows.append(row)
     return rows
 
 
-def _triton_rows(args, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
+def profile_cuda(run: Callable[[], object], device, top: int = 8) -> dict | None:
+    """One profiled run: device time per kernel name (the `top` largest), their sum, and the wall time, so that the
+    time the GPU sits idle (host work, synchronisations, launches) shows as wall minus busy."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            name = e.name[:90]
+            kernels[name] = kernels.get(name, 0.0) + e.device_time / 1e3
+    busy = sum(kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+    return {"wall_ms": wall, "device_busy_ms": busy, "launches": sum(1 for e in prof.events()
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA),
+            "top_kernels_ms": dict(ranked[:top])}  # fmt: skip
+
+
+def _triton_rows(case: Case) -> list[dict]:
     """Triton rows: one row pair per routing granularity (`--route-by`) and query tile size (`--block-m`)."""
     from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
 
-    device, warm, iters = q.device, args.warmup, args.iters
+    args, q, k, layout = case.args, case.q, case.k, case.layout
     rows = []
     for route_by in args.route_by:
         if route_by == "token":
-            cfg_r, routing_r, pairs_r, t_route_r = config, routing, pairs, t_route
+            cfg, routing, pairs, t_route = case.config, case.routing, case.pairs, case.t_route
         else:  # the named approximation: tiles of `route_block` tokens share one selection
-            cfg_r = config.replace(route_by="block", block_size=args.route_block)
-            routing_r = route(q, k, layout, cfg_r)
-            pairs_r = int(routing_r.attended_tokens().sum().item())
-            t_route_r = time_fn(lambda cfg_r=cfg_r: route(q, k, layout, cfg_r), device, warm, iters)
-        common_r = dict(common, density=pairs_r / (q.shape[2] * layout.num_tokens**2), route_by=route_by)
+            cfg = case.config.replace(route_by="block", block_size=args.route_block)
+            routing = route(q, k, layout, cfg)
+            pairs = int(routing.attended_tokens().sum().item())
+            t_route = time_fn(lambda cfg=cfg: route(q, k, layout, cfg), case.device, args.warmup, args.iters)
+        common = dict(case.common, density=pairs / (q.shape[2] * layout.num_tokens**2), route_by=route_by)
         for block_m in args.block_m:
-            rows.extend(
-                _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, cfg_r, routing_r, t_route_r, pairs_r,
-                                 common_r)
-            )  # fmt: skip
+            rows.extend(_moc_triton_rows(tm, case, block_m, cfg, routing, t_route, pairs, common))
     return rows
 
 
-def _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, t_route, pairs, common) -> list[dict]:
-    device, D, warm, iters = q.device, q.shape[-1], args.warmup, args.iters
-    L, kind = layout.num_tokens, args.current_kind
+def _moc_triton_rows(tm, case: Case, block_m, config, routing, t_route, pairs, common) -> list[dict]:
+    args, device, q, k, v, grad, layout = case.args, case.device, case.q, case.k, case.v, case.grad, case.layout
+    warm, iters = args.warmup, args.iters
     plan = tm.build_plan(routing, block_m=block_m)
-    cfg = tm._config(D, device, q.dtype)
+    cfg = tm._config(q.shape[-1], device, q.dtype)
     t_plan = time_fn(lambda: tm.build_plan(routing, block_m=block_m), device, warm, iters)
     # The backward builds its transposed lists inside the backward call: timed apart to report routing's share.
     t_transposed = time_fn(lambda: plan.transposed(cfg.block_n_kv, layout.offsets), device, warm, iters)
@@ -467,19 +517,20 @@ def _moc_triton_rows(tm, args, block_m, q, k, v, grad, layout, config, routing, 
     def moc_routed(a, b, c):  # routing included, for peak memory
         return tm.triton_attention(a, b, c, route(a, b, layout, config), block_m=block_m)
 
-    t_kernel = time_fn(lambda: moc(q, k, v), device, warm, iters)
-    t_fb_kernel = time_fn(fwd_bwd(moc, q, k, v, grad), device, warm, iters)
+    runs = {"fwd": lambda: moc(q, k, v), "fwd+bwd": fwd_bwd(moc, q, k, v, grad)}
+    times = {mode: time_fn(run, device, warm, iters) for mode, run in runs.items()}
     check = _check_against_torch(moc, q, k, v, grad, routing) if args.check else {}
-    overfetch = plan.overfetch()
     rows = []
-    for mode, t_k, t_extra in (("fwd", t_kernel, 0.0), ("fwd+bwd", t_fb_kernel, t_transposed)):
-        total = t_route + t_plan + t_k
+    for mode, t_extra in (("fwd", 0.0), ("fwd+bwd", t_transposed)):
+        total = t_route + t_plan + times[mode]
         mem = peak_mib((lambda: moc_routed(q, k, v)) if mode == "fwd" else fwd_bwd(moc_routed, q, k, v, grad), device)
-        rows.append(
-            _row("moc-triton", L, kind, mode, total, pairs, D, block_m=block_m, route_ms=t_route, plan_ms=t_plan,
-                 kernel_ms=t_k, routing_share=(t_route + t_plan + t_extra) / total, overfetch=overfetch,
-                 peak_mib=mem, **check, **common)
-        )  # fmt: skip
+        row = _row("moc-triton", layout.num_tokens, case.kind, mode, total, pairs, q.shape[-1], block_m=block_m,
+                   route_ms=t_route, plan_ms=t_plan, kernel_ms=times[mode],
+                   routing_share=(t_route + t_plan + t_extra) / total, overfetch=plan.overfetch(), peak_mib=mem,
+                   **check, **common)  # fmt: skip
+        if layout.num_tokens >= getattr(args, "profile_tokens", math.inf):
+            row["profile"] = profile_cuda(runs[mode], device)
+        rows.append(row)
     return rows
 
 
@@ -525,7 +576,9 @@ COLUMNS = [
     ("speedup_vs_dense", "{:.2f}x"),
     ("speedup_vs_flex", "{:.2f}x"),
     ("peak_mib", "{:.0f}"),
+    ("block_mask_share", "{:.1%}"),
     ("backend", "{}"),
+    ("kernels", "{}"),
 ]
 
 
@@ -561,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=1)
     p.add_argument("--inputs", default="video,random", help="comma list of: video, random")
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
-    p.add_argument("--moc", default="flash,flash_attn,triton,torch", help="comma list of MoC backends to run")
+    p.add_argument("--moc", default="flash,flash_attn,flex,flex-triton,triton,torch",
+                   help="comma list of MoC backends to run")  # fmt: skip
     p.add_argument("--block-m", default="64,128", help="comma list of MoC query tile sizes to run (powers of two)")
     p.add_argument("--route-by", default="token,block", help="MoC routing granularities to run: token, block")
     p.add_argument("--route-block", type=int, default=128, help="query block size for --route-by block")

@@ -39,7 +39,7 @@ def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from diffusers_moc import MoCConfig, apply_moc, moc_context
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "long_video_memory.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -160,11 +160,11 @@ def main() -> None:
         tok = "-" if r["tokens"] is None else str(r["tokens"])
         print(f"{r['stage']:<34} {tok:>8} {r['weights_gib']:>12.2f} {peak_s:>9} {r['seconds']:>7.2f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    result = {"device": device_name, "args": vars(args), "moc_config": config.to_dict(), "rows": rows}
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(
-            {"device": device_name, "args": vars(args), "moc_config": config.to_dict(), "rows": rows}, f, indent=2
-        )
+        json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import torch
 from conftest import random_layout
 
 import diffusers_moc.kernels.executors as executors
+import diffusers_moc.kernels.flex as flex
+import diffusers_moc.kernels.flex_mask as flex_mask
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
 from diffusers_moc.attention import load_kernel
 from diffusers_moc.kernels import kernel_attention
@@ -27,7 +29,7 @@ def _triton_kernel():
     return tm.TRITON if (tm._INTERPRETED or torch.cuda.is_available()) else None
 
 
-BACKENDS = ["reference", "torch-fused", "torch-matmul", "flash", "triton"]
+BACKENDS = ["reference", "torch-fused", "torch-matmul", "flash", "flex", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -40,7 +42,11 @@ def kernel(request, monkeypatch):
         return kernel
     if name == "torch-matmul":
         monkeypatch.setattr(executors, "_fused_cpu_available", lambda: False)
-    warnings.simplefilter("ignore")  # flash on the CPU: the named fallback to the portable executor
+    if name == "flex":
+        if flex.flex_unavailable() is not None:
+            pytest.skip(flex.flex_unavailable())
+        monkeypatch.setattr(flex_mask, "BLOCK", 8)  # blocks that straddle the short layouts' chunks
+    warnings.simplefilter("ignore")  # flash, flex on the CPU: the named fallbacks
     return load_kernel(name.split("-")[0])
 
 

@@ -32,6 +32,15 @@ def _load_triton() -> MoCKernel:
     return TRITON
 
 
+def _load_flex() -> MoCKernel:
+    from .kernels.flex import FLEX, flex_unavailable  # noqa: PLC0415  (imports FlexAttention on first use)
+
+    reason = flex_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"backend='flex' is not available: {reason}")
+    return FLEX
+
+
 def _load_flash_attn() -> MoCKernel:
     if flash_attn_version() is None:  # not installed (or too old): name why
         raise RuntimeError(f"backend='flash_attn' is not available: {flash_attn_unavailable('cpu')}")
@@ -44,6 +53,7 @@ _LOADERS: dict[str, Callable[[], MoCKernel]] = {
     "torch": lambda: TORCH,
     "flash": lambda: FLASH,
     "flash_attn": _load_flash_attn,
+    "flex": _load_flex,
     "triton": _load_triton,
 }
 
@@ -68,6 +78,12 @@ def _flash_usable(device: torch.device) -> bool:
     return device.type == "cuda" and torch_flash_unavailable(device) is None
 
 
+def _flex_usable(device: torch.device) -> bool:
+    from .kernels.flex import flex_unavailable  # noqa: PLC0415
+
+    return device.type == "cuda" and flex_unavailable() is None
+
+
 def _flash_attn_usable(device: torch.device) -> bool:
     return device.type == "cuda" and flash_attn_unavailable(device) is None
 
@@ -82,8 +98,9 @@ _AUTO_ORDER = ("flash", "torch")
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device`, fastest first (`flash` and `flash_attn` for float16 / bfloat16)."""
     device = torch.device(device)
-    names = [name for name, usable in (("flash", _flash_usable), ("flash_attn", _flash_attn_usable),
-                                       ("triton", _triton_usable)) if usable(device)]  # fmt: skip
+    candidates = (("flash", _flash_usable), ("flash_attn", _flash_attn_usable), ("flex", _flex_usable),
+                  ("triton", _triton_usable))  # fmt: skip
+    names = [name for name, usable in candidates if usable(device)]
     return names + ["torch", "reference"]
 
 

@@ -13,7 +13,7 @@ __all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS", "resolve_pretrained_source"]
 
 CONFIG_NAME = "moc_config.json"
 #: Attention backends `moc_attention` knows; "auto" picks the best backend verified on the device (see attention.py).
-BACKENDS = ("auto", "reference", "torch", "flash", "flash_attn", "triton")
+BACKENDS = ("auto", "reference", "torch", "flash", "flash_attn", "flex", "triton")
 ROUTE_BY = ("token", "block")
 TEXT_ANCHORS = ("all", "shot")
 
@@ -53,8 +53,8 @@ class MoCConfig:
             torch's global RNG (seed it with `torch.manual_seed`), which activation checkpointing saves and replays,
             so a recomputed block routes exactly as its forward did; `route(..., generator=...)` takes any generator.
         backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"flash"`,
-            `"flash_attn"`, `"triton"`. `"auto"` is `"flash"` (PyTorch's flash var-len kernels) on CUDA where they run,
-            else `"torch"`; `"triton"` is opt-in until its kernels have been measured on a GPU.
+            `"flash_attn"`, `"flex"`, `"triton"`. `"auto"` is `"flash"` (PyTorch's flash var-len kernels) on CUDA
+            where they run, else `"torch"`; `"triton"` is opt-in until its kernels have been measured on a GPU.
     """
 
     top_k: int = 5
