@@ -171,14 +171,14 @@ def path_kernel(path: str):
     return flex_backend.make_flex_kernel("TRITON") if path == "flex-triton" else load_kernel(path)
 
 
-def correctness(device, dtypes, smoke: bool, budget: Budget, save, reserve: float = 0.0) -> list[dict]:
+def correctness(device, dtypes, smoke: bool, budget: Budget, save, reserve: float = 0.0, paths=PATHS) -> list[dict]:
     """Forward and gradients of every path vs the float32 reference; contract, NaN and DAG checks; `reserve`
     seconds of the budget stay for later stages."""
     results = []
     B, H, D = (2, 2, 16) if smoke else (2, 4, 128)
     for dtype in dtypes:
         probe = torch.zeros(1, 1, 1, D, device=device, dtype=dtype)
-        for path in PATHS:
+        for path in paths:
             reason = bench.moc_unavailable(path, probe, probe)
             if reason is not None:
                 results.append({"path": path, "dtype": str(dtype), "status": "skipped", "reason": reason})
@@ -626,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--stages", default="correctness,attention,transformer,long_video")
+    p.add_argument("--paths", default=",".join(PATHS), help="the MoC paths to check and time (comma list)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any device, every stage (the tests run it)")
     return p
 
@@ -661,6 +662,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.lengths, args.wan_lengths, args.frame_tokens, args.heads, args.head_dim = "128", "64", 16, 2, 32
         args.warmup, args.iters = 0, 1
+    args.paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(args.paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"--paths: unknown {unknown}; choose from {list(PATHS)}")
     args.lengths = [bench.parse_length(x) for x in args.lengths.split(",")]
     args.wan_lengths = [bench.parse_length(x) for x in args.wan_lengths.split(",")]
     stages = set(args.stages.split(","))
@@ -681,12 +686,12 @@ def main(argv: list[str] | None = None) -> dict:
     def check(dtype_list, reserve):
         if "correctness" in stages:
             save = lambda partial: report.save(correctness=checks + partial)  # noqa: E731
-            checks.extend(correctness(device, dtype_list, args.smoke, budget, save, reserve))
+            checks.extend(correctness(device, dtype_list, args.smoke, budget, save, reserve, args.paths))
         report.save(correctness=checks, skipped=list(budget.skipped))
 
     print("stage 1: correctness", flush=True)
     check(dtypes[:1], reserve=args.reserve_s + 150)
-    paths = passed(checks, str(dtypes[0])) if "correctness" in stages else list(PATHS)
+    paths = passed(checks, str(dtypes[0])) if "correctness" in stages else list(args.paths)
     print(f"stage 2: attention ({paths})", flush=True)
     attn, skipped = [], []
     if "attention" in stages:

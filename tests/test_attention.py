@@ -18,13 +18,16 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(params=["fused-cpu", "matmul"])
+@pytest.fixture(params=["fused-cpu", "matmul", "gpu-tiles"])
 def block_path(request, monkeypatch):
-    """Run the torch backend through both segment implementations (the matmul one is what CUDA uses), the matmul
-    one in tiles of a few scores."""
-    if request.param == "matmul":
+    """Run the torch backend through its segment implementations: the fused CPU kernel, the matmul one in tiles of a
+    few scores, and the matmul one in fixed row tiles with all heads per product (what a GPU runs)."""
+    if request.param in ("matmul", "gpu-tiles"):
         monkeypatch.setattr(executors, "_fused_cpu_available", lambda: False)
         monkeypatch.setattr(executors, "_TILE_ELEMS", 64)
+    if request.param == "gpu-tiles":
+        monkeypatch.setattr(executors, "_fixed_tiles", lambda device: True)
+        monkeypatch.setattr(executors, "_DEVICE_TILE_ROWS", 48)
     return request.param
 
 

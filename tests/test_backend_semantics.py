@@ -29,7 +29,7 @@ def _triton_kernel():
     return tm.TRITON if (tm._INTERPRETED or torch.cuda.is_available()) else None
 
 
-BACKENDS = ["reference", "torch-fused", "torch-matmul", "flash", "flex", "triton"]
+BACKENDS = ["reference", "torch-fused", "torch-matmul", "torch-tiles", "flash", "flex", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -40,8 +40,11 @@ def kernel(request, monkeypatch):
         if kernel is None:
             pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
         return kernel
-    if name == "torch-matmul":
+    if name in ("torch-matmul", "torch-tiles"):
         monkeypatch.setattr(executors, "_fused_cpu_available", lambda: False)
+    if name == "torch-tiles":  # the GPU's matmul path: fixed row tiles, the last one padded
+        monkeypatch.setattr(executors, "_fixed_tiles", lambda device: True)
+        monkeypatch.setattr(executors, "_DEVICE_TILE_ROWS", 48)
     if name == "flex":
         if flex.flex_unavailable() is not None:
             pytest.skip(flex.flex_unavailable())

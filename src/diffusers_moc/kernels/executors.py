@@ -1,7 +1,8 @@
 r"""Executors of flash-attention var-len calls in PyTorch (see [`~kernels.varlen.VarlenExecutor`]).
 
 - [`TorchExecutor`] (backend `"torch"`): portable. Per segment, PyTorch's fused CPU flash-attention kernel on the
-  CPU (same head size for queries and values), plain float32 matmuls elsewhere (any device, any head sizes).
+  CPU (same head size for queries and values), plain float32 matmuls elsewhere (any device, any head sizes; on a GPU
+  in fixed-size row tiles, so that a row's result does not depend on its segment's length).
 - [`TorchFlashExecutor`] (backend `"flash"`): PyTorch's own CUDA flash-attention var-len kernels,
   `torch.ops.aten._flash_attention_forward` / `_flash_attention_backward` with `cum_seq_q` / `cum_seq_k` (what
   `torch.nn.attention.varlen.varlen_attn` calls; that public wrapper returns the log-sum-exp but has no backward
@@ -44,11 +45,34 @@ def _fused_cpu_available() -> bool:
 
 # ---------------------------------------------------------------------------------------------- portable executor
 def _matmul_fwd(q, k, v, scale):
-    """`q (m, D), k (n, D), v (n, Dv)` -> `(out (m, Dv), lse (m,))` in float32 (float64 stays float64)."""
+    """`q (..., m, D), k (..., n, D), v (..., n, Dv)` -> `(out (..., m, Dv), lse (..., m))` in float32 (float64 stays
+    float64)."""
     work = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(work), k.to(work).T).mul_(scale)
+    s = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)).mul_(scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(s.sub_(lse[:, None]).exp_(), v.to(work)), lse
+    return torch.matmul(s.sub_(lse[..., None]).exp_(), v.to(work)), lse
+
+
+# cuBLAS (unlike CPU BLAS over whole 32-row blocks) picks its kernel by the product's shape, so on a GPU a row's result
+# would depend on how many rows share its segment. There the forward runs every segment in tiles of exactly this many
+# rows, all heads at once, the last tile zero-padded: one product shape per key length.
+_DEVICE_TILE_ROWS = 256
+
+
+def _fixed_tiles(device: torch.device) -> bool:
+    return device.type != "cpu"
+
+
+def _fixed_tile_forward(q, k, v, cu_q, cu_k, scale, out, lse) -> None:
+    """The matmul forward in fixed tiles of `_DEVICE_TILE_ROWS` rows, all heads per product (see there)."""
+    for a, b, c0, c1 in _segments(cu_q, cu_k):
+        keys, values = k[c0:c1].transpose(0, 1), v[c0:c1].transpose(0, 1)  # (H, n, D)
+        for r in range(a, b, _DEVICE_TILE_ROWS):
+            e = min(b, r + _DEVICE_TILE_ROWS)
+            rows = torch.nn.functional.pad(q[r:e], (0, 0, 0, 0, 0, _DEVICE_TILE_ROWS - (e - r)))
+            o, l_ = _matmul_fwd(rows.transpose(0, 1), keys, values, scale)  # (H, T, Dv), (H, T)
+            out[r:e] = o[:, : e - r].transpose(0, 1)
+            lse[:, r:e] = l_[:, : e - r]
 
 
 def _matmul_bwd(do, q, k, v, o, lse, scale):
@@ -113,6 +137,9 @@ class TorchExecutor:
                 o, l_ = _cpu_fwd(_batched(q, a, g, m), _batched(k, c0, g, n), _batched(v, c0, g, n), scale)
                 _batched(out, a, g, m).copy_(o)
                 lse[:, a : a + g * m].view(heads, g, m).copy_(l_.transpose(0, 1))
+            return out, lse
+        if _fixed_tiles(q.device):
+            _fixed_tile_forward(q, k, v, cu_q, cu_k, scale, out, lse)
             return out, lse
         for a, b, c0, c1 in _segments(cu_q, cu_k):
             for h in range(heads):

@@ -42,8 +42,9 @@ def _interface():
     try:
         fa4 = importlib.import_module("flash_attn.cute.interface")
         return "fa4", fa4._flash_attn_fwd, fa4._flash_attn_bwd, "4 (cute)"
-    except ModuleNotFoundError:
-        pass
+    except ModuleNotFoundError as e:
+        if e.name is not None and not e.name.startswith("flash_attn"):  # installed, one of its own imports missing
+            return None, f"flash-attn 4 does not import ({e})", None, None
     except Exception as e:  # noqa: BLE001  (installed but broken, e.g. its CUDA libraries: name why)
         return None, f"flash-attn 4 does not import ({type(e).__name__}: {e})", None, None
     return None, f"flash-attn is not installed ({fa2_error}); pip install -e '.[flash]'", None, None
