@@ -627,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--stages", default="correctness,attention,transformer,long_video")
     p.add_argument("--paths", default=",".join(PATHS), help="the MoC paths to check and time (comma list)")
+    p.add_argument("--untimed", default="", help="paths to check for correctness only (comma list)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any device, every stage (the tests run it)")
     return p
 
@@ -692,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("stage 1: correctness", flush=True)
     check(dtypes[:1], reserve=args.reserve_s + 150)
     paths = passed(checks, str(dtypes[0])) if "correctness" in stages else list(args.paths)
+    paths = [p for p in paths if p not in args.untimed.split(",")]
     print(f"stage 2: attention ({paths})", flush=True)
     attn, skipped = [], []
     if "attention" in stages:
