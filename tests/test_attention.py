@@ -149,12 +149,25 @@ def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
     assert not torch.allclose(a[:, last], b[:, last])
 
 
-def test_auto_stays_on_the_verified_backend_even_where_triton_could_run(monkeypatch):
+def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatch):
     import diffusers_moc.attention as attention
+    import diffusers_moc.kernels.flex as flex
 
-    monkeypatch.setattr(attention, "_triton_usable", lambda device: True)
-    assert attention.available_backends("cuda")[0] == "triton"
-    assert resolve_backend("auto", "cuda") == "torch"
+    for name in ("_flash_usable", "_flash_attn_usable", "_flex_usable", "_triton_usable"):
+        monkeypatch.setattr(attention, name, lambda device: device.type == "cuda")
+    monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: None)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert resolve_backend("auto", "cuda", bf16, 32_760) == "triton"
+    assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash_attn"
+    assert resolve_backend("auto", "cuda", fp16, 179_400) == "flash"  # flash-attn 4 was not checked in float16
+    assert resolve_backend("auto", "cuda", torch.float32, 32_760) == "torch"
+    assert resolve_backend("auto", "cpu", bf16, 32_760) == "torch"
+    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
+    assert resolve_backend("auto", "cuda", bf16, 32_760) == "flex"  # on FlashAttention-4
+    monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: "flash-attn-4 is not installed")
+    assert resolve_backend("auto", "cuda", bf16, 32_760) == "flash"  # not FlexAttention's slower Triton kernels
+    monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
+    assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash"
     assert resolve_backend("triton", "cuda") == "triton"
 
 

@@ -306,16 +306,20 @@ def test_moc_attention_runs_every_backend_name(rng):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_pytorch_flash_kernels_on_cuda_when_they_run(monkeypatch):
+def test_auto_picks_pytorch_flash_kernels_on_long_cuda_sequences_without_flash_attn(monkeypatch):
     import diffusers_moc.attention as attention
 
     monkeypatch.setattr(attention, "_flash_usable", lambda device: device.type == "cuda")
+    monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
     monkeypatch.setattr(attention, "_triton_usable", lambda device: device.type == "cuda")
-    assert attention.available_backends("cuda")[:2] == ["flash", "triton"]
-    assert attention.resolve_backend("auto", "cuda") == "flash"  # not Triton, until the GPU check measured it
+    assert attention.available_backends("cuda")[0] == "flash"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "flash"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 32_760) == "triton"
     assert attention.resolve_backend("auto", "cpu") == "torch"
     monkeypatch.setattr(attention, "_flash_usable", lambda device: False)
-    assert attention.resolve_backend("auto", "cuda") == "torch"
+    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
+    monkeypatch.setattr(attention, "_flex_usable", lambda device: False)
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "torch"
 
 
 def test_missing_flash_attn_is_a_named_error(monkeypatch):

@@ -88,15 +88,28 @@ def _flash_attn_usable(device: torch.device) -> bool:
     return device.type == "cuda" and flash_attn_unavailable(device) is None
 
 
-# "auto" picks, in this order, the backends that have been verified on real hardware. On CUDA that is PyTorch's
-# flash var-len kernels (`flash`: the paper's scheme on kernels millions of users run), then the portable `torch`
-# backend. The Triton kernels pass their tests in the Triton interpreter but have not run on a GPU, so until
-# `benchmarks/gpu_check.py` has measured them, Triton is opt-in with backend="triton".
-_AUTO_ORDER = ("flash", "torch")
+# What "auto" runs on CUDA, per dtype: for sequences of up to `_AUTO_SHORT_TOKENS` tokens and for longer ones, the
+# backends in the order of their forward times on one H200 (`benchmarks/gpu_check.py`, the worst of video-like and
+# iid inputs, `benchmarks/results/gpu_NVIDIA_H200_run2.md`), among those that passed its correctness stage in that
+# dtype; the first that runs here is taken. The Triton kernels led at 32k and 90k tokens, the var-len scheme on
+# FlashAttention-4 (`flash_attn`), then on PyTorch's kernels (`flash`), at 180k; the switch between the two measured
+# lengths is set at their geometric mean. `flex` counts only where it runs FlashAttention-4: on FlexAttention's
+# Triton kernels it measured slower than dense attention. Other dtypes: the portable torch backend.
+_AUTO_SHORT_TOKENS = 128_000
+_AUTO_CUDA = {
+    torch.bfloat16: (
+        ("triton", "flex", "flash", "flash_attn", "torch"),
+        ("flash_attn", "flash", "flex", "triton", "torch"),
+    ),
+    # float16: the paths its correctness stage passed (flash-attn 4 was checked in bfloat16 only).
+    torch.float16: (("triton", "flash", "torch"), ("flash", "triton", "torch")),
+}
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device`, fastest first (`flash` and `flash_attn` for float16 / bfloat16)."""
+    """Backends that can run on `device` (`flash` and `flash_attn` for float16 / bfloat16; on CUDA, `flex` runs
+    FlexAttention's Triton kernels where FlashAttention-4 cannot). [`resolve_backend`] says which one `"auto"`
+    takes."""
     device = torch.device(device)
     candidates = (("flash", _flash_usable), ("flash_attn", _flash_attn_usable), ("flex", _flex_usable),
                   ("triton", _triton_usable))  # fmt: skip
@@ -104,14 +117,45 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names + ["torch", "reference"]
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """The concrete backend `name` stands for on `device` (`"auto"`: the first verified backend that can run)."""
+def _auto_usable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    if name == "torch":
+        return True
+    if name == "flex":
+        from .kernels.flex import flash_kernels_unsupported_for  # noqa: PLC0415
+
+        return _flex_usable(device) and flash_kernels_unsupported_for(device, dtype, head_dim, head_dim) is None
+    usable = {"flash": _flash_usable, "flash_attn": _flash_attn_usable, "triton": _triton_usable}[name]
+    return usable(device)
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    tokens: int | None = None,
+    head_dim: int | None = None,
+) -> str:
+    r"""
+    The concrete backend `name` stands for (`"auto"`: the fastest measured backend that runs, see `_AUTO_CUDA`).
+
+    Args:
+        name (`str`): a backend name, or `"auto"`.
+        device (`torch.device` or `str`): where the attention runs.
+        dtype (`torch.dtype`, *optional*): the inputs' dtype (default bfloat16).
+        tokens (`int`, *optional*): the sequence length (default: a long sequence).
+        head_dim (`int`, *optional*): the head size (default 128).
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown MoC backend {name!r}; choose one of {list(BACKENDS)}")
     if name != "auto":
         return name
-    usable = available_backends(device)
-    return next(n for n in _AUTO_ORDER if n in usable)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if dtype is None else dtype
+    if device.type != "cuda" or dtype not in _AUTO_CUDA:
+        return "torch"
+    short, long = _AUTO_CUDA[dtype]
+    order = short if tokens is not None and tokens <= _AUTO_SHORT_TOKENS else long
+    return next(n for n in order if _auto_usable(n, device, dtype, 128 if head_dim is None else head_dim))
 
 
 # ---------------------------------------------------------------------------------------------- the attention op
@@ -163,6 +207,8 @@ def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_tex
       call);
     - `backend="triton"`: its tile plan's compacted chunk lists (`nonzero`, in the forward and the backward), plus
       the NaN check;
+    - `backend="flex"`: the NaN check only on CUDA (the block mask is built on the device); off CUDA, the block
+      lists per query block;
     - `backend="reference"`: the NaN check only (one `bool`);
     - every backend: the NaN check is one float32 sum per input and one `bool` (`kernels/nan_guard.py`);
     - with a `padding_mask`: whether it pads at all (one `bool`); if it does, whether it hides video tokens (one
@@ -172,7 +218,7 @@ def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_tex
     `benchmarks/bench_routing.py` counts them.
     """
     layout = _layout(tuple(sizes), tuple(shots), tuple(is_text))
-    kernel = load_kernel(resolve_backend(backend, q.device))
+    kernel = load_kernel(resolve_backend(backend, q.device, q.dtype, q.shape[1], q.shape[-1]))
     if padding_mask is None or bool(padding_mask.all()):
         out, lse = kernel.forward(q, k, v, MoCRouting(layout, selected, anchors), scale)
         return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
@@ -205,7 +251,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, selected, anchors, padding_mask,
 
 def _backward_body(grad_out, q, k, v, out, lse, selected, anchors, padding_mask, sizes, shots, is_text, scale, backend):
     layout = _layout(tuple(sizes), tuple(shots), tuple(is_text))
-    kernel = load_kernel(resolve_backend(backend, q.device))
+    kernel = load_kernel(resolve_backend(backend, q.device, q.dtype, q.shape[1], q.shape[-1]))
     if padding_mask is None or bool(padding_mask.all()):
         grads = kernel.backward(grad_out, q, k, v, out, lse, MoCRouting(layout, selected, anchors), scale)
         return tuple(g.contiguous() for g in grads)

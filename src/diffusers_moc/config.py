@@ -53,8 +53,9 @@ class MoCConfig:
             torch's global RNG (seed it with `torch.manual_seed`), which activation checkpointing saves and replays,
             so a recomputed block routes exactly as its forward did; `route(..., generator=...)` takes any generator.
         backend (`str`, defaults to `"auto"`): one of `"auto"`, `"reference"`, `"torch"`, `"flash"`,
-            `"flash_attn"`, `"flex"`, `"triton"`. `"auto"` is `"flash"` (PyTorch's flash var-len kernels) on CUDA
-            where they run, else `"torch"`; `"triton"` is opt-in until its kernels have been measured on a GPU.
+            `"flash_attn"`, `"flex"`, `"triton"`. `"auto"` takes, on CUDA, the backend measured fastest on an H200
+            for the inputs' dtype and length (bfloat16: `"triton"` up to 128k tokens, `"flash_attn"` then `"flash"`
+            beyond; see [`resolve_backend`]), and `"torch"` elsewhere.
     """
 
     top_k: int = 5

@@ -70,19 +70,25 @@ def _flash_package_missing() -> str | None:
 
 def flash_kernels_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FlexAttention's FLASH (FlashAttention-4) kernels cannot run these inputs, or `None`."""
-    if q.device.type != "cuda":
-        return f"FlashAttention-4 kernels need CUDA tensors, got {q.device.type}"
+    return flash_kernels_unsupported_for(q.device, q.dtype, q.shape[-1], v.shape[-1])
+
+
+def flash_kernels_unsupported_for(device: torch.device, dtype: torch.dtype, head_dim: int, v_head_dim: int):
+    """[`flash_kernels_unsupported`] from the facts alone: why FlashAttention-4 cannot run, or `None`."""
+    if device.type != "cuda":
+        return f"FlashAttention-4 kernels need CUDA tensors, got {device.type}"
     missing = _flash_package_missing()
     if missing is not None:
         return missing
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = torch.cuda.get_device_capability(device)
     if major not in (9, 10):
         return f"FlashAttention-4's block-sparse kernels need a Hopper or Blackwell GPU, got capability {major}.{minor}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"FlashAttention-4 kernels take float16 or bfloat16, got {str(q.dtype).replace('torch.', '')}"
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in _FLASH_HEAD_DIMS:
-        sizes = f"{q.shape[-1]}/{v.shape[-1]}"
-        return f"FlashAttention-4's block-sparse kernels take head sizes {_FLASH_HEAD_DIMS}, got {sizes}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention-4 kernels take float16 or bfloat16, got {str(dtype).replace('torch.', '')}"
+    if head_dim != v_head_dim or head_dim not in _FLASH_HEAD_DIMS:
+        return (
+            f"FlashAttention-4's block-sparse kernels take head sizes {_FLASH_HEAD_DIMS}, got {head_dim}/{v_head_dim}"
+        )
     return None
 
 
