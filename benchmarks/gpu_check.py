@@ -540,6 +540,24 @@ def _target(what: str, goal: float, rows: list[dict]) -> dict:
     return {"target": what, "goal": goal, "measured": value, "path": path, "status": status, "per_path": per_path}
 
 
+def path_stages(checks: list[dict], attn_rows: list[dict], wan_rows: list[dict]) -> dict[str, list[str]]:
+    """Per path, how far it got: its correctness per dtype (or why it was skipped), the lengths it was timed at, and
+    the transformer lengths it ran."""
+    stages: dict[str, list[str]] = {}
+    for c in checks:
+        detail = c.get("reason") or "; ".join(c.get("failures", []))
+        stages.setdefault(c["path"], []).append(f"correctness {c['dtype'].removeprefix('torch.')}: {c['status']}"
+                                                + (f" ({detail})" if detail else ""))  # fmt: skip
+    for path in stages:
+        timed = sorted({r["tokens"] for r in attn_rows if r["method"] == f"moc-{path}"})
+        if timed:
+            stages[path].append(f"attention timed at {timed} tokens")
+        ran = sorted({r["tokens"] for r in wan_rows if r["backend"] == path})
+        if ran:
+            stages[path].append(f"transformer at {ran} tokens")
+    return stages
+
+
 def auto_order(checks: list[dict], attn_rows: list[dict]) -> dict[str, list[str]]:
     """Per dtype, the user-selectable paths that passed the correctness stage, fastest first (forward+backward and
     forward at the longest length, worst input kind, bfloat16 timings), for `auto` to take."""
@@ -575,7 +593,9 @@ def markdown(result: dict) -> str:
         others = ", ".join(f"{p} {v:.2f}x" for p, v in t["per_path"].items())
         lines.append(f"| {t['target']} | {t['goal']}x | {_cell(t, 'measured', '{:.2f}x')} | {t.get('path', '-')} "
                      f"({others}) | {t['status']} |")  # fmt: skip
-    lines += ["", f"`auto` order from these numbers: {result.get('auto_order')}", ""]
+    lines += ["", f"`auto` order from these numbers: {result.get('auto_order')}", "", "## Paths", ""]
+    lines += [f"- `{path}`: " + "; ".join(done) for path, done in (result.get("path_stages") or {}).items()]
+    lines.append("")
     lines += ["## Correctness (vs the float32 reference)", "", "| path | dtype | kernels | status | worst rel err | s "
               "| notes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in result["correctness"]:
@@ -640,7 +660,8 @@ class Report:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.result = {"benchmark": "gpu_check", "date": now,
                        "smoke": args.smoke, "environment": env, "correctness": [], "attention": [], "transformer": [],
-                       "long_video": None, "targets": [], "auto_order": None, "skipped": []}  # fmt: skip
+                       "long_video": None, "targets": [], "auto_order": None, "path_stages": {},
+                       "skipped": []}  # fmt: skip
         name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in env["device"])
         name += "-smoke" if args.smoke else ""
         os.makedirs(args.out, exist_ok=True)
@@ -712,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
     lv = long_video(args, budget, ranked[0] if ranked else "auto") if "long_video" in stages else None
     report.save(transformer=wan, long_video=lv, skipped=skipped + budget.skipped,
                 targets=targets(attn, wan, args.lengths) if device.type == "cuda" else [],
-                auto_order=auto_order(checks, attn))  # fmt: skip
+                auto_order=auto_order(checks, attn), path_stages=path_stages(checks, attn, wan))  # fmt: skip
     result = report.result
     print(markdown(result))
     for t in result["targets"]:

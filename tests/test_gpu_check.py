@@ -49,6 +49,9 @@ def test_smoke_run_covers_every_stage_and_writes_results(gpu_check, tmp_path, ca
     assert all(r["s"] > 0 and r["finite"] for r in saved["transformer"])
     assert [r["stage"] for r in saved["long_video"]["rows"]] == ["denoising step (cond + uncond)",
                                                                   "VAE decode of one shot (fp32)"]  # fmt: skip
+    assert saved["path_stages"]["torch"][0] == "correctness float32: pass"
+    assert saved["path_stages"]["torch"][1] == "attention timed at [128] tokens"
+    assert saved["path_stages"]["flash"][0].startswith("correctness float32: skipped (")
     assert result["path"] == str(tmp_path / files[0])
 
 

@@ -92,7 +92,7 @@ def flash_kernels_unsupported_for(device: torch.device, dtype: torch.dtype, head
     return None
 
 
-# Inputs (device, dtype, head sizes, direction) whose FLASH lowering failed: the reason. And those whose built.
+# Inputs (device, dtype, head sizes, direction) whose FLASH lowering failed, with the reason; and those it built.
 _FAILED: dict[tuple, str] = {}
 _BUILT: set[tuple] = set()
 _WARNED: set[str] = set()
