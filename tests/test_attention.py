@@ -158,6 +158,7 @@ def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatc
     monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: None)
     bf16, fp16 = torch.bfloat16, torch.float16
     assert resolve_backend("auto", "cuda", bf16, 32_760) == "triton"
+    assert resolve_backend("auto", "cuda", bf16, 32_760, head_dim=320) == "flex"  # past Triton's head-size limit
     assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash_attn"
     assert resolve_backend("auto", "cuda", fp16, 179_400) == "flash"  # flash-attn 4 was not checked in float16
     assert resolve_backend("auto", "cuda", torch.float32, 32_760) == "torch"

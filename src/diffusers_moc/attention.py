@@ -124,6 +124,8 @@ def _auto_usable(name: str, device: torch.device, dtype: torch.dtype, head_dim: 
         from .kernels.flex import flash_kernels_unsupported_for  # noqa: PLC0415
 
         return _flex_usable(device) and flash_kernels_unsupported_for(device, dtype, head_dim, head_dim) is None
+    if name == "triton" and head_dim > 256:  # its kernels' limit (the flash paths fall back by themselves, warning)
+        return False
     usable = {"flash": _flash_usable, "flash_attn": _flash_attn_usable, "triton": _triton_usable}[name]
     return usable(device)
 
