@@ -5,9 +5,8 @@ Rows, per sequence length and input kind (video-like or iid random), forward and
 - `moc-flash`, `moc-flash_attn`, `moc-flex`, `moc-triton`, `moc-torch`: `diffusers_moc` routing + one backend
   (PyTorch's flash var-len kernels, the flash-attn package, FlexAttention with the routing's block mask on the
   kernels the backend chooses (`kernels` column: FLASH is FlashAttention-4), the Triton kernels, the portable torch
-  backend); `moc-flex-triton`: the flex backend forced onto FlexAttention's Triton kernels, where it would choose
-  FlashAttention-4; the time includes routing and its share is reported; rows whose backend cannot run here are
-  skipped with the reason;
+  backend); `moc-flex-triton`: the flex backend held to FlexAttention's Triton kernels (CUDA only); the time
+  includes routing and its share is reported; rows whose backend cannot run here are skipped with the reason;
 - `sdpa-dense`: the fastest dense `scaled_dot_product_attention` backend (cuDNN, flash or memory-efficient);
 - `flex`: FlexAttention's Triton kernels (compiled) with the flex backend's block mask of the same routing, its own
   autograd, the mask built outside the timing (`block_mask_ms` says what building it costs);
@@ -286,6 +285,15 @@ class Case:
         self.common = dict(density=self.pairs / (args.heads * L * L), top_k=self.config.top_k,
                            chunks=self.layout.num_chunks)  # fmt: skip
         self.t_route = time_fn(lambda: route(self.q, self.k, self.layout, self.config), device, args.warmup, args.iters)
+        self._mask_ms: dict[bool, float] = {}
+
+    def mask_ms(self, compute_q_blocks: bool) -> float:
+        """What building the flex block mask of this routing costs (timed once per case; with or without the
+        transposed lists a backward needs)."""
+        if compute_q_blocks not in self._mask_ms:
+            build = lambda: flex_block_mask(self.routing, compute_q_blocks=compute_q_blocks)  # noqa: E731
+            self._mask_ms[compute_q_blocks] = time_fn(build, self.device, self.args.warmup, self.args.iters)
+        return self._mask_ms[compute_q_blocks]
 
 
 def run_case(args, length, kind, device, dtype, skipped: list[str], guard=None) -> list[dict]:
@@ -329,8 +337,7 @@ def _flex_peer_rows(case: Case, skipped: list[str], guard) -> list[dict]:
         return []
     if flex_backend.flex_unavailable() is not None or (guard is not None and not guard("flex", L, case.kind)):
         return []
-    t_mask = time_fn(lambda: flex_block_mask(case.routing), device, args.warmup, args.iters)
-    t_mask_fwd = time_fn(lambda: flex_block_mask(case.routing, compute_q_blocks=False), device, args.warmup, args.iters)
+    t_mask, t_mask_fwd = case.mask_ms(True), case.mask_ms(False)
     mask = flex_block_mask(case.routing)
     scale = 1.0 / math.sqrt(case.q.shape[-1])
 
@@ -429,9 +436,7 @@ def _flex_extras(backend: str, case: Case) -> dict:
     if not backend.startswith("flex"):
         return {}
     kernels = "TRITON" if backend == "flex-triton" else flex_backend.flex_kernel_choice(case.q, case.v)[0]
-    t = time_fn(lambda: flex_block_mask(case.routing, compute_q_blocks=False), case.device, case.args.warmup,
-                case.args.iters)  # fmt: skip
-    return {"kernels": kernels, "block_mask_fwd_ms": t}
+    return {"kernels": kernels, "block_mask_fwd_ms": case.mask_ms(False)}
 
 
 def _moc_rows(backend: str, case: Case) -> list[dict]:
@@ -470,15 +475,12 @@ def profile_cuda(run: Callable[[], object], device, top: int = 8) -> dict | None
         run()
         _sync(device)
         wall = (time.perf_counter() - t0) * 1e3
+    launched = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     kernels: dict[str, float] = {}
-    for e in prof.events():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            name = e.name[:90]
-            kernels[name] = kernels.get(name, 0.0) + e.device_time / 1e3
-    busy = sum(kernels.values())
+    for e in launched:
+        kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + e.device_time / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
-    return {"wall_ms": wall, "device_busy_ms": busy, "launches": sum(1 for e in prof.events()
-            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA),
+    return {"wall_ms": wall, "device_busy_ms": sum(kernels.values()), "launches": len(launched),
             "top_kernels_ms": dict(ranked[:top])}  # fmt: skip
 
 

@@ -3,8 +3,8 @@ r"""The one prepared GPU check of diffusers-moc: one command, about 8 minutes on
 In one run it
 
 1. checks every CUDA path (`flash`, `flash_attn` where flash-attn is installed, `flex` on the kernels it chooses
-   (FlashAttention-4 where flash-attn-4 is installed), `flex-triton` (FlexAttention's Triton kernels, where `flex`
-   chose FlashAttention-4), `triton`, `torch`) in bfloat16 and float16 against the float32 reference: forward and
+   (FlashAttention-4 where flash-attn-4 is installed), `flex-triton` (the flex backend held to FlexAttention's
+   Triton kernels), `triton`, `torch`) in bfloat16 and float16 against the float32 reference: forward and
    gradients, every flash-attn call against its argument contract, NaN as in SDPA, and earlier chunks bit-identical
    when the last chunk re-routes (the causal DAG property);
 2. times attention at 32k, 180k and 90k tokens (B=1, H=12, D=128, bfloat16, Wan 1560-token frames in 8 shots, ~15%
@@ -31,7 +31,10 @@ FlashAttention-4 rows, or `flash-attn` 2.x. On a machine without internet, downl
 diffusers==0.42.1 flash-attn-4 ...`), copy them over, and
 
     pip install --no-index --no-deps --target /tmp/site wheels/*.whl
-    PYTHONPATH=/tmp/site:$PWD/src python benchmarks/gpu_check.py --out results/
+    export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/src
+    python benchmarks/gpu_check.py --out results/
+
+(a `--target` install skips `.pth` files, so the CUTLASS DSL's package folder goes on the path by hand).
 
 `--smoke` runs every stage on tiny shapes on whatever device there is (the CPU in the test suite), so the script is
 known to run end to end before it meets a GPU.
@@ -338,7 +341,7 @@ def attention(device, args, budget: Budget, paths: list[str], save) -> tuple[lis
     bargs.profile_tokens = max(args.lengths) - args.frame_tokens if device.type == "cuda" else math.inf
     if args.smoke:
         bargs.local_window, bargs.block_m, bargs.shots = 0, [16], 2
-    dtype = bench.DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    dtype = _dtype(args, device)
     guard = MethodGuard(budget, reserve=args.reserve_s)
     rows, skipped = [], []
     # Shortest first (cheap, and it gives the guard every method's cost), then the longest (the targets), then the
@@ -412,14 +415,14 @@ def _wan_model(config: dict, device, dtype):
 def transformer(device, args, budget: Budget, dense_backend: str | None, backends: list[str], save) -> list[dict]:
     """One forward of a Wan 2.1 1.3B-size transformer (random weights) per length: dense, then MoC on each of
     `backends` (fastest first). MoC's first forward at a length warms up (compiling backends compile there)."""
+    config = WAN_TINY if args.smoke else WAN_13B
     try:
         from diffusers_moc import apply_moc, moc_context, remove_moc  # noqa: PLC0415
 
-        model = _wan_model(WAN_TINY if args.smoke else WAN_13B, device, _dtype(args, device))
+        model = _wan_model(config, device, _dtype(args, device))
     except ImportError as e:
         budget.skipped.append(f"transformer: diffusers does not import ({e}); install it (see the docstring)")
         return []
-    config = WAN_TINY if args.smoke else WAN_13B
     grid = (4, 4) if args.smoke else (30, 52)
     rows: list[dict] = []
     for length in args.wan_lengths:
