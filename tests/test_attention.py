@@ -157,16 +157,18 @@ def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatc
         monkeypatch.setattr(attention, name, lambda device: device.type == "cuda")
     monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: None)
     bf16, fp16 = torch.bfloat16, torch.float16
-    assert resolve_backend("auto", "cuda", bf16, 32_760) == "triton"
+    for dtype in (bf16, fp16):
+        assert resolve_backend("auto", "cuda", dtype, 32_760) == "triton"
+        assert resolve_backend("auto", "cuda", dtype, 179_400) == "triton"
     assert resolve_backend("auto", "cuda", bf16, 32_760, head_dim=320) == "flex"  # past Triton's head-size limit
-    assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash_attn"
-    assert resolve_backend("auto", "cuda", fp16, 179_400) == "flash"  # flash-attn 4 was not checked in float16
+    assert resolve_backend("auto", "cuda", bf16, 179_400, head_dim=320) == "flash_attn"
     assert resolve_backend("auto", "cuda", torch.float32, 32_760) == "torch"
     assert resolve_backend("auto", "cpu", bf16, 32_760) == "torch"
     monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
     assert resolve_backend("auto", "cuda", bf16, 32_760) == "flex"  # on FlashAttention-4
+    assert resolve_backend("auto", "cuda", fp16, 179_400) == "flash_attn"
     monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: "flash-attn-4 is not installed")
-    assert resolve_backend("auto", "cuda", bf16, 32_760) == "flash"  # not FlexAttention's slower Triton kernels
+    assert resolve_backend("auto", "cuda", bf16, 32_760) == "flash_attn"  # not FlexAttention's slower Triton kernels
     monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
     assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash"
     assert resolve_backend("triton", "cuda") == "triton"

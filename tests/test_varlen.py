@@ -312,9 +312,11 @@ def test_auto_picks_pytorch_flash_kernels_on_long_cuda_sequences_without_flash_a
     monkeypatch.setattr(attention, "_flash_usable", lambda device: device.type == "cuda")
     monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
     monkeypatch.setattr(attention, "_triton_usable", lambda device: device.type == "cuda")
+    monkeypatch.setattr(attention, "_flex_usable", lambda device: False)
     assert attention.available_backends("cuda")[0] == "flash"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "triton"
+    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
     assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "flash"
-    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 32_760) == "triton"
     assert attention.resolve_backend("auto", "cpu") == "torch"
     monkeypatch.setattr(attention, "_flash_usable", lambda device: False)
     monkeypatch.setattr(attention, "_triton_usable", lambda device: False)

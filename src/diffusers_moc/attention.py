@@ -89,20 +89,24 @@ def _flash_attn_usable(device: torch.device) -> bool:
 
 
 # What "auto" runs on CUDA, per dtype: for sequences of up to `_AUTO_SHORT_TOKENS` tokens and for longer ones, the
-# backends in the order of their forward times on one H200 (`benchmarks/gpu_check.py`, the worst of video-like and
-# iid inputs, `benchmarks/results/gpu_NVIDIA_H200_run2.md`), among those that passed its correctness stage in that
-# dtype; the first that runs here is taken. The Triton kernels led at 32k and 90k tokens, the var-len scheme on
-# FlashAttention-4 (`flash_attn`), then on PyTorch's kernels (`flash`), at 180k; the switch between the two measured
-# lengths is set at their geometric mean. `flex` counts only where it runs FlashAttention-4: on FlexAttention's
-# Triton kernels it measured slower than dense attention. Other dtypes: the portable torch backend.
+# backends in the order of their times on one H200 (`benchmarks/gpu_check.py` at 32k, 90k and 180k tokens, and the
+# Triton kernels' launch settings as `benchmarks/tune_triton.py` measured them; results in `benchmarks/results/`),
+# among those that passed the correctness stage in that dtype; the first that runs here is taken. The Triton kernels
+# led the forward at every length and, with the tuned backward, forward+backward too; next come FlexAttention on
+# FlashAttention-4 kernels up to 90k tokens and the var-len scheme on FlashAttention-4 (`flash_attn`) at 180k. `flex`
+# counts only where it runs FlashAttention-4: on FlexAttention's Triton kernels it measured slower than dense
+# attention. Other dtypes: the portable torch backend.
 _AUTO_SHORT_TOKENS = 128_000
 _AUTO_CUDA = {
     torch.bfloat16: (
-        ("triton", "flex", "flash", "flash_attn", "torch"),
-        ("flash_attn", "flash", "flex", "triton", "torch"),
+        ("triton", "flex", "flash_attn", "flash", "torch"),
+        ("triton", "flash_attn", "flex", "flash", "torch"),
     ),
-    # float16: the paths its correctness stage passed (flash-attn 4 was checked in bfloat16 only).
-    torch.float16: (("triton", "flash", "torch"), ("flash", "triton", "torch")),
+    # float16 passed the same correctness checks on every path; it takes bfloat16's order (timed in bfloat16).
+    torch.float16: (
+        ("triton", "flex", "flash_attn", "flash", "torch"),
+        ("triton", "flash_attn", "flex", "flash", "torch"),
+    ),
 }
 
 
