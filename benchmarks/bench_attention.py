@@ -43,11 +43,11 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from diffusers_moc import ChunkLayout, MoCConfig, moc_attention, route
-from diffusers_moc.kernels import flex as flex_backend
-from diffusers_moc.kernels import kernel_attention, torch_attention
-from diffusers_moc.kernels.executors import torch_flash_unsupported
-from diffusers_moc.kernels.flash_attn_executors import flash_attn_unsupported
-from diffusers_moc.kernels.flex_mask import flex_block_mask
+from diffusers_moc.core.kernels import flex as flex_backend
+from diffusers_moc.core.kernels import kernel_attention, torch_attention
+from diffusers_moc.core.kernels.executors import torch_flash_unsupported
+from diffusers_moc.core.kernels.flash_attn_executors import flash_attn_unsupported
+from diffusers_moc.core.kernels.flex_mask import flex_block_mask
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -235,7 +235,7 @@ def moc_unavailable(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | Non
         return reason
     if backend == "triton":
         try:
-            from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
+            from diffusers_moc.core.kernels import triton_moc as tm  # noqa: PLC0415
         except ImportError as e:
             return f"triton does not import ({e})"
         if q.device.type != "cuda" and not tm._INTERPRETED:
@@ -486,7 +486,7 @@ def profile_cuda(run: Callable[[], object], device, top: int = 8) -> dict | None
 
 def _triton_rows(case: Case) -> list[dict]:
     """Triton rows: one row pair per routing granularity (`--route-by`) and query tile size (`--block-m`)."""
-    from diffusers_moc.kernels import triton_moc as tm  # noqa: PLC0415
+    from diffusers_moc.core.kernels import triton_moc as tm  # noqa: PLC0415
 
     args, q, k, layout = case.args, case.q, case.k, case.layout
     rows = []

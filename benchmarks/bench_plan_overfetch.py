@@ -24,7 +24,7 @@ from bench_attention import make_inputs, make_layout, parse_length, top_k_for_de
 from bench_torch_backend import machine  # noqa: E402
 
 from diffusers_moc import MoCConfig, route  # noqa: E402
-from diffusers_moc.kernels.triton_moc import build_plan  # noqa: E402
+from diffusers_moc.core.kernels.triton_moc import build_plan  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -41,7 +41,7 @@ try:  # run from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-import diffusers_moc.attention as attention
+import diffusers_moc.core.attention as attention
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

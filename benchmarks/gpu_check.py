@@ -64,17 +64,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as bench  # noqa: E402
 
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, resolve_backend, route  # noqa: E402
-from diffusers_moc.attention import load_kernel  # noqa: E402
-from diffusers_moc.kernels import flex as flex_backend  # noqa: E402
-from diffusers_moc.kernels import kernel_attention, reference_attention  # noqa: E402
-from diffusers_moc.kernels.executors import TorchFlashExecutor, torch_flash_unavailable  # noqa: E402
-from diffusers_moc.kernels.flash_attn_executors import (  # noqa: E402
+from diffusers_moc.core.attention import load_kernel  # noqa: E402
+from diffusers_moc.core.kernels import flex as flex_backend  # noqa: E402
+from diffusers_moc.core.kernels import kernel_attention, reference_attention  # noqa: E402
+from diffusers_moc.core.kernels.executors import TorchFlashExecutor, torch_flash_unavailable  # noqa: E402
+from diffusers_moc.core.kernels.flash_attn_executors import (  # noqa: E402
     FlashAttnExecutor,
     flash_attn_unavailable,
     flash_attn_version,
 )
-from diffusers_moc.kernels.varlen import varlen_backward, varlen_forward  # noqa: E402
-from diffusers_moc.kernels.varlen_contract import RecordingExecutor  # noqa: E402
+from diffusers_moc.core.kernels.varlen import varlen_backward, varlen_forward  # noqa: E402
+from diffusers_moc.core.kernels.varlen_contract import RecordingExecutor  # noqa: E402
 
 PATHS = ("flash", "flash_attn", "flex", "flex-triton", "triton", "torch")
 # Relative error bounds against the float32 reference (bf16 operands land between 1e-3 and 1e-2).
@@ -265,7 +265,7 @@ def _nan_check(kernel, layout, device, dtype, shape) -> list[str]:
     v[0, tok, 1, 7] = math.nan  # value column 7 of that token, head 1: the rows that attend the last chunk
     routing = route(q.nan_to_num(), k, layout, MoCConfig(top_k=1, local_window=0))
     out = kernel.forward(q, k, v, routing, 0.125)[0]
-    from diffusers_moc.routing import expand_routing  # noqa: PLC0415
+    from diffusers_moc.core.routing import expand_routing  # noqa: PLC0415
 
     attends = expand_routing(routing)[0, 1, :, tok]  # (L,): which queries of head 1 attend that token
     want = torch.zeros_like(out, dtype=torch.bool)

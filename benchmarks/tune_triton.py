@@ -32,7 +32,7 @@ from bench_attention import (  # noqa: E402
     time_fn,
 )
 
-from diffusers_moc.kernels import triton_moc as tm  # noqa: E402
+from diffusers_moc.core.kernels import triton_moc as tm  # noqa: E402
 
 
 def candidates(default: tm._Config) -> list[tuple[str, tm._Config]]:

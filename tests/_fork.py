@@ -8,13 +8,13 @@ import time
 
 import torch
 
-from diffusers_moc.atomic import PAUSE_ENV, PAUSE_FILE_ENV
+from diffusers_moc.core.atomic import PAUSE_ENV, PAUSE_FILE_ENV
 
 
 def cli_until_paused(argv: list[str], moment: str, sig: int, flag, timeout: float = 120) -> int:
     r"""
     Run `diffusers-moc ARGV` in a forked child (the command line as a user runs it, without the seconds of interpreter
-    and torch start-up), wait until it pauses at `moment` (`diffusers_moc.atomic.pause_point`), send it `sig`, and
+    and torch start-up), wait until it pauses at `moment` (`diffusers_moc.core.atomic.pause_point`), send it `sig`, and
     return its exit code (negative: killed by that signal).
     """
     from diffusers_moc.cli import main

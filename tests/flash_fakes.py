@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusers_moc.kernels.varlen_contract import varlen_contract_violations
+from diffusers_moc.core.kernels.varlen_contract import varlen_contract_violations
 
 
 class ContractError(AssertionError):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_layout
 
-import diffusers_moc.kernels.executors as executors
+import diffusers_moc.core.kernels.executors as executors
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, moc_attention, resolve_backend, route
-from diffusers_moc.kernels import MAX_REFERENCE_TOKENS, reference_attention
+from diffusers_moc.core.kernels import MAX_REFERENCE_TOKENS, reference_attention
 
 CONFIGS = [
     MoCConfig(top_k=2),
@@ -150,8 +150,8 @@ def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
 
 
 def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatch):
-    import diffusers_moc.attention as attention
-    import diffusers_moc.kernels.flex as flex
+    import diffusers_moc.core.attention as attention
+    import diffusers_moc.core.kernels.flex as flex
 
     for name in ("_flash_usable", "_flash_attn_usable", "_flex_usable", "_triton_usable"):
         monkeypatch.setattr(attention, name, lambda device: device.type == "cuda")
@@ -284,7 +284,7 @@ def test_moc_context_refuses_what_it_would_truncate():
     import numpy as np
 
     from diffusers_moc import moc_context
-    from diffusers_moc.context import MoCContext
+    from diffusers_moc.core.context import MoCContext
 
     assert MoCContext(shot_frames=[np.int64(2), 1]).shot_frames == (2, 1)
     for frames in ([2.9, 1.2], [4.5], "13", [True, 2], 3):

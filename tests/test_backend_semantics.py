@@ -12,18 +12,18 @@ import pytest
 import torch
 from conftest import random_layout
 
-import diffusers_moc.kernels.executors as executors
-import diffusers_moc.kernels.flex as flex
-import diffusers_moc.kernels.flex_mask as flex_mask
+import diffusers_moc.core.kernels.executors as executors
+import diffusers_moc.core.kernels.flex as flex
+import diffusers_moc.core.kernels.flex_mask as flex_mask
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
-from diffusers_moc.attention import load_kernel
-from diffusers_moc.kernels import kernel_attention
-from diffusers_moc.routing import expand_routing
+from diffusers_moc.core.attention import load_kernel
+from diffusers_moc.core.kernels import kernel_attention
+from diffusers_moc.core.routing import expand_routing
 
 
 def _triton_kernel():
     try:
-        tm = importlib.import_module("diffusers_moc.kernels.triton_moc")
+        tm = importlib.import_module("diffusers_moc.core.kernels.triton_moc")
     except ImportError:
         return None
     return tm.TRITON if (tm._INTERPRETED or torch.cuda.is_available()) else None

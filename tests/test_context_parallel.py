@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _cp_worker import MODELS, run_model, worker  # noqa: E402
 
 from diffusers_moc import MoCConfig, apply_moc  # noqa: E402
-from diffusers_moc.attention_processors import (  # noqa: E402
+from diffusers_moc.core.attention_processors import (  # noqa: E402
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
@@ -24,7 +24,7 @@ from diffusers_moc.attention_processors import (  # noqa: E402
     MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
 )
-from diffusers_moc.parallel import ulysses_config  # noqa: E402
+from diffusers_moc.core.parallel import ulysses_config  # noqa: E402
 
 # Sparse enough that routing matters: 4 frames, own frame + 1 routed frame.
 MOC = {"top_k": 1, "local_window": 0, "causal": False, "backend": "torch"}

@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_moc import MoCConfig, MoCWanAttnProcessor, apply_moc, get_moc_config, moc_context
-from diffusers_moc.apply import pipeline_transformers
+from diffusers_moc.core.apply import pipeline_transformers
 from diffusers_moc.pipelines import LongVideoPipeline, LongVideoPipelineOutput, Shot, frames_for_seconds
 from diffusers_moc.tiny import tiny_wan_components
 from diffusers_moc.video_io import write_videos
@@ -321,7 +321,7 @@ def test_cross_attention_per_shot_caption_anchors():
 @pytest.mark.parametrize("world", [2, 4])
 def test_cross_attention_spans_on_a_context_parallel_shard(monkeypatch, world):
     """Under Ulysses each rank holds a contiguous slice of the video tokens; its shots must be found globally."""
-    import diffusers_moc.attention_processors.wan as wan
+    import diffusers_moc.core.attention_processors.wan as wan
 
     attn, hidden, text = _cross_attention_inputs()
     proc = MoCWanAttnProcessor(MoCConfig())

@@ -12,9 +12,9 @@ from _tiny_models import MODELS
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import diffusers_moc.attention as attention
+import diffusers_moc.core.attention as attention
 from diffusers_moc import MoCConfig, apply_moc, moc_context
-from diffusers_moc.attention_processors import MoCAttnProcessorBase, MoCForwardPreHook, MoCWanAttnProcessor
+from diffusers_moc.core.attention_processors import MoCAttnProcessorBase, MoCForwardPreHook, MoCWanAttnProcessor
 
 SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 # aten ops that read a tensor back to the host or give a data-dependent shape (`.item()`, `bool(t)`, `int(t)` and

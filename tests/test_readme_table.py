@@ -10,7 +10,8 @@ from pathlib import Path
 import diffusers
 import pytest
 
-from diffusers_moc.apply import TABLE_COLUMNS, _registry, supported_models, supported_models_table
+from diffusers_moc.core.apply import _registry, supported_models
+from diffusers_moc.models_table import TABLE_COLUMNS, supported_models_table
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _cp_worker import MODELS as CONTEXT_PARALLEL_TESTED  # noqa: E402
@@ -29,11 +30,11 @@ def test_readme_table_is_the_generated_table():
     if START not in text or END not in text:
         pytest.fail(
             f"README.md has no models table between {START} and {END}; paste "
-            "`python -c 'from diffusers_moc.apply import supported_models_table as t; print(t())'` there"
+            "`python -c 'from diffusers_moc import supported_models_table as t; print(t())'` there"
         )
     readme_table = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert readme_table == supported_models_table().strip(), (
-        "README.md's models table is out of date; regenerate it with diffusers_moc.apply.supported_models_table()"
+        "README.md's models table is out of date; regenerate it with diffusers_moc.supported_models_table()"
     )
 
 

@@ -297,7 +297,7 @@ def test_drop_off_counts_what_the_query_routed_to_not_top_k():
 def test_drop_in_slots_is_a_poisson_tail_bound():
     import math
 
-    from diffusers_moc.routing import drop_in_slots
+    from diffusers_moc.core.routing import drop_in_slots
 
     assert drop_in_slots(0.0, 10) == 0
     for rate in (0.1, 1.0, 3.0):
@@ -309,7 +309,7 @@ def test_drop_in_slots_is_a_poisson_tail_bound():
 
 
 def test_drop_in_draws_beyond_the_slot_bound_are_capped(monkeypatch):
-    import diffusers_moc.routing as routing_module
+    import diffusers_moc.core.routing as routing_module
 
     monkeypatch.setattr(routing_module, "_DROP_IN_TAIL", 1 - 1e-8)  # M = 1: Poisson(20) is at most 1 once in 2e7 draws
     layout = ChunkLayout.for_video(12, 2)

@@ -10,7 +10,7 @@ from _tiny_models import MODELS
 from test_processor_core import HostReads
 
 from diffusers_moc import ChunkLayout, MoCConfig, apply_moc, moc_context, moc_routing_map, route
-from diffusers_moc.recording import RoutingMap, active_routing_map
+from diffusers_moc.core.recording import RoutingMap, active_routing_map
 
 SPARSE = MoCConfig(top_k=1, local_window=0, backend="reference")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from diffusers_moc import MoCConfig, get_moc_config
+from diffusers_moc.core.layout import ChunkLayout
 from diffusers_moc.hub import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2, load_moc_lora, push_to_hub
-from diffusers_moc.layout import ChunkLayout
 from diffusers_moc.training import (
     ConfigError,
     MoCLoRATrainer,
@@ -403,7 +403,7 @@ def test_multi_shot_training_conditions_as_the_long_video_pipeline(data_root, tm
     from diffusers import WanTransformer3DModel
 
     from diffusers_moc import current_moc_context
-    from diffusers_moc.attention_processors import wan as wan_processors
+    from diffusers_moc.core.attention_processors import wan as wan_processors
     from diffusers_moc.pipelines import LongVideoPipeline
     from diffusers_moc.tiny import tiny_wan_components
 
@@ -456,7 +456,7 @@ def test_single_shot_clip_with_global_and_shot_caption_gets_spans(tmp_path):
     line = {"file": "a.mp4", "caption": "a dog", "shots": [{"caption": "runs", "frames": [0, NUM_FRAMES]}]}
     (tmp_path / "metadata.jsonl").write_text(json.dumps(line) + "\n")
     from diffusers_moc import current_moc_context
-    from diffusers_moc.attention_processors import wan as wan_processors
+    from diffusers_moc.core.attention_processors import wan as wan_processors
 
     contexts = []
 
@@ -685,7 +685,7 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_shots():
     # shots of the forward it belongs to, not the latest. The wrapper that ensures it goes on at a forward (so the
     # order of enable_gradient_checkpointing and apply_moc does not matter) and comes off with remove_moc.
     from diffusers_moc import apply_moc, moc_context, remove_moc
-    from diffusers_moc.attention_processors.base import CheckpointWithFacts
+    from diffusers_moc.core.attention_processors.base import CheckpointWithFacts
     from diffusers_moc.tiny import tiny_wan_components
 
     def grads(checkpointing: bool):

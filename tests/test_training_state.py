@@ -18,7 +18,7 @@ from _fork import cli_until_paused
 from _train_helpers import _config, _make_dataset, _reset_accelerate
 from safetensors.torch import load_file
 
-from diffusers_moc.atomic import PAUSE_ENV, PAUSE_FILE_ENV
+from diffusers_moc.core.atomic import PAUSE_ENV, PAUSE_FILE_ENV
 from diffusers_moc.hub import LORA_WEIGHT_NAME
 from diffusers_moc.training import ConfigError, MoCLoRATrainer
 from diffusers_moc.training.checkpoints import MARKER_NAME, exported_step, plan_run, scan_checkpoints

@@ -21,11 +21,11 @@ pytest.importorskip("triton", reason="backend='triton' needs the optional `trito
 from conftest import random_layout  # noqa: E402
 
 from diffusers_moc import ChunkLayout, MoCConfig, moc_attention  # noqa: E402
-from diffusers_moc.kernels import reference_attention  # noqa: E402
-from diffusers_moc.routing import MoCRouting, expand_routing, route  # noqa: E402
+from diffusers_moc.core.kernels import reference_attention  # noqa: E402
+from diffusers_moc.core.routing import MoCRouting, expand_routing, route  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-MODULE = "diffusers_moc.kernels.triton_moc"
+MODULE = "diffusers_moc.core.kernels.triton_moc"
 
 
 try:
@@ -280,7 +280,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import torch, triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from diffusers_moc.kernels import triton_moc as tm
+    from diffusers_moc.core.kernels import triton_moc as tm
 
     cfg = tm._config(128, torch.device("cuda"))
     ints = ("H", "L", "T", "W", "C", "NKB", "DV")

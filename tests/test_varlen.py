@@ -10,17 +10,17 @@ import pytest
 import torch
 from conftest import random_layout
 
-import diffusers_moc.kernels.executors as executors
-import diffusers_moc.kernels.flash_attn_executors as fa_executors
-import diffusers_moc.kernels.varlen_plan as varlen_plan
+import diffusers_moc.core.kernels.executors as executors
+import diffusers_moc.core.kernels.flash_attn_executors as fa_executors
+import diffusers_moc.core.kernels.varlen_plan as varlen_plan
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, moc_attention, route
-from diffusers_moc.kernels import FLASH, reference_attention
-from diffusers_moc.kernels.executors import TorchExecutor, TorchFlashExecutor
-from diffusers_moc.kernels.flash_attn_executors import FlashAttnExecutor
-from diffusers_moc.kernels.varlen import varlen_backward, varlen_forward
-from diffusers_moc.kernels.varlen_contract import RecordingExecutor, varlen_contract_violations
-from diffusers_moc.kernels.varlen_plan import build_varlen_plan, call_costs
-from diffusers_moc.routing import expand_routing
+from diffusers_moc.core.kernels import FLASH, reference_attention
+from diffusers_moc.core.kernels.executors import TorchExecutor, TorchFlashExecutor
+from diffusers_moc.core.kernels.flash_attn_executors import FlashAttnExecutor
+from diffusers_moc.core.kernels.varlen import varlen_backward, varlen_forward
+from diffusers_moc.core.kernels.varlen_contract import RecordingExecutor, varlen_contract_violations
+from diffusers_moc.core.kernels.varlen_plan import build_varlen_plan, call_costs
+from diffusers_moc.core.routing import expand_routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -307,7 +307,7 @@ def test_moc_attention_runs_every_backend_name(rng):
 
 
 def test_auto_picks_pytorch_flash_kernels_on_long_cuda_sequences_without_flash_attn(monkeypatch):
-    import diffusers_moc.attention as attention
+    import diffusers_moc.core.attention as attention
 
     monkeypatch.setattr(attention, "_flash_usable", lambda device: device.type == "cuda")
     monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
@@ -325,7 +325,7 @@ def test_auto_picks_pytorch_flash_kernels_on_long_cuda_sequences_without_flash_a
 
 
 def test_missing_flash_attn_is_a_named_error(monkeypatch):
-    import diffusers_moc.attention as attention
+    import diffusers_moc.core.attention as attention
 
     monkeypatch.setattr(fa_executors, "_interface", lambda: (None, "flash-attn is not installed (x)", None, None))
     with pytest.raises(RuntimeError, match=r"backend='flash_attn' is not available: flash-attn is not installed"):
@@ -355,8 +355,8 @@ def test_torch_without_flash_ops_is_detected(monkeypatch, names, reason):
 
 def test_fused_triton_merge_equals_the_torch_merge():
     # The CUDA merge kernel, run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU).
-    merge_triton = pytest.importorskip("diffusers_moc.kernels.merge_triton")
-    import diffusers_moc.kernels.varlen as varlen
+    merge_triton = pytest.importorskip("diffusers_moc.core.kernels.merge_triton")
+    import diffusers_moc.core.kernels.varlen as varlen
 
     if not torch.cuda.is_available() and type(merge_triton._merge_kernel).__name__ != "InterpretedFunction":
         pytest.skip("no GPU and Triton was imported without TRITON_INTERPRET=1")
@@ -386,7 +386,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from diffusers_moc.kernels import merge_triton as mt
+from diffusers_moc.core.kernels import merge_triton as mt
 
 sig = {"ACC": "*fp32", "LSE_ACC": "*fp32", "ROWS": "*i64", "PART": "*bf16", "LSE": "*fp32", "n": "i32", "DV": "i32",
        "s_acc": "i32", "s_o": "i32", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}

@@ -18,8 +18,8 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
 from diffusers_moc import MoCConfig, apply_moc, get_moc_config, remove_moc, update_moc_config
-from diffusers_moc.apply import MOC_PROCESSORS, supported_models
-from diffusers_moc.attention_processors import (
+from diffusers_moc.core.apply import MOC_PROCESSORS, supported_models
+from diffusers_moc.core.attention_processors import (
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,

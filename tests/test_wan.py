@@ -15,7 +15,7 @@ from diffusers_moc import (
     supported_models,
     update_moc_config,
 )
-from diffusers_moc.attention_processors import video_grid_from_rotary
+from diffusers_moc.core.attention_processors import video_grid_from_rotary
 from diffusers_moc.tiny import tiny_wan_components
 
 DENSE = MoCConfig(top_k=1000, causal=False)

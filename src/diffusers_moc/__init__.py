@@ -13,36 +13,36 @@ __version__ = "0.1.0"
 
 # Public name -> submodule that defines it.
 _LAZY = {
-    "MOC_PROCESSORS": "apply",
-    "apply_moc": "apply",
-    "get_moc_config": "apply",
-    "pipeline_transformers": "apply",
-    "remove_moc": "apply",
-    "supported_models": "apply",
-    "supported_models_table": "apply",
-    "update_moc_config": "apply",
-    "available_backends": "attention",
-    "moc_attention": "attention",
-    "resolve_backend": "attention",
-    "MoCAttnProcessorBase": "attention_processors",
-    "MoCCogVideoXAttnProcessor": "attention_processors",
-    "MoCHunyuanVideo15AttnProcessor": "attention_processors",
-    "MoCHunyuanVideoAttnProcessor": "attention_processors",
-    "MoCLTXVideoAttnProcessor": "attention_processors",
-    "MoCMochiAttnProcessor": "attention_processors",
-    "MoCWanAttnProcessor": "attention_processors",
-    "MoCConfig": "config",
-    "MoCContext": "context",
+    "MOC_PROCESSORS": "core.apply",
+    "apply_moc": "core.apply",
+    "get_moc_config": "core.apply",
+    "pipeline_transformers": "core.apply",
+    "remove_moc": "core.apply",
+    "supported_models": "core.apply",
+    "supported_models_table": "models_table",
+    "update_moc_config": "core.apply",
+    "available_backends": "core.attention",
+    "moc_attention": "core.attention",
+    "resolve_backend": "core.attention",
+    "MoCAttnProcessorBase": "core.attention_processors",
+    "MoCCogVideoXAttnProcessor": "core.attention_processors",
+    "MoCHunyuanVideo15AttnProcessor": "core.attention_processors",
+    "MoCHunyuanVideoAttnProcessor": "core.attention_processors",
+    "MoCLTXVideoAttnProcessor": "core.attention_processors",
+    "MoCMochiAttnProcessor": "core.attention_processors",
+    "MoCWanAttnProcessor": "core.attention_processors",
+    "MoCConfig": "core.config",
+    "MoCContext": "core.context",
     "InputError": "errors",
-    "current_moc_context": "context",
-    "moc_context": "context",
-    "ChunkLayout": "layout",
-    "MoCRouting": "routing",
-    "chunk_means": "routing",
-    "dense_mask": "routing",
-    "route": "routing",
-    "RoutingMap": "recording",
-    "moc_routing_map": "recording",
+    "current_moc_context": "core.context",
+    "moc_context": "core.context",
+    "ChunkLayout": "core.layout",
+    "MoCRouting": "core.routing",
+    "chunk_means": "core.routing",
+    "dense_mask": "core.routing",
+    "route": "core.routing",
+    "RoutingMap": "core.recording",
+    "moc_routing_map": "core.recording",
     "LongVideoPipeline": "pipelines",
     "LongVideoPipelineOutput": "pipelines",
     "Shot": "pipelines",
@@ -72,20 +72,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
-    from .apply import (  # noqa: F401
+    from .core.apply import (  # noqa: F401
         MOC_PROCESSORS,
         apply_moc,
         get_moc_config,
         pipeline_transformers,
         remove_moc,
         supported_models,
-        supported_models_table,
         update_moc_config,
     )
-    from .attention import available_backends, moc_attention, resolve_backend  # noqa: F401
-    from .config import MoCConfig  # noqa: F401
-    from .context import MoCContext, current_moc_context, moc_context  # noqa: F401
+    from .core.attention import available_backends, moc_attention, resolve_backend  # noqa: F401
+    from .core.config import MoCConfig  # noqa: F401
+    from .core.context import MoCContext, current_moc_context, moc_context  # noqa: F401
+    from .core.layout import ChunkLayout  # noqa: F401
+    from .core.recording import RoutingMap, moc_routing_map  # noqa: F401
+    from .core.routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401
     from .errors import InputError  # noqa: F401
-    from .layout import ChunkLayout  # noqa: F401
-    from .recording import RoutingMap, moc_routing_map  # noqa: F401
-    from .routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401
+    from .models_table import supported_models_table  # noqa: F401

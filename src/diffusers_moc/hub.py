@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .apply import apply_moc
-from .config import CONFIG_NAME, MoCConfig
+from .core.apply import apply_moc
+from .core.config import CONFIG_NAME, MoCConfig
 
 __all__ = [
     "save_moc_lora",

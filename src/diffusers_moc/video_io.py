@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .atomic import deferred_interrupts, pause_point, remove_path
+from .core.atomic import deferred_interrupts, pause_point, remove_path, remove_stale_partials
 
 __all__ = ["MAX_FPS", "MIN_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
 
@@ -127,23 +127,6 @@ def verify_video(path: str, num_frames: int, fps: float, name: str | None = None
         raise OSError(f"the video writer wrote {what} at {rate} fps instead of {fps:g}")
 
 
-def _remove_stale_partials(folder: str, name: str) -> None:
-    """Remove the temporary folders for `name` left by killed processes (their pid is in the folder name)."""
-    prefix = f".{name}."
-    for entry in os.listdir(folder):
-        if not (entry.startswith(prefix) and entry.endswith(".partial")):
-            continue
-        pid = entry[len(prefix) : -len(".partial")].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # that process is gone: nobody will finish or remove this folder
-            remove_path(os.path.join(folder, entry))
-        except (PermissionError, OverflowError):
-            pass
-
-
 def write_videos(
     outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float, extra: Sequence[tuple[str, str]] = ()
 ) -> list[str]:
@@ -184,7 +167,7 @@ def write_videos(
         for path, frames in outputs:
             path = os.fspath(path)
             folder, name = os.path.split(os.path.abspath(path))
-            _remove_stale_partials(folder, name)
+            remove_stale_partials(folder, name)
             tmp_dir = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
             folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
             os.mkdir(tmp_dir)

@@ -76,7 +76,7 @@ def shot_paths(output: str, num_shots: int) -> list[str]:
 
 
 def _check_outputs(paths: list[str], overwrite: bool, routing_map: str | None = None) -> None:
-    from ..recording import MAP_EXTENSIONS, RoutingMap
+    from ..core.recording import MAP_EXTENSIONS, RoutingMap
     from ..video_io import VIDEO_EXTENSIONS
 
     for path in paths:
@@ -144,7 +144,7 @@ def _family(args, storyboard):
     field, model = ("--model", args.model) if args.model else ("model", storyboard.model)
     if not model:
         raise InputError("no model: pass --model ID_OR_PATH, set `model:` in the storyboard, or use --tiny")
-    from ..config import resolve_pretrained_source
+    from ..core.config import resolve_pretrained_source
 
     try:
         resolve_pretrained_source(model)
@@ -308,8 +308,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate_and_write(args, pipe, storyboard, generator, outputs: list[str]) -> int:
-    from ..atomic import remove_path
-    from ..recording import moc_routing_map
+    from ..core.atomic import remove_path
+    from ..core.recording import moc_routing_map
     from ..video_io import write_videos
 
     recording = moc_routing_map() if args.routing_map else contextlib.nullcontext()

@@ -27,10 +27,10 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from ..apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..captions import caption_layout, encode_caption
-from ..config import MoCConfig
-from ..context import moc_context
+from ..core.apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
+from ..core.config import MoCConfig
+from ..core.context import moc_context
 from ..model_families import WanFamily, family_of_pipeline
 from .conditioning import ImageCondition, prepare_image_condition
 

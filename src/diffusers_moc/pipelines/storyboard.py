@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import MoCConfig
+from ..core.config import MoCConfig
 from ..errors import InputError
 from ..textfiles import load_yaml, read_text, short_repr
 from .long_video import Shot, check_shot_frames, frames_for_seconds

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..atomic import (
+from ..core.atomic import (
     deferred_interrupts,
     pause_point,
     recover_replaced_dir,

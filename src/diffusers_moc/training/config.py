@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
-from ..config import MoCConfig
+from ..core.config import MoCConfig
 from ..errors import InputError
 from ..textfiles import load_yaml, parse_yaml, short_repr
 

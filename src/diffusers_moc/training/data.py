@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..atomic import deferred_interrupts
+from ..core.atomic import deferred_interrupts
 
 __all__ = [
     "ClipRecord",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import MoCConfig
-from ..layout import ChunkLayout
+from ..core.config import MoCConfig
+from ..core.layout import ChunkLayout
 
 __all__ = ["SparsitySchedule", "routed_density"]
 

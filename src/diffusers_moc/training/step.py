@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..captions import CaptionLayout
-from ..context import moc_context
+from ..core.context import moc_context
 from .config import OptimConfig
 from .encoding import SampleEncoder
 

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from ..apply import apply_moc, update_moc_config
-from ..atomic import pause_point
-from ..config import MoCConfig, resolve_pretrained_source
+from ..core.apply import apply_moc, update_moc_config
+from ..core.atomic import pause_point
+from ..core.config import MoCConfig, resolve_pretrained_source
+from ..core.layout import ChunkLayout
 from ..hub import ADAPTER_FILES, push_to_hub, save_moc_lora
-from ..layout import ChunkLayout
 from ..model_families import WAN_FAMILIES, UnsupportedModelError, WanFamily, family_of_source
 from ..tiny import cast_like_from_pretrained
 from .checkpoints import (

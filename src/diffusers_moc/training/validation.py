@@ -8,9 +8,9 @@ import os
 
 import torch
 
-from ..apply import get_moc_config, pipeline_transformers, update_moc_config
-from ..config import MoCConfig
-from ..context import moc_context
+from ..core.apply import get_moc_config, pipeline_transformers, update_moc_config
+from ..core.config import MoCConfig
+from ..core.context import moc_context
 from ..video_io import write_videos
 from .config import ValidationConfig
 

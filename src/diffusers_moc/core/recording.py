@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .atomic import deferred_interrupts, remove_path
+from .atomic import deferred_interrupts, remove_path, remove_stale_partials
 from .layout import ChunkLayout
 from .routing import MoCRouting
 
@@ -307,14 +307,12 @@ class RoutingMap:
             raise ValueError(f"{path}: a routing map picture must end in one of {list(MAP_EXTENSIONS)}")
         text = json.dumps(self.to_dict(), indent=1)
         fig = self.figure()
-        from .video_io import _remove_stale_partials
-
         pairs: list[tuple[str, str]] = []
         try:
             for dest in (path, self.json_path(path)):
                 folder, name = os.path.split(os.path.abspath(dest))
                 # Named as video_io's temporary folders (with the pid): what a killed run left is removed here.
-                _remove_stale_partials(folder, name)
+                remove_stale_partials(folder, name)
                 tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
                 pairs.append((tmp, dest))
             from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -22,6 +22,7 @@ __all__ = [
     "pause_point",
     "recover_replaced_dir",
     "remove_path",
+    "remove_stale_partials",
     "replace_dir",
     "write_text_atomic",
 ]
@@ -123,3 +124,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with deferred_interrupts():
             if os.path.lexists(tmp):
                 os.remove(tmp)
+
+
+def remove_stale_partials(folder: str, name: str) -> None:
+    """Remove the temporary folders for `name` left by killed processes (their pid is in the folder name)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".partial")):
+            continue
+        pid = entry[len(prefix) : -len(".partial")].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # that process is gone: nobody will finish or remove this folder
+            remove_path(os.path.join(folder, entry))
+        except (PermissionError, OverflowError):
+            pass

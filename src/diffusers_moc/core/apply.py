@@ -20,7 +20,6 @@ from .attention_processors import (
 )
 from .attention_processors.base import CheckpointWithFacts
 from .config import MoCConfig
-from .model_families import WAN_FAMILIES
 
 __all__ = [
     "apply_moc",
@@ -29,7 +28,9 @@ __all__ = [
     "update_moc_config",
     "pipeline_transformers",
     "supported_models",
-    "supported_models_table",
+    "registered_models",
+    "context_parallel_support",
+    "ModelSupport",
     "MOC_PROCESSORS",
     "TRANSFORMER_COMPONENTS",
 ]
@@ -53,16 +54,11 @@ _BLOCK_ATTN1_TARGETS = r"^transformer_blocks\.\d+\.attn1$"
 _LTX_TARGETS = r"^transformer_blocks\.\d+\.attn[12]$"
 
 
-class _Support(NamedTuple):
+class ModelSupport(NamedTuple):
     processor: type
     targets: str  # regex over `named_modules()` names of the attention modules that get MoC
-    pipelines: str
     captions: str  # where the caption tokens are, as seen by MoC
     compile: str  # what torch.compile does with MoC applied (see the README's torch.compile section)
-    # Pipeline features of diffusers-moc on this model (the Wan families that have them, or "no"):
-    multi_shot: str = "no"  # LongVideoPipeline
-    image_start: str = "no"  # LongVideoPipeline(image=...)
-    lora_training: str = "no"  # diffusers-moc train
 
 
 _FULL = "fullgraph, regional, export"
@@ -76,19 +72,7 @@ _WAN = dict(
 )
 
 
-def _families(keep) -> str:
-    return ", ".join(f.title for f in WAN_FAMILIES.values() if keep(f)) or "no"
-
-
-# Every Wan family runs in LongVideoPipeline; image start and training where the family has them.
-_WAN_FEATURES = dict(
-    multi_shot=_families(lambda f: True),
-    image_start=_families(lambda f: f.takes_image),
-    lora_training=_families(lambda f: f.trainable),
-)
-
-
-def _registry() -> dict[type, _Support]:
+def _registry() -> dict[type, ModelSupport]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
@@ -102,46 +86,37 @@ def _registry() -> dict[type, _Support]:
     )
 
     return {
-        WanTransformer3DModel: _Support(
-            pipelines="WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline", **_WAN, **_WAN_FEATURES
-        ),
-        WanVACETransformer3DModel: _Support(pipelines="WanVACEPipeline", **_WAN),
-        SkyReelsV2Transformer3DModel: _Support(
-            pipelines="SkyReelsV2Pipeline, SkyReelsV2DiffusionForcingPipeline", **_WAN
-        ),
-        HunyuanVideoTransformer3DModel: _Support(
+        WanTransformer3DModel: ModelSupport(**_WAN),
+        WanVACETransformer3DModel: ModelSupport(**_WAN),
+        SkyReelsV2Transformer3DModel: ModelSupport(**_WAN),
+        HunyuanVideoTransformer3DModel: ModelSupport(
             MoCHunyuanVideoAttnProcessor,
             _HUNYUAN_TARGETS,
-            "HunyuanVideoPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
             _FULL,
         ),
-        HunyuanVideo15Transformer3DModel: _Support(
+        HunyuanVideo15Transformer3DModel: ModelSupport(
             MoCHunyuanVideo15AttnProcessor,
             _HUNYUAN_TARGETS,
-            "HunyuanVideo15Pipeline, HunyuanVideo15ImageToVideoPipeline",
             "joint: valid condition tokens (image, glyph, caption) as one chunk after the video, mandatory anchor; "
             "padded tokens dropped",
             "regional (diffusers' forward is data-dependent)",
         ),
-        CogVideoXTransformer3DModel: _Support(
+        CogVideoXTransformer3DModel: ModelSupport(
             MoCCogVideoXAttnProcessor,
             _BLOCK_ATTN1_TARGETS,
-            "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
             "joint: one caption chunk before the video, mandatory anchor",
             _NO_REPEATED,
         ),
-        LTXVideoTransformer3DModel: _Support(
+        LTXVideoTransformer3DModel: ModelSupport(
             MoCLTXVideoAttnProcessor,
             _LTX_TARGETS,
-            "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
             "cross-attention (dense, not routed)",
             _FULL + " (with `num_frames`, `height`, `width`)",
         ),
-        MochiTransformer3DModel: _Support(
+        MochiTransformer3DModel: ModelSupport(
             MoCMochiAttnProcessor,
             _BLOCK_ATTN1_TARGETS,
-            "MochiPipeline",
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
             _NO_REPEATED,
         ),
@@ -152,7 +127,9 @@ def _registry() -> dict[type, _Support]:
 _CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
 
 
-def _context_parallel(model_cls: type, support: _Support) -> str:
+def context_parallel_support(model_cls: type) -> str:
+    """How MoC runs under diffusers' context parallelism on `model_cls`: `\"Ulysses\"`, or `\"no\"` and why."""
+    support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
     if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
@@ -160,49 +137,14 @@ def _context_parallel(model_cls: type, support: _Support) -> str:
     return "Ulysses"
 
 
+def registered_models() -> dict[type, ModelSupport]:
+    """The transformer classes `apply_moc` supports, each with what MoC does on it (in the models table's order)."""
+    return dict(_registry())
+
+
 def supported_models() -> list[str]:
     """Names of the transformer classes `apply_moc` supports."""
     return [cls.__name__ for cls in _registry()]
-
-
-def supported_models_table() -> str:
-    r"""
-    The README's table of supported transformers and features, as markdown (one row per `supported_models()`).
-
-    A test compares it with the table in README.md, so the two cannot drift apart.
-    """
-    rows = [
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "---|" * len(TABLE_COLUMNS),
-    ]
-    for model_cls, sup in _registry().items():
-        cells = [
-            f"`{model_cls.__name__}`",
-            sup.pipelines,
-            f"`{sup.processor.__name__}`",
-            sup.captions,
-            sup.compile,
-            sup.multi_shot,
-            sup.image_start,
-            sup.lora_training,
-            _context_parallel(model_cls, sup),
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
-
-
-#: The columns of [`supported_models_table`].
-TABLE_COLUMNS = (
-    "Transformer",
-    "Pipelines",
-    "MoC processor",
-    "Caption tokens",
-    "torch.compile",
-    "Multi-shot (`LongVideoPipeline`)",
-    "Image start",
-    "LoRA training (`diffusers-moc train`)",
-    "Context parallel",
-)
 
 
 def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:

@@ -1,0 +1,4 @@
+"""The MoC core: layout, config, routing, `moc_attention`, kernels, attention processors and their installation.
+
+It never imports the application (pipelines, training, command line, Hub, file formats) beside it.
+"""
