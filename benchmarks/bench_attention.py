@@ -44,7 +44,6 @@ except ImportError:  # pragma: no cover
 
 from diffusers_moc import ChunkLayout, MoCConfig, moc_attention, route
 from diffusers_moc.core.kernels import flex as flex_backend
-from diffusers_moc.core.kernels import kernel_attention, torch_attention
 from diffusers_moc.core.kernels.executors import torch_flash_unsupported
 from diffusers_moc.core.kernels.flash_attn_executors import flash_attn_unsupported
 from diffusers_moc.core.kernels.flex_mask import flex_block_mask
@@ -416,15 +415,9 @@ def _dense_rows(args, q, k, v, grad, L, kind, skipped) -> list[dict]:
 
 
 def _moc_functions(backend: str, case: Case):
-    """`(with the routing given, routing included)`: MoC attention on one backend, as functions of `q, k, v`."""
-    layout, cfg, routing = case.layout, case.config.replace(backend=backend.split("-")[0]), case.routing
-    if backend == "flex-triton":
-        kernel = flex_backend.make_flex_kernel("TRITON")
-        scale = 1.0 / math.sqrt(case.q.shape[-1])
-        return (
-            lambda a, b, c: kernel_attention(kernel, a, b, c, routing, scale)[0],
-            lambda a, b, c: kernel_attention(kernel, a, b, c, route(a, b, layout, cfg), scale)[0],
-        )
+    """`(with the routing given, routing included)`: MoC attention on one backend, as functions of `q, k, v`
+    (`flex-triton`: the `flex_triton` backend)."""
+    layout, cfg, routing = case.layout, case.config.replace(backend=backend.replace("-", "_")), case.routing
     return (
         lambda a, b, c: moc_attention(a, b, c, layout, cfg, routing=routing),
         lambda a, b, c: moc_attention(a, b, c, layout, cfg),
@@ -485,7 +478,7 @@ def profile_cuda(run: Callable[[], object], device, top: int = 8) -> dict | None
 
 
 def _triton_rows(case: Case) -> list[dict]:
-    """Triton rows: one row pair per routing granularity (`--route-by`) and query tile size (`--block-m`)."""
+    """Triton rows: one row pair per routing granularity (`--route-by`)."""
     from diffusers_moc.core.kernels import triton_moc as tm  # noqa: PLC0415
 
     args, q, k, layout = case.args, case.q, case.k, case.layout
@@ -499,35 +492,34 @@ def _triton_rows(case: Case) -> list[dict]:
             pairs = int(routing.attended_tokens().sum().item())
             t_route = time_fn(lambda cfg=cfg: route(q, k, layout, cfg), case.device, args.warmup, args.iters)
         common = dict(case.common, density=pairs / (q.shape[2] * layout.num_tokens**2), route_by=route_by)
-        for block_m in args.block_m:
-            rows.extend(_moc_triton_rows(tm, case, block_m, cfg, routing, t_route, pairs, common))
+        rows.extend(_moc_triton_rows(tm, case, cfg.replace(backend="triton"), routing, t_route, pairs, common))
     return rows
 
 
-def _moc_triton_rows(tm, case: Case, block_m, config, routing, t_route, pairs, common) -> list[dict]:
+def _moc_triton_rows(tm, case: Case, config, routing, t_route, pairs, common) -> list[dict]:
     args, device, q, k, v, grad, layout = case.args, case.device, case.q, case.k, case.v, case.grad, case.layout
     warm, iters = args.warmup, args.iters
-    plan = tm.build_plan(routing, block_m=block_m)
-    cfg = tm._config(q.shape[-1], device, q.dtype)
-    t_plan = time_fn(lambda: tm.build_plan(routing, block_m=block_m), device, warm, iters)
-    # The backward builds its transposed lists inside the backward call: timed apart to report routing's share.
-    t_transposed = time_fn(lambda: plan.transposed(cfg.block_n_kv, layout.offsets), device, warm, iters)
+    tiles = tm._config(q.shape[-1], device, q.dtype)
+    plan = tm.build_plan(routing, block_m=tiles.block_m)
+    # Planning runs inside each call (timed with the kernels); timed apart too, to report routing's share.
+    t_plan = time_fn(lambda: tm.build_plan(routing, block_m=tiles.block_m), device, warm, iters)
+    t_transposed = time_fn(lambda: plan.transposed(tiles.block_n_kv, layout.offsets), device, warm, iters)
 
     def moc(a, b, c):
-        return tm.triton_attention(a, b, c, routing, plan=plan)
+        return moc_attention(a, b, c, layout, config, routing=routing)
 
     def moc_routed(a, b, c):  # routing included, for peak memory
-        return tm.triton_attention(a, b, c, route(a, b, layout, config), block_m=block_m)
+        return moc_attention(a, b, c, layout, config)
 
     runs = {"fwd": lambda: moc(q, k, v), "fwd+bwd": fwd_bwd(moc, q, k, v, grad)}
     times = {mode: time_fn(run, device, warm, iters) for mode, run in runs.items()}
     check = _check_against_torch(moc, q, k, v, grad, routing) if args.check else {}
     rows = []
     for mode, t_extra in (("fwd", 0.0), ("fwd+bwd", t_transposed)):
-        total = t_route + t_plan + times[mode]
+        total = t_route + times[mode]
         mem = peak_mib((lambda: moc_routed(q, k, v)) if mode == "fwd" else fwd_bwd(moc_routed, q, k, v, grad), device)
-        row = _row("moc-triton", layout.num_tokens, case.kind, mode, total, pairs, q.shape[-1], block_m=block_m,
-                   route_ms=t_route, plan_ms=t_plan, kernel_ms=times[mode],
+        row = _row("moc-triton", layout.num_tokens, case.kind, mode, total, pairs, q.shape[-1], block_m=plan.block_m,
+                   route_ms=t_route, plan_ms=t_plan, kernel_ms=times[mode] - t_plan,
                    routing_share=(t_route + t_plan + t_extra) / total, overfetch=plan.overfetch(), peak_mib=mem,
                    **check, **common)  # fmt: skip
         if layout.num_tokens >= getattr(args, "profile_tokens", math.inf):
@@ -540,7 +532,7 @@ def _check_against_torch(moc, q, k, v, grad, routing) -> dict:
     """Largest absolute difference to the portable torch backend (output and gradients), for `--check`."""
     ref = [x.detach().requires_grad_(True) for x in (q, k, v)]
     got = [x.detach().requires_grad_(True) for x in (q, k, v)]
-    out_ref = torch_attention(*ref, routing)
+    out_ref = moc_attention(*ref, routing.layout, MoCConfig(backend="torch"), routing=routing)
     out_ref.backward(grad)
     out = moc(*got)
     out.backward(grad)
@@ -618,7 +610,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="sdpa,flex,vsa", help="comma list of peers to run: sdpa, flex, vsa")
     p.add_argument("--moc", default="flash,flash_attn,flex,flex-triton,triton,torch",
                    help="comma list of MoC backends to run")  # fmt: skip
-    p.add_argument("--block-m", default="64,128", help="comma list of MoC query tile sizes to run (powers of two)")
     p.add_argument("--route-by", default="token,block", help="MoC routing granularities to run: token, block")
     p.add_argument("--route-block", type=int, default=128, help="query block size for --route-by block")
     p.add_argument("--check", action="store_true", help="also compare MoC outputs and gradients to backend='torch'")
@@ -645,13 +636,12 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = torch.float32
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     args.moc = [m.strip() for m in args.moc.split(",") if m.strip()]
-    args.block_m = [int(x) for x in str(args.block_m).split(",")]
     args.route_by = [x.strip() for x in args.route_by.split(",") if x.strip()]
     for route_by in args.route_by:
         if route_by not in ("token", "block"):
             raise SystemExit(f"--route-by: unknown granularity {route_by!r}; choose from token, block")
     if args.quick and device.type == "cpu":
-        args.block_m, args.route_block = [16], 16  # the interpreter's tile size
+        args.route_block = 16  # the interpreter's tile size
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     kinds = [x.strip() for x in args.inputs.split(",") if x.strip()]
     for kind in kinds:
@@ -693,7 +683,6 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
             "iters": args.iters,
             "quick": args.quick,
-            "block_m": args.block_m,
             "route_by": args.route_by,
             "route_block": args.route_block,
             "moc_config": {"local_window": args.local_window, "causal": True, "route_by": "token"},

@@ -60,13 +60,23 @@ try:  # run from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The var-len contract checker is the tests' (`tests/varlen_contract.py`); the check runs from a checkout.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import bench_attention as bench  # noqa: E402
+from varlen_contract import RecordingExecutor  # noqa: E402
 
-from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, resolve_backend, route  # noqa: E402
-from diffusers_moc.core.attention import load_kernel  # noqa: E402
+from diffusers_moc import (  # noqa: E402
+    ChunkLayout,
+    MoCConfig,
+    MoCRouting,
+    available_backends,
+    moc_attention,
+    resolve_backend,
+    route,
+)
+from diffusers_moc.core.backends import load_kernel  # noqa: E402
 from diffusers_moc.core.kernels import flex as flex_backend  # noqa: E402
-from diffusers_moc.core.kernels import kernel_attention, reference_attention  # noqa: E402
 from diffusers_moc.core.kernels.executors import TorchFlashExecutor, torch_flash_unavailable  # noqa: E402
 from diffusers_moc.core.kernels.flash_attn_executors import (  # noqa: E402
     FlashAttnExecutor,
@@ -74,7 +84,6 @@ from diffusers_moc.core.kernels.flash_attn_executors import (  # noqa: E402
     flash_attn_version,
 )
 from diffusers_moc.core.kernels.varlen import varlen_backward, varlen_forward  # noqa: E402
-from diffusers_moc.core.kernels.varlen_contract import RecordingExecutor  # noqa: E402
 
 PATHS = ("flash", "flash_attn", "flex", "flex-triton", "triton", "torch")
 # Relative error bounds against the float32 reference (bf16 operands land between 1e-3 and 1e-2).
@@ -169,9 +178,19 @@ def _grads(fn, q, k, v, grad):
     return [out.detach()] + [x.grad for x in leaves]
 
 
+def path_backend(path: str) -> str:
+    """The backend of a checked path (`flex-triton`: the flex backend held to FlexAttention's Triton kernels)."""
+    return "flex_triton" if path == "flex-triton" else path
+
+
 def path_kernel(path: str):
-    """The [`MoCKernel`] of a checked path (`flex-triton`: the flex backend on FlexAttention's Triton kernels)."""
-    return flex_backend.make_flex_kernel("TRITON") if path == "flex-triton" else load_kernel(path)
+    """The [`MoCKernel`] of a checked path."""
+    return load_kernel(path_backend(path))
+
+
+def _attend(backend: str, q, k, v, routing: MoCRouting) -> torch.Tensor:
+    """MoC attention on one backend with a given routing, through the library's op (as a model runs it)."""
+    return moc_attention(q, k, v, routing.layout, MoCConfig(backend=backend), routing=routing)
 
 
 def correctness(device, dtypes, smoke: bool, budget: Budget, save, reserve: float = 0.0, paths=PATHS) -> list[dict]:
@@ -215,8 +234,8 @@ def _check_path(path, dtype, device, shape, smoke) -> dict:
             q, k, v = (torch.randn(B, layout.num_tokens, H, D, generator=g).to(device, dtype) for _ in range(3))
             grad = torch.randn(q.shape, generator=g).to(device, dtype)
             r = route(q, k, layout, cfg)
-            want = _grads(lambda a, b, c, r=r: reference_attention(a.float(), b.float(), c.float(), r), q, k, v, grad)
-            got = _grads(lambda a, b, c, r=r: kernel_attention(kernel, a, b, c, r, 1 / math.sqrt(D))[0], q, k, v, grad)
+            want = _grads(lambda a, b, c, r=r: _attend("reference", a.float(), b.float(), c.float(), r), q, k, v, grad)
+            got = _grads(lambda a, b, c, r=r: _attend(path_backend(path), a, b, c, r), q, k, v, grad)
             for what, a, b, tol in zip(("out", "dq", "dk", "dv"), got, want, (out_tol,) + (grad_tol,) * 3):
                 err = _rel(a, b)
                 worst = max(worst, err)
@@ -335,12 +354,12 @@ def attention(device, args, budget: Budget, paths: list[str], save) -> tuple[lis
     bargs = bench.build_parser().parse_args([])
     bargs.heads, bargs.head_dim, bargs.frame_tokens, bargs.shots = args.heads, args.head_dim, args.frame_tokens, 8
     bargs.density, bargs.warmup, bargs.iters, bargs.check = 0.15, args.warmup, args.iters, args.smoke
-    bargs.block_m, bargs.route_by, bargs.route_block = [128], ["token"], 128
+    bargs.route_by, bargs.route_block = ["token"], 128
     bargs.moc, bargs.peers = paths, ["sdpa", "flex"]
     bargs.dense_cache = {}
     bargs.profile_tokens = max(args.lengths) - args.frame_tokens if device.type == "cuda" else math.inf
     if args.smoke:
-        bargs.local_window, bargs.block_m, bargs.shots = 0, [16], 2
+        bargs.local_window, bargs.shots = 0, 2
     dtype = _dtype(args, device)
     guard = MethodGuard(budget, reserve=args.reserve_s)
     rows, skipped = [], []

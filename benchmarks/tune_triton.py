@@ -4,7 +4,8 @@ The backend's tile sizes and warp counts (`kernels/triton_moc._config`) were fir
 without register spills. This script times each kernel under a few candidate settings, one setting changed at a time
 from the current default, on a Wan-style multi-shot sequence (bf16, B=1, H=12, D=128, 1560-token frames in 8 shots,
 ~15% density, video-like inputs), and reports the fastest setting of each kernel. All candidates run on the same
-inputs, routing and plan, in one process: the ratios are what to trust.
+inputs and routing, in one process, through `moc_attention` (the plan is built in each call, as in a model): the
+ratios are what to trust.
 
     python benchmarks/tune_triton.py                     # 180k tokens on CUDA
     python benchmarks/tune_triton.py --lengths 32k,180k
@@ -32,6 +33,7 @@ from bench_attention import (  # noqa: E402
     time_fn,
 )
 
+from diffusers_moc import moc_attention  # noqa: E402
 from diffusers_moc.core.kernels import triton_moc as tm  # noqa: E402
 
 
@@ -54,11 +56,12 @@ def candidates(default: tm._Config) -> list[tuple[str, tm._Config]]:
     ]
 
 
-def _time_config(case: Case, plan, cfg: tm._Config, args) -> dict:
+def _time_config(case: Case, cfg: tm._Config, args) -> dict:
     original = tm._config
+    triton = case.config.replace(backend="triton")
     tm._config = lambda *a, **k: cfg  # the kernels read their settings here; restored below
     try:
-        moc = lambda a, b, c: tm.triton_attention(a, b, c, case.routing, plan=plan)  # noqa: E731
+        moc = lambda a, b, c: moc_attention(a, b, c, case.layout, triton, routing=case.routing)  # noqa: E731
         fwd = time_fn(lambda: moc(case.q, case.k, case.v), case.device, args.warmup, args.iters)
         both = time_fn(fwd_bwd(moc, case.q, case.k, case.v, case.grad), case.device, args.warmup, args.iters)
     finally:
@@ -69,7 +72,6 @@ def _time_config(case: Case, plan, cfg: tm._Config, args) -> dict:
 def run_length(args, length: int, device, dtype, deadline: float) -> list[dict]:
     case = Case(args, length, "video", device, dtype)
     default = tm._config(args.head_dim, device, dtype)
-    plan = tm.build_plan(case.routing, block_m=default.block_m)
     rows = []
     for name, cfg in candidates(default):
         if time.monotonic() > deadline:
@@ -77,7 +79,7 @@ def run_length(args, length: int, device, dtype, deadline: float) -> list[dict]:
             continue
         row = {"tokens": case.layout.num_tokens, "setting": name, "config": dataclasses.asdict(cfg)}
         try:
-            row.update(_time_config(case, plan, cfg, args))
+            row.update(_time_config(case, cfg, args))
         except Exception as e:  # a setting that does not compile (shared memory, registers) is a finding
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         rows.append(row)

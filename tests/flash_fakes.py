@@ -5,8 +5,7 @@ valid arguments)."""
 from __future__ import annotations
 
 import torch
-
-from diffusers_moc.core.kernels.varlen_contract import varlen_contract_violations
+from varlen_contract import varlen_contract_violations
 
 
 class ContractError(AssertionError):

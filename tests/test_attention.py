@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import pretend_runs, reference_attention
 from conftest import random_layout
 
 import diffusers_moc.core.kernels.executors as executors
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, available_backends, moc_attention, resolve_backend, route
-from diffusers_moc.core.kernels import MAX_REFERENCE_TOKENS, reference_attention
+from diffusers_moc.core.kernels.reference import MAX_REFERENCE_TOKENS
 
 CONFIGS = [
     MoCConfig(top_k=2),
@@ -150,11 +151,9 @@ def test_a_query_output_does_not_depend_on_other_queries_routing(block_path):
 
 
 def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatch):
-    import diffusers_moc.core.attention as attention
     import diffusers_moc.core.kernels.flex as flex
 
-    for name in ("_flash_usable", "_flash_attn_usable", "_flex_usable", "_triton_usable"):
-        monkeypatch.setattr(attention, name, lambda device: device.type == "cuda")
+    pretend_runs(monkeypatch, flash=True, flash_attn=True, flex=True, triton=True)
     monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: None)
     bf16, fp16 = torch.bfloat16, torch.float16
     for dtype in (bf16, fp16):
@@ -164,13 +163,15 @@ def test_auto_takes_the_measured_fastest_backend_per_dtype_and_length(monkeypatc
     assert resolve_backend("auto", "cuda", bf16, 179_400, head_dim=320) == "flash_attn"
     assert resolve_backend("auto", "cuda", torch.float32, 32_760) == "torch"
     assert resolve_backend("auto", "cpu", bf16, 32_760) == "torch"
-    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
+    pretend_runs(monkeypatch, triton=False)
     assert resolve_backend("auto", "cuda", bf16, 32_760) == "flex"  # on FlashAttention-4
     assert resolve_backend("auto", "cuda", fp16, 179_400) == "flash_attn"
     monkeypatch.setattr(flex, "flash_kernels_unsupported_for", lambda *facts: "flash-attn-4 is not installed")
     assert resolve_backend("auto", "cuda", bf16, 32_760) == "flash_attn"  # not FlexAttention's slower Triton kernels
-    monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
+    pretend_runs(monkeypatch, flash_attn=False)
     assert resolve_backend("auto", "cuda", bf16, 179_400) == "flash"
+    pretend_runs(monkeypatch, flash=False)
+    assert resolve_backend("auto", "cuda", bf16, 179_400) == "torch"
     assert resolve_backend("triton", "cuda") == "triton"
 
 

@@ -10,14 +10,14 @@ import warnings
 
 import pytest
 import torch
+from _kernels import kernel_attention
 from conftest import random_layout
 
 import diffusers_moc.core.kernels.executors as executors
 import diffusers_moc.core.kernels.flex as flex
 import diffusers_moc.core.kernels.flex_mask as flex_mask
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, route
-from diffusers_moc.core.attention import load_kernel
-from diffusers_moc.core.kernels import kernel_attention
+from diffusers_moc.core.backends import load_kernel
 from diffusers_moc.core.routing import expand_routing
 
 

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
+from _kernels import kernel_attention
 from conftest import random_layout
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_moc.core.kernels.flex as flex
 import diffusers_moc.core.kernels.flex_mask as flex_mask
 from diffusers_moc import ChunkLayout, MoCConfig, available_backends, moc_attention, route
-from diffusers_moc.core.kernels import kernel_attention
 from diffusers_moc.core.kernels.flex_mask import flex_block_mask
 from diffusers_moc.core.routing import expand_routing
 

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusers_moc"
 
 # Lower number = lower layer. Inside the core:
 CORE_LAYERS = {
+    "backends": 0,
     "config": 0,
     "layout": 0,
     "context": 0,

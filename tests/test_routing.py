@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import random_layout
 
-from diffusers_moc import ChunkLayout, MoCConfig, dense_mask, route
+from diffusers_moc import ChunkLayout, MoCConfig, route
+from diffusers_moc.core.routing import expand_routing
 
 
 def spec_mask(q, k, layout: ChunkLayout, cfg: MoCConfig) -> torch.Tensor:
@@ -320,3 +321,8 @@ def test_drop_in_draws_beyond_the_slot_bound_are_capped(monkeypatch):
     sel = route(q, k, layout, cfg, training=True, generator=torch.Generator().manual_seed(0)).selected
     assert sel.shape[-1] == 1 + bound  # static: top_k slots plus the bound
     assert bool(((sel[..., 1:] >= 0).sum(-1) == bound).all())  # every query drew more, capped at the bound
+
+
+def dense_mask(q, k, layout, config, **route_kwargs) -> torch.Tensor:
+    """The boolean `(B, H, L, L)` set of attended query-key pairs (materialises `L x L`; small inputs only)."""
+    return expand_routing(route(q, k, layout, config, **route_kwargs))

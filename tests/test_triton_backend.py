@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("triton", reason="backend='triton' needs the optional `triton` package")
 
+from _kernels import reference_attention, triton_attention  # noqa: E402
 from conftest import random_layout  # noqa: E402
 
 from diffusers_moc import ChunkLayout, MoCConfig, moc_attention  # noqa: E402
-from diffusers_moc.core.kernels import reference_attention  # noqa: E402
 from diffusers_moc.core.routing import MoCRouting, expand_routing, route  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +83,7 @@ def test_forward_backward_fp32_match_reference(name):
     routing = route(q, k, layout, config)
     grad_out = torch.randn_like(q)
     ref = _grads(reference_attention, q, k, v, routing, grad_out)
-    out = _grads(tm.triton_attention, q, k, v, routing, grad_out)
+    out = _grads(triton_attention, q, k, v, routing, grad_out)
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
     for got, want in zip(out[1:], ref[1:]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -105,7 +105,7 @@ def test_random_layouts_match_reference(rng):
         routing = route(q, k, layout, config)
         grad_out = torch.randn_like(q)
         ref = _grads(reference_attention, q, k, v, routing, grad_out)
-        out = _grads(tm.triton_attention, q, k, v, routing, grad_out)
+        out = _grads(triton_attention, q, k, v, routing, grad_out)
         where = f"{layout} {config}"
         torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
         for got, want in zip(out[1:], ref[1:]):
@@ -116,7 +116,7 @@ def test_dense_when_everything_routed():
     # top_k above the candidates and causal=False: MoC is dense attention (spec section 2.6).
     layout = _layout()
     q, k, v = _inputs(layout)
-    out = tm.triton_attention(q, k, v, route(q, k, layout, MoCConfig(top_k=100, causal=False, local_window=0)))
+    out = triton_attention(q, k, v, route(q, k, layout, MoCConfig(top_k=100, causal=False, local_window=0)))
     dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
@@ -132,7 +132,7 @@ def test_tokens_of_a_tile_disagree(reorder):
     assert plan.overfetch() > 1.2
     grad_out = torch.randn_like(q)
     ref = _grads(reference_attention, q, k, v, routing, grad_out)
-    out = _grads(lambda *a: tm.triton_attention(*a, plan=plan), q, k, v, routing, grad_out)
+    out = _grads(lambda *a: triton_attention(*a, plan=plan), q, k, v, routing, grad_out)
     for got, want in zip(out, ref):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -154,7 +154,7 @@ def test_reorder_groups_tokens_with_equal_sets():
     assert tm.build_plan(routing, block_m=16).overfetch() == 1.0  # "auto" picks the grouped order here
     q, k, v = _inputs(layout, H=1)
     torch.testing.assert_close(
-        tm.triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
+        triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
     )
 
 
@@ -184,7 +184,7 @@ def test_fp16_forward_backward_loose():
     routing = route(q, k, layout, MoCConfig(top_k=2))
     grad_out = torch.randn_like(q)
     ref = _grads(reference_attention, q.float(), k.float(), v.float(), routing, grad_out.float())
-    out = _grads(tm.triton_attention, q, k, v, routing, grad_out)
+    out = _grads(triton_attention, q, k, v, routing, grad_out)
     assert out[0].dtype == torch.float16
     for got, want in zip(out, ref):
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
@@ -200,7 +200,7 @@ def test_bf16_forward_backward_on_cuda(head_dim):
     routing = route(q, k, layout, MoCConfig(top_k=2))
     grad_out = torch.randn_like(q)
     ref = _grads(reference_attention, q.float(), k.float(), v.float(), routing, grad_out.float())
-    out = _grads(tm.triton_attention, q, k, v, routing, grad_out)
+    out = _grads(triton_attention, q, k, v, routing, grad_out)
     for got, want in zip(out, ref):
         torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
@@ -213,12 +213,12 @@ def test_training_routing_and_block_routing():
     routing = route(q, k, layout, cfg, training=True, generator=gen)
     assert routing.selected.shape[-1] > 2  # drop-in added slots
     torch.testing.assert_close(
-        tm.triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
+        triton_attention(q, k, v, routing), reference_attention(q, k, v, routing), atol=1e-5, rtol=1e-5
     )
     for block_size in (8, 16):
         block = route(q, k, layout, MoCConfig(top_k=2, route_by="block", block_size=block_size))
         torch.testing.assert_close(
-            tm.triton_attention(q, k, v, block), reference_attention(q, k, v, block), atol=1e-5, rtol=1e-5
+            triton_attention(q, k, v, block), reference_attention(q, k, v, block), atol=1e-5, rtol=1e-5
         )
     # Blocks of the tile size: every tile is pure, so "auto" keeps token order and computes only attended pairs.
     plan = tm.build_plan(block, block_m=16)
@@ -230,7 +230,7 @@ def test_log_sum_exp_and_odd_head_sizes():
     layout = _layout()
     q, k, v = _inputs(layout, D=12, DV=20)
     routing = route(q, k, layout, MoCConfig(top_k=2))
-    out, lse = tm.triton_attention(q, k, v, routing, scale=0.3, return_lse=True)
+    out, lse = triton_attention(q, k, v, routing, scale=0.3, return_lse=True)
     assert out.shape == v.shape and lse.shape == (1, 2, layout.num_tokens)
     torch.testing.assert_close(out, reference_attention(q, k, v, routing, scale=0.3), atol=1e-5, rtol=1e-5)
     scores = torch.einsum("blhd,bmhd->bhlm", q, k) * 0.3
@@ -239,7 +239,7 @@ def test_log_sum_exp_and_odd_head_sizes():
     # Gradients flow through the padding.
     grad_out = torch.randn_like(v)
     ref = _grads(lambda *a: reference_attention(*a, scale=0.3), q, k, v, routing, grad_out)
-    got = _grads(lambda *a: tm.triton_attention(*a, scale=0.3), q, k, v, routing, grad_out)
+    got = _grads(lambda *a: triton_attention(*a, scale=0.3), q, k, v, routing, grad_out)
     for a, b in zip(got[1:], ref[1:]):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -258,19 +258,19 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     q, k, v = _inputs(layout)
     routing = route(q, k, layout, MoCConfig(top_k=2))
     with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
-        tm.triton_attention(q.double(), k.double(), v.double(), routing)
+        triton_attention(q.double(), k.double(), v.double(), routing)
     with pytest.raises(ValueError, match="routing is for"):
-        tm.triton_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], routing)
+        triton_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], routing)
     with pytest.raises(ValueError, match="share one dtype"):
-        tm.triton_attention(q, k.half(), v, routing)
+        triton_attention(q, k.half(), v, routing)
     with pytest.raises(ValueError, match="power of two"):
-        tm.triton_attention(q, k, v, routing, block_m=24)
+        triton_attention(q, k, v, routing, block_m=24)
     with pytest.raises(ValueError, match="reorder must be"):
         tm.build_plan(routing, reorder="sometimes")
     if DEVICE.type == "cpu":
         monkeypatch.setattr(tm, "_INTERPRETED", False)
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-            tm.triton_attention(q, k, v, routing)
+            triton_attention(q, k, v, routing)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(

@@ -8,17 +8,18 @@ import warnings
 import flash_fakes
 import pytest
 import torch
+from _kernels import pretend_runs, reference_attention
 from conftest import random_layout
+from varlen_contract import RecordingExecutor, varlen_contract_violations
 
 import diffusers_moc.core.kernels.executors as executors
 import diffusers_moc.core.kernels.flash_attn_executors as fa_executors
 import diffusers_moc.core.kernels.varlen_plan as varlen_plan
 from diffusers_moc import ChunkLayout, MoCConfig, MoCRouting, moc_attention, route
-from diffusers_moc.core.kernels import FLASH, reference_attention
 from diffusers_moc.core.kernels.executors import TorchExecutor, TorchFlashExecutor
+from diffusers_moc.core.kernels.flash import FLASH
 from diffusers_moc.core.kernels.flash_attn_executors import FlashAttnExecutor
 from diffusers_moc.core.kernels.varlen import varlen_backward, varlen_forward
-from diffusers_moc.core.kernels.varlen_contract import RecordingExecutor, varlen_contract_violations
 from diffusers_moc.core.kernels.varlen_plan import build_varlen_plan, call_costs
 from diffusers_moc.core.routing import expand_routing
 
@@ -307,29 +308,24 @@ def test_moc_attention_runs_every_backend_name(rng):
 
 
 def test_auto_picks_pytorch_flash_kernels_on_long_cuda_sequences_without_flash_attn(monkeypatch):
-    import diffusers_moc.core.attention as attention
+    from diffusers_moc.core import backends
 
-    monkeypatch.setattr(attention, "_flash_usable", lambda device: device.type == "cuda")
-    monkeypatch.setattr(attention, "_flash_attn_usable", lambda device: False)
-    monkeypatch.setattr(attention, "_triton_usable", lambda device: device.type == "cuda")
-    monkeypatch.setattr(attention, "_flex_usable", lambda device: False)
-    assert attention.available_backends("cuda")[0] == "flash"
-    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "triton"
-    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
-    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "flash"
-    assert attention.resolve_backend("auto", "cpu") == "torch"
-    monkeypatch.setattr(attention, "_flash_usable", lambda device: False)
-    monkeypatch.setattr(attention, "_triton_usable", lambda device: False)
-    monkeypatch.setattr(attention, "_flex_usable", lambda device: False)
-    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "torch"
+    pretend_runs(monkeypatch, flash=True, flash_attn=False, triton=True, flex=False, flex_triton=False)
+    assert backends.available_backends("cuda") == ["flash", "triton", "torch", "reference"]
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "triton"
+    pretend_runs(monkeypatch, triton=False)
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "flash"
+    assert backends.resolve_backend("auto", "cpu") == "torch"
+    pretend_runs(monkeypatch, flash=False)
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16, 179_400) == "torch"
 
 
 def test_missing_flash_attn_is_a_named_error(monkeypatch):
-    import diffusers_moc.core.attention as attention
+    from diffusers_moc.core import backends
 
     monkeypatch.setattr(fa_executors, "_interface", lambda: (None, "flash-attn is not installed (x)", None, None))
     with pytest.raises(RuntimeError, match=r"backend='flash_attn' is not available: flash-attn is not installed"):
-        attention.load_kernel("flash_attn")
+        backends.load_kernel("flash_attn")
     layout = ChunkLayout.for_video(2, 3)
     q = torch.randn(1, 6, 1, 8)
     with pytest.raises(RuntimeError, match="flash_attn"):

@@ -21,9 +21,9 @@ _LAZY = {
     "supported_models": "core.apply",
     "supported_models_table": "models_table",
     "update_moc_config": "core.apply",
-    "available_backends": "core.attention",
+    "available_backends": "core.backends",
     "moc_attention": "core.attention",
-    "resolve_backend": "core.attention",
+    "resolve_backend": "core.backends",
     "MoCAttnProcessorBase": "core.attention_processors",
     "MoCCogVideoXAttnProcessor": "core.attention_processors",
     "MoCHunyuanVideo15AttnProcessor": "core.attention_processors",
@@ -39,7 +39,6 @@ _LAZY = {
     "ChunkLayout": "core.layout",
     "MoCRouting": "core.routing",
     "chunk_means": "core.routing",
-    "dense_mask": "core.routing",
     "route": "core.routing",
     "RoutingMap": "core.recording",
     "moc_routing_map": "core.recording",
@@ -81,11 +80,12 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         supported_models,
         update_moc_config,
     )
-    from .core.attention import available_backends, moc_attention, resolve_backend  # noqa: F401
+    from .core.attention import moc_attention  # noqa: F401
+    from .core.backends import available_backends, resolve_backend  # noqa: F401
     from .core.config import MoCConfig  # noqa: F401
     from .core.context import MoCContext, current_moc_context, moc_context  # noqa: F401
     from .core.layout import ChunkLayout  # noqa: F401
     from .core.recording import RoutingMap, moc_routing_map  # noqa: F401
-    from .core.routing import MoCRouting, chunk_means, dense_mask, route  # noqa: F401
+    from .core.routing import MoCRouting, chunk_means, route  # noqa: F401
     from .errors import InputError  # noqa: F401
     from .models_table import supported_models_table  # noqa: F401

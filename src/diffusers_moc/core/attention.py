@@ -9,159 +9,16 @@ settings as lists of ints and bools, a float and a string.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
-from .config import BACKENDS, MoCConfig
-from .kernels import FLASH, FLASH_ATTN, REFERENCE, TORCH, MoCKernel
-from .kernels.executors import torch_flash_unavailable
-from .kernels.flash_attn_executors import flash_attn_unavailable, flash_attn_version
+from .backends import load_kernel, resolve_backend
+from .config import MoCConfig
 from .layout import ChunkLayout
 from .routing import MoCRouting, route
 
-__all__ = ["moc_attention", "available_backends", "resolve_backend", "load_kernel"]
-
-
-def _load_triton() -> MoCKernel:
-    try:
-        from .kernels.triton_moc import TRITON  # noqa: PLC0415  (optional extra, imported lazily)
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' is not available: {e}") from e
-    return TRITON
-
-
-def _load_flex() -> MoCKernel:
-    from .kernels.flex import FLEX, flex_unavailable  # noqa: PLC0415  (imports FlexAttention on first use)
-
-    reason = flex_unavailable()
-    if reason is not None:
-        raise RuntimeError(f"backend='flex' is not available: {reason}")
-    return FLEX
-
-
-def _load_flash_attn() -> MoCKernel:
-    if flash_attn_version() is None:  # not installed (or too old): name why
-        raise RuntimeError(f"backend='flash_attn' is not available: {flash_attn_unavailable('cpu')}")
-    return FLASH_ATTN
-
-
-# Backend name -> loader of its kernel (optional extras are imported on first use).
-_LOADERS: dict[str, Callable[[], MoCKernel]] = {
-    "reference": lambda: REFERENCE,
-    "torch": lambda: TORCH,
-    "flash": lambda: FLASH,
-    "flash_attn": _load_flash_attn,
-    "flex": _load_flex,
-    "triton": _load_triton,
-}
-
-
-def load_kernel(name: str) -> MoCKernel:
-    """The [`~kernels.MoCKernel`] of a concrete backend name (not `"auto"`; see [`resolve_backend`])."""
-    return _LOADERS[name]()
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        _load_triton()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _flash_usable(device: torch.device) -> bool:
-    """PyTorch's flash var-len kernels run on `device` (for float16 / bfloat16 inputs)."""
-    return device.type == "cuda" and torch_flash_unavailable(device) is None
-
-
-def _flex_usable(device: torch.device) -> bool:
-    from .kernels.flex import flex_unavailable  # noqa: PLC0415
-
-    return device.type == "cuda" and flex_unavailable() is None
-
-
-def _flash_attn_usable(device: torch.device) -> bool:
-    return device.type == "cuda" and flash_attn_unavailable(device) is None
-
-
-# What "auto" runs on CUDA, per dtype: for sequences of up to `_AUTO_SHORT_TOKENS` tokens and for longer ones, the
-# backends in the order of their times on one H200 (`benchmarks/gpu_check.py` at 32k, 90k and 180k tokens, and the
-# Triton kernels' launch settings as `benchmarks/tune_triton.py` measured them; results in `benchmarks/results/`),
-# among those that passed the correctness stage in that dtype; the first that runs here is taken. The Triton kernels
-# led the forward at every length and, with the tuned backward, forward+backward too; next come FlexAttention on
-# FlashAttention-4 kernels up to 90k tokens and the var-len scheme on FlashAttention-4 (`flash_attn`) at 180k. `flex`
-# counts only where it runs FlashAttention-4: on FlexAttention's Triton kernels it measured slower than dense
-# attention. Other dtypes: the portable torch backend.
-_AUTO_SHORT_TOKENS = 128_000
-_AUTO_CUDA = {
-    torch.bfloat16: (
-        ("triton", "flex", "flash_attn", "flash", "torch"),
-        ("triton", "flash_attn", "flex", "flash", "torch"),
-    ),
-    # float16 passed the same correctness checks on every path; it takes bfloat16's order (timed in bfloat16).
-    torch.float16: (
-        ("triton", "flex", "flash_attn", "flash", "torch"),
-        ("triton", "flash_attn", "flex", "flash", "torch"),
-    ),
-}
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` (`flash` and `flash_attn` for float16 / bfloat16; on CUDA, `flex` runs
-    FlexAttention's Triton kernels where FlashAttention-4 cannot). [`resolve_backend`] says which one `"auto"`
-    takes."""
-    device = torch.device(device)
-    candidates = (("flash", _flash_usable), ("flash_attn", _flash_attn_usable), ("flex", _flex_usable),
-                  ("triton", _triton_usable))  # fmt: skip
-    names = [name for name, usable in candidates if usable(device)]
-    return names + ["torch", "reference"]
-
-
-def _auto_usable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    if name == "torch":
-        return True
-    if name == "flex":
-        from .kernels.flex import flash_kernels_unsupported_for  # noqa: PLC0415
-
-        return _flex_usable(device) and flash_kernels_unsupported_for(device, dtype, head_dim, head_dim) is None
-    if name == "triton" and head_dim > 256:  # its kernels' limit (the flash paths fall back by themselves, warning)
-        return False
-    usable = {"flash": _flash_usable, "flash_attn": _flash_attn_usable, "triton": _triton_usable}[name]
-    return usable(device)
-
-
-def resolve_backend(
-    name: str,
-    device: torch.device | str,
-    dtype: torch.dtype | None = None,
-    tokens: int | None = None,
-    head_dim: int | None = None,
-) -> str:
-    r"""
-    The concrete backend `name` stands for (`"auto"`: the fastest measured backend that runs, see `_AUTO_CUDA`).
-
-    Args:
-        name (`str`): a backend name, or `"auto"`.
-        device (`torch.device` or `str`): where the attention runs.
-        dtype (`torch.dtype`, *optional*): the inputs' dtype (default bfloat16).
-        tokens (`int`, *optional*): the sequence length (default: a long sequence).
-        head_dim (`int`, *optional*): the head size (default 128).
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown MoC backend {name!r}; choose one of {list(BACKENDS)}")
-    if name != "auto":
-        return name
-    device = torch.device(device)
-    dtype = torch.bfloat16 if dtype is None else dtype
-    if device.type != "cuda" or dtype not in _AUTO_CUDA:
-        return "torch"
-    short, long = _AUTO_CUDA[dtype]
-    order = short if tokens is not None and tokens <= _AUTO_SHORT_TOKENS else long
-    return next(n for n in order if _auto_usable(n, device, dtype, 128 if head_dim is None else head_dim))
+__all__ = ["moc_attention"]
 
 
 # ---------------------------------------------------------------------------------------------- the attention op
@@ -224,7 +81,7 @@ def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_tex
     `benchmarks/bench_routing.py` counts them.
     """
     layout = _layout(tuple(sizes), tuple(shots), tuple(is_text))
-    kernel = load_kernel(resolve_backend(backend, q.device, q.dtype, q.shape[1], q.shape[-1]))
+    kernel = load_kernel(backend)
     if padding_mask is None or bool(padding_mask.all()):
         out, lse = kernel.forward(q, k, v, MoCRouting(layout, selected, anchors), scale)
         return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
@@ -240,7 +97,7 @@ def _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_tex
 
 def _autograd_dispatch():
     """Inside a custom op the autograd dispatch keys are excluded; a backend whose backward differentiates its forward
-    again (`reference`) needs them back."""
+    again (`flex`: FlexAttention's backward exists only as autograd) needs them back."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA):
         exclude = exclude.remove(key)
@@ -257,7 +114,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, selected, anchors, padding_mask,
 
 def _backward_body(grad_out, q, k, v, out, lse, selected, anchors, padding_mask, sizes, shots, is_text, scale, backend):
     layout = _layout(tuple(sizes), tuple(shots), tuple(is_text))
-    kernel = load_kernel(resolve_backend(backend, q.device, q.dtype, q.shape[1], q.shape[-1]))
+    kernel = load_kernel(backend)
     if padding_mask is None or bool(padding_mask.all()):
         grads = kernel.backward(grad_out, q, k, v, out, lse, MoCRouting(layout, selected, anchors), scale)
         return tuple(g.contiguous() for g in grads)
@@ -284,7 +141,6 @@ def _attention_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Late-bound so that tests can watch the implementation (host reads inside the op).
     return _forward_impl(q, k, v, selected, anchors, padding_mask, sizes, shots, is_text, scale, backend)
 
 
@@ -432,6 +288,8 @@ def moc_attention(
     elif routing.layout != layout:
         raise ValueError("the routing passed was computed for another layout")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    # Resolved once per call: the op and its backward run the concrete backend.
+    backend = resolve_backend(config.backend, query.device, query.dtype, query.shape[1], query.shape[-1])
     out, _ = _attention_op(
         query,
         key,
@@ -443,6 +301,6 @@ def moc_attention(
         list(layout.shots),
         list(layout.is_text),
         scale,
-        config.backend,
+        backend,
     )
     return (out, routing) if return_routing else out

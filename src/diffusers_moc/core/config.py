@@ -9,11 +9,11 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["MoCConfig", "CONFIG_NAME", "BACKENDS", "resolve_pretrained_source"]
+from .backends import backend_names
+
+__all__ = ["MoCConfig", "CONFIG_NAME", "resolve_pretrained_source"]
 
 CONFIG_NAME = "moc_config.json"
-#: Attention backends `moc_attention` knows; "auto" picks the best backend verified on the device (see attention.py).
-BACKENDS = ("auto", "reference", "torch", "flash", "flash_attn", "flex", "triton")
 ROUTE_BY = ("token", "block")
 TEXT_ANCHORS = ("all", "shot")
 
@@ -94,7 +94,7 @@ class MoCConfig:
         check_bool("causal")
         check_choice("text_anchors", TEXT_ANCHORS)
         check_choice("route_by", ROUTE_BY)
-        check_choice("backend", BACKENDS)
+        check_choice("backend", backend_names())
         if (
             isinstance(self.drop_off, bool)
             or not isinstance(self.drop_off, (int, float))

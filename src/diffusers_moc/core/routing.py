@@ -2,7 +2,7 @@
 
 The result is compact: the routed chunk ids per query token and head `(B, H, L, S)` plus a chunk-level anchor mask
 `(C, C)`. Scores are computed in query tiles, so nothing here is larger than `L x C` per head; only the test helper
-[`dense_mask`] expands to `L x L`.
+[`expand_routing`] expands to `L x L` (the reference backend's mask).
 
 Routing is plain torch with shapes fixed by the layout and the config: no host reads (`.item()`, `bool(tensor)`,
 `nonzero`) and no data-dependent shapes, so `torch.compile(fullgraph=True)` and `torch.export` trace it whole.
@@ -18,7 +18,7 @@ import torch
 from .config import MoCConfig
 from .layout import ChunkLayout
 
-__all__ = ["MoCRouting", "route", "chunk_means", "dense_mask", "drop_in_slots"]
+__all__ = ["MoCRouting", "route", "chunk_means", "drop_in_slots", "expand_routing"]
 
 # Queries scored per step; bounds the transient (B, H, tile, C) score tensor.
 _ROUTE_TILE = 8192
@@ -346,17 +346,7 @@ def _regularise(
     return selected
 
 
-def dense_mask(
-    q: torch.Tensor, k: torch.Tensor, layout: ChunkLayout, config: MoCConfig, **route_kwargs
-) -> torch.Tensor:
-    r"""
-    Test helper: the boolean `(B, H, L, L)` set of attended query-key pairs. Materialises `L x L`; small inputs only.
-    """
-    routing = route(q, k, layout, config, **route_kwargs)
-    return expand_routing(routing)
-
-
 def expand_routing(routing: MoCRouting) -> torch.Tensor:
-    """`(B, H, L, L)` bool token-pair mask of a routing (test and reference use only)."""
+    """`(B, H, L, L)` bool token-pair mask of a routing (the reference backend's; materialises `L x L`)."""
     tok_chunk = routing.layout.token_chunks(routing.selected.device)
     return routing.chunk_mask()[..., tok_chunk]

@@ -1,26 +1,16 @@
 """Attention backends: each is a [`MoCKernel`], a forward `(q, k, v, routing, scale) -> (out, lse)` and a backward,
-with `(B, L, H, D)` tensors (see `kernels/base.py`).
+with `(B, L, H, D)` tensors (see `kernels/base.py`), registered in `core/backends.py` by `kernels/backends.py`.
 
 - `reference`: explicit mask, by definition (`reference.py`);
 - `torch`, `flash`, `flash_attn`: the var-len scheme (`varlen.py`) on the portable executor, PyTorch's flash kernels
   or the flash-attn package (`executors.py`, `flash_attn_executors.py`);
+- `flex`, `flex_triton`: FlexAttention with the routing's block mask (`flex.py`, `flex_mask.py`);
 - `triton`: fused Triton kernels (`triton_moc.py`, imported on demand).
+
+Every backend runs through one differentiable op, `moc_attention`'s `diffusers_moc::attention`.
 """
 
-from .base import MoCKernel, kernel_attention
-from .flash import FLASH, FLASH_ATTN, flash_attention
-from .reference import MAX_REFERENCE_TOKENS, REFERENCE, reference_attention
-from .torch_chunked import TORCH, torch_attention
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .base import MoCKernel
 
-__all__ = [
-    "FLASH",
-    "FLASH_ATTN",
-    "MAX_REFERENCE_TOKENS",
-    "MoCKernel",
-    "REFERENCE",
-    "TORCH",
-    "flash_attention",
-    "kernel_attention",
-    "reference_attention",
-    "torch_attention",
-]
+__all__ = ["MoCKernel"]

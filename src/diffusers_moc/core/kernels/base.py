@@ -3,7 +3,7 @@
 A backend is a [`MoCKernel`]: `forward(q, k, v, routing, scale) -> (out, lse)` and
 `backward(grad_out, q, k, v, out, lse, routing, scale) -> (dq, dk, dv)`, with `q, k, v, out` shaped `(B, L, H, D)`
 (as diffusers passes them) and `lse` the natural-log log-sum-exp of every query row, `(B, H, L)`, in float32 (float64
-for float64 inputs). Keeping the two halves apart lets one autograd wrapper (or one `torch.library` op) serve every
+for float64 inputs). Keeping the two halves apart lets one `torch.library` op (`moc_attention`'s) serve every
 backend, and lets the backward run from the saved output and log-sum-exp, FlashAttention style.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from ..routing import MoCRouting
 
-__all__ = ["MoCKernel", "kernel_attention"]
+__all__ = ["MoCKernel"]
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MoCRouting, float], tuple[torch.Tensor, torch.Tensor]]
 BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -36,26 +36,3 @@ class MoCKernel:
     name: str
     forward: ForwardFn
     backward: BackwardFn
-
-
-class _KernelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, routing, scale, kernel):
-        out, lse = kernel.forward(q, k, v, routing, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.routing, ctx.scale, ctx.kernel = routing, scale, kernel
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.kernel.backward(grad_out, q, k, v, out, lse, ctx.routing, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
-def kernel_attention(
-    kernel: MoCKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: MoCRouting, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernel` as a differentiable function of `q, k, v`: returns `(out, lse)`; `lse` carries no gradient."""
-    return _KernelFunction.apply(q, k, v, routing, scale, kernel)

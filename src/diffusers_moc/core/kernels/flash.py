@@ -18,18 +18,13 @@ Host reads: see `kernels/varlen.py` (plan), plus one for the NaN check.
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from ..routing import MoCRouting
-from .base import MoCKernel, kernel_attention
+from .base import MoCKernel
 from .executors import TorchFlashExecutor, choose_executor
 from .flash_attn_executors import FlashAttnExecutor
 from .nan_guard import sdpa_nan
 from .varlen import varlen_kernel_functions
 
-__all__ = ["FLASH", "FLASH_ATTN", "flash_attention"]
+__all__ = ["FLASH", "FLASH_ATTN"]
 
 _CANDIDATES = {"flash": (TorchFlashExecutor,), "flash_attn": (FlashAttnExecutor, TorchFlashExecutor)}
 
@@ -41,25 +36,3 @@ def _kernel(name: str) -> MoCKernel:
 
 FLASH = _kernel("flash")
 FLASH_ATTN = _kernel("flash_attn")
-
-
-def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    routing: MoCRouting,
-    scale: float | None = None,
-    backend: str = "flash",
-) -> torch.Tensor:
-    r"""
-    MoC attention on fused flash var-len kernels. `q, k, v` are `(B, L, H, D)`; returns `(B, L, H, D)` in
-    `q.dtype`, differentiable.
-
-    Args:
-        backend (`str`, defaults to `"flash"`): `"flash"` (PyTorch's kernels) or `"flash_attn"` (the flash-attn
-            package).
-    """
-    if backend not in _CANDIDATES:
-        raise ValueError(f"backend must be 'flash' or 'flash_attn', got {backend!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return kernel_attention(FLASH if backend == "flash" else FLASH_ATTN, q, k, v, routing, scale)[0]

@@ -12,10 +12,10 @@ import math
 import torch
 
 from ..routing import MoCRouting, expand_routing
-from .base import MoCKernel, kernel_attention
+from .base import MoCKernel
 from .nan_guard import check_scale
 
-__all__ = ["MAX_REFERENCE_TOKENS", "REFERENCE", "reference_attention"]
+__all__ = ["MAX_REFERENCE_TOKENS", "REFERENCE"]
 
 #: Longest sequence the reference backend accepts; its mask and scores are L x L.
 MAX_REFERENCE_TOKENS = 8192
@@ -45,23 +45,21 @@ def _forward(q, k, v, routing, scale):
 
 
 def _backward(grad_out, q, k, v, out, lse, routing, scale):
-    # By definition: differentiate the forward again (the reference is about being obviously right, not fast).
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        recomputed, _ = _forward(*leaves, routing, scale)
-        return torch.autograd.grad(recomputed, leaves, grad_out)
+    r"""
+    The gradients by their definition, from the saved output and log-sum-exp: `P = exp(S - lse)`, `dV = P^T dO`,
+    `dS = P * (dO V^T - rowsum(dO * O))`, `dQ = scale dS K`, `dK = scale dS^T Q`. NaN inputs are zeroed here as in
+    [`~kernels.nan_guard.sdpa_nan`]: NaN reaches the gradients through the NaN output and log-sum-exp, as through SDPA.
+    """
+    q, k, v = (torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf) for x in (q, k, v))
+    scores = _scores(q, k, routing, scale)
+    work = scores.dtype
+    p = torch.exp(scores - lse.to(work)[..., None])
+    qh, kh, vh, do, o = (x.transpose(1, 2).to(work) for x in (q, k, v, grad_out, out))
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = p * (torch.matmul(do, vh.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kh) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qh) * scale
+    return tuple(g.transpose(1, 2).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
 
 
 REFERENCE = MoCKernel("reference", _forward, _backward)
-
-
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: MoCRouting, scale: float | None = None
-) -> torch.Tensor:
-    r"""
-    MoC attention by definition: softmax over exactly the attended tokens. `q, k, v` are `(B, L, H, D)`.
-
-    Computes in float32 (float64 inputs stay float64) and returns the input dtype; differentiable.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return kernel_attention(REFERENCE, q, k, v, routing, scale)[0]

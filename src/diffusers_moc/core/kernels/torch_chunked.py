@@ -15,28 +15,11 @@ Host reads: see `kernels/varlen.py` (plan) and `kernels/executors.py` (`cu_seqle
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from ..routing import MoCRouting
-from .base import MoCKernel, kernel_attention
+from .base import MoCKernel
 from .executors import TorchExecutor
 from .nan_guard import sdpa_nan
 from .varlen import varlen_kernel_functions
 
-__all__ = ["TORCH", "torch_attention"]
+__all__ = ["TORCH"]
 
 TORCH = sdpa_nan(MoCKernel("torch", *varlen_kernel_functions(lambda q, v: TorchExecutor())))
-
-
-def torch_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: MoCRouting, scale: float | None = None
-) -> torch.Tensor:
-    r"""
-    MoC attention with linear memory. `q, k, v` are `(B, L, H, D)`; returns `(B, L, H, D)` in `q.dtype`.
-
-    Merges in float32 (float64 inputs stay float64); differentiable with respect to `q`, `k` and `v`.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return kernel_attention(TORCH, q, k, v, routing, scale)[0]

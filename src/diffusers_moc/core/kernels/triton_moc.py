@@ -51,7 +51,6 @@ interpreter (`TRITON_INTERPRET=1` set before Triton is imported), which the test
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +59,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import MoCRouting
-from .base import MoCKernel, kernel_attention
+from .base import MoCKernel
 from .nan_guard import sdpa_nan
 
-__all__ = ["TRITON", "triton_attention", "build_plan", "MoCTritonPlan"]
+__all__ = ["TRITON", "triton_kernel", "build_plan", "MoCTritonPlan"]
 
 _LOG2E = 1.4426950408889634
 # Bits per bitset word; int64 words keep the kernels' bit test to one load per token and chunk.
@@ -679,45 +678,21 @@ def _triton_backward(grad_out, q, k, v, out, lse, routing, scale, plan=None, blo
 TRITON = sdpa_nan(MoCKernel("triton", _triton_forward, _triton_backward))
 
 
-def triton_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    routing: MoCRouting,
-    scale: float | None = None,
-    *,
-    return_lse: bool = False,
-    plan: MoCTritonPlan | None = None,
-    reorder: bool | str = "auto",
-    block_m: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def triton_kernel(plan: MoCTritonPlan | None = None, block_m: int | None = None, reorder: bool | str = "auto"):
     r"""
-    Fused MoC attention in Triton (exact token-level routing). `q, k, v` are `(B, L, H, D)`; returns `(B, L, H, D)`
-    in `q.dtype`.
-
-    Differentiable with respect to `q`, `k` and `v` (fused backward kernels), so LoRA fine-tuning runs on the
-    sparse path. Accumulates in float32; float32 inputs use exact fp32 products (no TF32).
+    The `triton` backend with its planning settings fixed (the registered backend uses the defaults): for kernel
+    studies and benchmarks that reuse one plan.
 
     Args:
-        q, k, v (`torch.Tensor` of shape `(B, L, H, D)`): float16, bfloat16 or float32, on CUDA (on CPU only under
-            `TRITON_INTERPRET=1`). `v` may have another head size than `q` and `k`.
-        routing (`MoCRouting`): the routing from [`route`].
-        scale (`float`, *optional*): softmax scale, `1 / sqrt(D)` by default.
-        return_lse (`bool`, defaults to `False`): also return the natural-log log-sum-exp, `(B, H, L)` float32.
         plan (`MoCTritonPlan`, *optional*): a plan built before with [`build_plan`] (skips planning).
+        block_m (`int`, *optional*): query slots per tile, 16 to 128 (default: 128 on CUDA, 64 for float32).
         reorder (`bool` or `"auto"`, defaults to `"auto"`): token order inside chunks before tiling, see
             [`build_plan`].
-        block_m (`int`, *optional*): query slots per tile, 16 to 128 (default: 128 on CUDA, 64 for float32).
     """
-    _check(q, k, v, routing)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    # One plan for forward and backward: planning is a fair share of the work.
-    plan, _ = _plan_for(q, v, routing, plan, block_m, reorder)
-    kernel = sdpa_nan(
-        MoCKernel("triton", lambda *a: _triton_forward(*a, plan=plan), lambda *a: _triton_backward(*a, plan=plan))
+    options = dict(plan=plan, block_m=block_m, reorder=reorder)
+    return sdpa_nan(
+        MoCKernel("triton", lambda *a: _triton_forward(*a, **options), lambda *a: _triton_backward(*a, **options))
     )
-    out, lse = kernel_attention(kernel, q, k, v, routing, scale)
-    return (out, lse) if return_lse else out
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:
