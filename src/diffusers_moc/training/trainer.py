@@ -9,12 +9,13 @@ mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(
 through `accelerator.save_state` whose hooks write the adapter in diffusers' LoRA format. On top of that it applies MoC
 (`apply_moc`), anneals `top_k` with the sparsity schedule and passes shots to MoC with `moc_context`.
 
-A run is built in steps, cheap checks first: the output folder and the run plan (`checkpoints.plan_run`: resume,
-nothing to do, or only the export left), the clips (`data`), the models, a check that the model takes the training
-and validation sizes, the encoders and latent cache (`encoding`), the optimiser, then the loop of optimizer steps
-(`step.FlowMatchingStep` per micro-batch), checkpoints (`checkpoints.save_checkpoint`) and validation videos
-(`validation`), and the export to `final/`. Every file is written all-or-nothing, so an interrupted run leaves
-complete checkpoints and the next run with `resume_from: latest` continues from the newest.
+A run is built in steps, cheap checks first, each returning what the next one needs: the output folder and the run
+plan (`checkpoints.plan_run`: resume, nothing to do, or only the export left), the clips (`data`), the models, a check
+that the model takes the training and validation sizes, the encoders and latent cache (`encoding`), the optimiser,
+then the loop of optimizer steps (`step.FlowMatchingStep` per micro-batch), checkpoints
+(`checkpoints.save_checkpoint`) and validation videos (`validation`), and the export to `final/`. Every file is
+written all-or-nothing, so an interrupted run leaves complete checkpoints and the next run with `resume_from: latest`
+continues from the newest.
 
 Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
 shot caption are encoded separately and concatenated (`diffusers_moc.captions`), and the MoC processor, installed on the
