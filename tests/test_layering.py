@@ -34,6 +34,7 @@ APP_LAYERS = {
     "hub": 2,
     "captions": 2,
     "models_table": 2,
+    "shot_plan": 2,
     "pipelines": 3,
     "training": 3,
     "commands": 4,

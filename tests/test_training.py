@@ -81,7 +81,7 @@ def trained(data_root, tmp_path_factory, _one_thread):
         },
         logging={"report_to": ["tensorboard"]},
     )
-    from diffusers_moc import routing
+    from diffusers_moc.core import routing
 
     trainer = MoCLoRATrainer(config)
     with mock.patch.object(routing, "_regularise", wraps=routing._regularise) as regularise:
@@ -336,9 +336,9 @@ def test_wan22_training_trains_the_chosen_experts_on_their_timesteps(data_root, 
     calls = []
     forward_backward = step_module.FlowMatchingStep._forward_backward
 
-    def spy(self, transformer, shots, layouts, contexts, noisy, timesteps, target, weighting, first):
-        calls.append((transformer, timesteps.clone(), self._timestep(timesteps, noisy, first)))
-        return forward_backward(self, transformer, shots, layouts, contexts, noisy, timesteps, target, weighting, first)
+    def spy(self, transformer, plans, contexts, noised, first):
+        calls.append((transformer, noised.timesteps.clone(), self._timestep(noised.timesteps, noised.noisy, first)))
+        return forward_backward(self, transformer, plans, contexts, noised, first)
 
     trainer = MoCLoRATrainer(config)
     with mock.patch.object(step_module.FlowMatchingStep, "_forward_backward", spy):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,11 +27,12 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from ..captions import caption_layout, encode_caption
+from ..captions import encode_caption
 from ..core.apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..core.config import MoCConfig
 from ..core.context import moc_context
 from ..model_families import WanFamily, family_of_pipeline
+from ..shot_plan import ShotPlan, plan_shots
 from .conditioning import ImageCondition, prepare_image_condition
 
 if TYPE_CHECKING:  # imported for annotations only: without torchvision, importing it prints a warning
@@ -230,6 +231,26 @@ def _use_moc_on_all(pipe, moc_config: MoCConfig | None) -> dict[str, MoCConfig]:
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    r"""
+    What every denoising step conditions on.
+
+    Attributes:
+        plan ([`ShotPlan`]): the shots and their captions (what MoC is told).
+        prompt_embeds (`torch.Tensor`): the conditional text context, in the plan's caption layout.
+        negative_prompt_embeds (`torch.Tensor`, *optional*): the negative prompt's (with guidance).
+        image ([`ImageCondition`]): the image conditioning of the first shot.
+        image_embeds (`torch.Tensor`, *optional*): `image.image_embeds` in the transformer's dtype (Wan 2.1 I2V).
+    """
+
+    plan: ShotPlan
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    image: ImageCondition
+    image_embeds: torch.Tensor | None
 
 
 class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
@@ -515,33 +536,39 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         video = self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
-    def _decode_shots(self, latents, latent_frames, pixel_frames, output_type: str, batch_size: int):
+    def _decode_shots(self, latents: torch.Tensor, plan: ShotPlan, output_type: str, batch_size: int):
         """Decode shot by shot: VAE memory is that of one shot, and each shot is a clip the VAE was trained on."""
-        bounds = np.cumsum([0, *latent_frames]).tolist()
         if output_type == "latent":
-            return latents, bounds[:-1]
+            return latents
+        bounds = [*plan.latent_starts, sum(plan.latent_frames)]
         parts = [self._decode(latents[:, :, a:b], output_type) for a, b in zip(bounds[:-1], bounds[1:])]
-        shot_starts = np.cumsum([0, *pixel_frames[:-1]]).tolist()
         if output_type == "np":
-            return np.concatenate(parts, axis=1), shot_starts
+            return np.concatenate(parts, axis=1)
         if output_type == "pt":
-            return torch.cat(parts, dim=1), shot_starts
-        return [[frame for part in parts for frame in part[b]] for b in range(batch_size)], shot_starts
+            return torch.cat(parts, dim=1)
+        return [[frame for part in parts for frame in part[b]] for b in range(batch_size)]
 
     # ------------------------------------------------------------------------------------------------ call
-    def _text_contexts(self, shots, global_prompt, negative_prompt, max_sequence_length, batch_size, device, dtype):
-        """Prompt embeddings (each distinct caption once) and the caption layout of the conditional context."""
-        captions = ([global_prompt] if global_prompt is not None else []) + [s.prompt for s in shots]
+    def _encode_prompts(
+        self, plan: ShotPlan, negative_prompt: str | None, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        The conditional text context of `plan` (each distinct caption once, in the plan's caption layout: the context
+        `diffusers-moc train` conditions on) and, with guidance, the negative prompt's. Each caption is encoded once.
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`, as `WanPipeline.encode_prompt`; the second is `None` without
+            guidance.
+        """
+        captions = list(plan.captions.segments)
         if self.do_classifier_free_guidance:
             captions.append(negative_prompt or "")
-        embeds = self.encode_captions(captions, max_sequence_length, device)
-        # The same context layout `diffusers-moc train` conditions on (see `diffusers_moc.captions`).
-        text = caption_layout(global_prompt, [s.prompt for s in shots], max_sequence_length)
-        prompt_embeds = torch.cat([embeds[c] for c in text.segments], dim=1).to(dtype).repeat(batch_size, 1, 1)
+        embeds = self.encode_captions(captions, plan.captions.max_sequence_length, device)
+        prompt_embeds = torch.cat([embeds[c] for c in plan.captions.segments], dim=1).to(dtype).repeat(batch_size, 1, 1)
         negative_prompt_embeds = None
         if self.do_classifier_free_guidance:
             negative_prompt_embeds = embeds[negative_prompt or ""].to(dtype).repeat(batch_size, 1, 1)
-        return prompt_embeds, negative_prompt_embeds, text
+        return prompt_embeds, negative_prompt_embeds
 
     def _expert(self, t: torch.Tensor, step: int) -> tuple[torch.nn.Module, float]:
         """The transformer and guidance scale of timestep `t`, as `WanPipeline` switches Wan 2.2's experts."""
@@ -629,28 +656,27 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Returns:
             [`LongVideoPipelineOutput`] or `tuple`: `(frames, shot_starts)` when `return_dict` is `False`.
         """
+        # 1. Check inputs; settings left at None take the model family's defaults. Plan the shots.
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        given = dict(
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            fps=fps,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-        )
-        settings = {k: self.default_settings()[k] if v is None else v for k, v in given.items()}
-        if guidance_scale_2 is None and self.family.experts:
-            guidance_scale_2 = self.default_settings()["guidance_scale_2"] if guidance_scale is None else guidance_scale
+        defaults = self.default_settings()
+        if guidance_scale_2 is None and self.family.experts:  # as WanPipeline: guidance_scale alone sets both
+            guidance_scale_2 = defaults["guidance_scale_2"] if guidance_scale is None else guidance_scale
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        num_frames = defaults["num_frames"] if num_frames is None else num_frames
+        fps = defaults["fps"] if fps is None else fps
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         shots = self.check_inputs(
             shots,
             global_prompt,
             negative_prompt,
-            settings["height"],
-            settings["width"],
-            settings["num_frames"],
-            settings["fps"],
-            settings["num_inference_steps"],
+            height,
+            width,
+            num_frames,
+            fps,
+            num_inference_steps,
             num_videos_per_prompt,
             output_type,
             max_sequence_length,
@@ -658,78 +684,51 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             image=image,
             guidance_scale_2=guidance_scale_2,
         )
+        temporal = self.vae_scale_factor_temporal
+        pixel_frames = [s.frames(fps, temporal) for s in shots]
+        # The same plan `diffusers-moc train` builds for a sample (see `diffusers_moc.shot_plan`).
+        plan = plan_shots(pixel_frames, global_prompt, [s.prompt for s in shots], max_sequence_length, temporal)
         self._prepare_moc(moc_config)
-        self._guidance_scale, self._guidance_scale_2 = settings["guidance_scale"], guidance_scale_2
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, guidance_scale_2
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
-        return self._generate(
-            shots,
-            global_prompt,
-            negative_prompt,
-            image,
-            settings,
-            num_videos_per_prompt,
-            generator,
-            latents,
-            output_type,
-            return_dict,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            max_sequence_length,
-        )
-
-    def _generate(
-        self,
-        shots,
-        global_prompt,
-        negative_prompt,
-        image,
-        settings,
-        batch_size,
-        generator,
-        latents,
-        output_type,
-        return_dict,
-        callback_on_step_end,
-        callback_tensor_inputs,
-        max_sequence_length,
-    ):
         device = self._execution_device
         transformer_dtype = self._denoiser().dtype
-        height, width, fps = settings["height"], settings["width"], settings["fps"]
-        pixel_frames = [s.frames(fps, self.vae_scale_factor_temporal) for s in shots]
-        latent_frames = [(f - 1) // self.vae_scale_factor_temporal + 1 for f in pixel_frames]
+        batch_size = num_videos_per_prompt
 
-        # 1. Text: each distinct caption once; the conditional context holds each distinct caption once too.
-        prompt_embeds, negative_prompt_embeds, text = self._text_contexts(
-            shots, global_prompt, negative_prompt, max_sequence_length, batch_size, device, transformer_dtype
+        # 2. Encode the captions: each distinct caption once, in the plan's caption layout.
+        prompt_embeds, negative_prompt_embeds = self._encode_prompts(
+            plan, negative_prompt, batch_size, device, transformer_dtype
         )
 
-        # 2. Timesteps, noise and the image conditioning of the first shot.
-        self.scheduler.set_timesteps(settings["num_inference_steps"], device=device)
+        # 3. Prepare timesteps, the noise (shot by shot) and the image conditioning of the first shot.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        z_dim = self.vae.config.z_dim
         latents = self.prepare_latents(
-            latent_frames, batch_size, self.vae.config.z_dim, height, width, torch.float32, device, generator, latents
+            plan.latent_frames, batch_size, z_dim, height, width, torch.float32, device, generator, latents
         )
-        condition = prepare_image_condition(self, image, pixel_frames, latent_frames, batch_size, height, width, device)
+        condition = prepare_image_condition(
+            self, image, plan.pixel_frames, plan.latent_frames, batch_size, height, width, device
+        )
         image_embeds = None if condition.image_embeds is None else condition.image_embeds.to(transformer_dtype)
-        # Image tokens lead the cross-attention context of Wan 2.1 I2V; MoC's processor splits them off.
-        image_context = {} if image_embeds is None else {"image_tokens": image_embeds.shape[1]}
-        shot_context = {"shot_frames": latent_frames, **image_context}
-        cond_context = {**shot_context, **text.context_kwargs()}
 
-        # 3. Denoising: all shots at once, MoC told where the shots are.
-        self._num_timesteps = len(timesteps)
-        self.scheduler.set_begin_index(0)
-        contexts = (prompt_embeds, negative_prompt_embeds, image_embeds, cond_context, shot_context)
+        # 4. Denoise all shots at once.
+        conditioning = _Conditioning(plan, prompt_embeds, negative_prompt_embeds, condition, image_embeds)
         latents = self._denoise(
-            latents, timesteps, condition, contexts, settings, callback_on_step_end, callback_tensor_inputs
+            latents,
+            timesteps,
+            num_inference_steps,
+            conditioning,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
         latents = condition.replace_first_frame(latents)
 
-        # 4. Decode shot by shot.
-        video, shot_starts = self._decode_shots(latents, latent_frames, pixel_frames, output_type, batch_size)
+        # 5. Decode shot by shot.
+        video = self._decode_shots(latents, plan, output_type, batch_size)
+        shot_starts = plan.latent_starts if output_type == "latent" else plan.shot_starts
         self.maybe_free_model_hooks()
         if not return_dict:
             return video, shot_starts
@@ -739,61 +738,77 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        condition: ImageCondition,
-        contexts: tuple,
-        settings: dict[str, Any],
-        callback_on_step_end,
-        callback_tensor_inputs: list[str],
+        num_inference_steps: int,
+        conditioning: _Conditioning,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
     ) -> torch.Tensor:
-        prompt_embeds, negative_prompt_embeds, image_embeds, cond_context, shot_context = contexts
-        num_inference_steps = settings["num_inference_steps"]
+        """The denoising loop, as `WanPipeline`'s (progress bar, interrupt, step-end callbacks)."""
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        transformer_dtype = self._denoiser().dtype
-        patch = self._denoiser().config.patch_size
-        attention_kwargs = self._attention_kwargs
-        with self.progress_bar(total=num_inference_steps) as progress_bar, moc_context(**shot_context):
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                model, scale = self._expert(t, i)
-                latent_model_input = condition.model_input(latents).to(transformer_dtype)
-                timestep = condition.timestep(t, latents.shape[0], patch)
-                cache_kwargs = {
-                    "step_index": i,
-                    "sigma": float(self.scheduler.sigmas[i]),
-                    "num_inference_steps": self._num_timesteps,
-                }
-                call = dict(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states_image=image_embeds,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                )
-                with model.cache_context("cond", **cache_kwargs), moc_context(**cond_context):
-                    noise_pred = model(encoder_hidden_states=prompt_embeds, **call)[0]
-                if self.do_classifier_free_guidance:
-                    # The negative prompt is one caption for all shots: stock cross-attention, shot-aware MoC.
-                    with model.cache_context("uncond", **cache_kwargs):
-                        noise_uncond = model(encoder_hidden_states=negative_prompt_embeds, **call)[0]
-                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-
+                noise_pred = self._predict_noise(latents, t, i, conditioning)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    local = {
+                    tensors = {
                         "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
+                        "prompt_embeds": conditioning.prompt_embeds,
+                        "negative_prompt_embeds": conditioning.negative_prompt_embeds,
                     }
-                    callback_kwargs = {k: local[k] for k in callback_tensor_inputs}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    conditioning = replace(
+                        conditioning,
+                        prompt_embeds=callback_outputs.pop("prompt_embeds", conditioning.prompt_embeds),
+                        negative_prompt_embeds=callback_outputs.pop(
+                            "negative_prompt_embeds", conditioning.negative_prompt_embeds
+                        ),
+                    )
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
         return latents
+
+    def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, step: int, conditioning: _Conditioning):
+        r"""
+        The guided noise prediction of denoising step `step`, MoC told where the shots are: the conditional pass with
+        each shot's caption spans, the unconditional pass on the negative prompt (one caption for every shot: stock
+        cross-attention, shot-aware MoC self-attention).
+        """
+        model, scale = self._expert(t, step)
+        plan, image_embeds = conditioning.plan, conditioning.image_embeds
+        # Image tokens lead the cross-attention context of Wan 2.1 I2V; MoC's processor splits them off.
+        image_tokens = None if image_embeds is None else image_embeds.shape[1]
+        cache_kwargs = {
+            "step_index": step,
+            "sigma": float(self.scheduler.sigmas[step]),
+            "num_inference_steps": self._num_timesteps,
+        }
+        call = dict(
+            hidden_states=conditioning.image.model_input(latents).to(self._denoiser().dtype),
+            timestep=conditioning.image.timestep(t, latents.shape[0], self._denoiser().config.patch_size),
+            encoder_hidden_states_image=image_embeds,
+            attention_kwargs=self._attention_kwargs,
+            return_dict=False,
+        )
+        with (
+            model.cache_context("cond", **cache_kwargs),
+            moc_context(**plan.caption_context, image_tokens=image_tokens),
+        ):
+            noise_pred = model(encoder_hidden_states=conditioning.prompt_embeds, **call)[0]
+        if not self.do_classifier_free_guidance:
+            return noise_pred
+        with (
+            model.cache_context("uncond", **cache_kwargs),
+            moc_context(**plan.shot_context, image_tokens=image_tokens),
+        ):
+            noise_uncond = model(encoder_hidden_states=conditioning.negative_prompt_embeds, **call)[0]
+        return noise_uncond + scale * (noise_pred - noise_uncond)

@@ -26,12 +26,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..core.atomic import deferred_interrupts
+from ..shot_plan import latent_shot_frames
 
 __all__ = [
     "ClipRecord",
@@ -49,44 +50,6 @@ logger = logging.getLogger(__name__)
 _CACHE_FORMAT = 2
 _CACHE_KEYS = {"latent_mean", "latent_std", "prompt_embeds"}
 
-#: Wan's VAE: `4n + 1` pixel frames -> `n + 1` latent frames.
-WAN_TEMPORAL_RATIO = 4
-
-
-def latent_shot_frames(shot_starts: Sequence[int], num_frames: int, temporal_ratio: int = WAN_TEMPORAL_RATIO):
-    r"""
-    Latent frames per shot for a causal video VAE that maps `t*n + 1` pixel frames to `n + 1` latent frames.
-
-    Latent frame 0 encodes pixel frame 0; latent frame `j >= 1` encodes pixel frames `t*j - t + 1 ... t*j`. A latent
-    frame belongs to the shot holding the larger part of its pixel frames (ties: the earlier shot), so shot starts at
-    `t*m + 1` (aligned) map exactly.
-
-    Args:
-        shot_starts (`Sequence[int]`): first pixel frame of every shot, relative to the sample start (first is 0).
-        num_frames (`int`): pixel frames of the sample (`t*n + 1`).
-        temporal_ratio (`int`, defaults to 4): the VAE's temporal compression `t`.
-
-    Returns:
-        `tuple[int, ...]`: latent frames per shot (sums to `(num_frames - 1) // t + 1`).
-    """
-    if (num_frames - 1) % temporal_ratio:
-        raise ValueError(f"num_frames must be {temporal_ratio}n + 1, got {num_frames}")
-    starts = list(shot_starts)
-    if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_frames:
-        raise ValueError(f"shot starts must begin at 0 and increase within {num_frames} frames, got {starts}")
-    latent = (num_frames - 1) // temporal_ratio + 1
-    # Latent frame j >= 1 has its centre at pixel t*j - (t - 1)/2; it belongs to the shot its centre falls in.
-    bounds = [0] + [
-        1 + sum(1 for j in range(1, latent) if temporal_ratio * j - (temporal_ratio - 1) / 2 < s) for s in starts[1:]
-    ]
-    counts = [b - a for a, b in zip(bounds, bounds[1:] + [latent])]
-    if any(c <= 0 for c in counts):
-        raise ValueError(
-            f"shots starting at pixel frames {starts} leave a shot without a latent frame (each shot needs about "
-            f"{temporal_ratio} pixel frames, the VAE's temporal stride)"
-        )
-    return tuple(counts)
-
 
 @dataclass(frozen=True)
 class ClipRecord:
@@ -98,6 +61,8 @@ class ClipRecord:
         start (`int`): first pixel frame of the sample.
         prompt (`str`): all captions of the sample joined, for logs and display.
         shot_frames (`tuple[int]` or `None`): latent frames per shot; `None` for a single shot.
+        shot_pixel_frames (`tuple[int]`): pixel frames per shot in the sample (one entry for a single shot); the
+            sample's [`ShotPlan`] is built from them as `plan_shots(..., one_clip=True)`.
         line (`int`): 1-based line in the metadata file.
         global_caption (`str`, *optional*): the clip's `caption` (stripped; `None` when absent or empty).
         shot_captions (`tuple[str | None, ...]`): the caption of each shot in the sample (stripped; `None` when
@@ -109,6 +74,7 @@ class ClipRecord:
     start: int
     prompt: str
     shot_frames: tuple[int, ...] | None
+    shot_pixel_frames: tuple[int, ...]
     line: int
     global_caption: str | None = None
     shot_captions: tuple[str | None, ...] = (None,)
@@ -176,6 +142,7 @@ def _parse_line(obj: object, root: str, num_frames: int) -> ClipRecord:
         start=start,
         prompt=prompt,
         shot_frames=shot_frames,
+        shot_pixel_frames=tuple(b - a for a, b in zip(starts, [*starts[1:], num_frames])),
         line=0,
         global_caption=global_caption,
         shot_captions=shot_captions,
@@ -223,6 +190,7 @@ def _text_fields(r: ClipRecord) -> dict:
         "global_caption": r.global_caption,
         "shot_captions": r.shot_captions,
         "shot_frames": r.shot_frames,
+        "shot_pixel_frames": r.shot_pixel_frames,
     }
 
 

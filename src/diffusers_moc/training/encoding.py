@@ -7,13 +7,32 @@ encoded as `WanPipeline.encode_prompt` encodes it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..captions import CaptionLayout, caption_layout, encode_caption
+from ..shot_plan import ShotPlan, plan_shots
 
-__all__ = ["SampleEncoder"]
+__all__ = ["EncodedBatch", "SampleEncoder"]
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    r"""
+    A collated batch, encoded.
+
+    Attributes:
+        latent_mean, latent_std (`torch.Tensor`): `(B, C, F, h, w)` normalised VAE posterior of each sample.
+        contexts (`list[torch.Tensor]`): the text context `(tokens, dim)` of each sample.
+        plans (`list[ShotPlan]`): the shot plan of each sample (its shots and caption spans).
+    """
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    contexts: list[torch.Tensor]
+    plans: list[ShotPlan]
 
 
 class SampleEncoder:
@@ -56,6 +75,10 @@ class SampleEncoder:
         """The caption layout of a sample (which captions, and which shot attends which span)."""
         return caption_layout(global_caption, shot_captions, self.max_sequence_length)
 
+    def plan(self, shot_pixel_frames, global_caption: str | None, shot_captions) -> ShotPlan:
+        """The shot plan of a sample: its shots cut from one clip, planned as `LongVideoPipeline` plans its shots."""
+        return plan_shots(shot_pixel_frames, global_caption, shot_captions, self.max_sequence_length, one_clip=True)
+
     @torch.no_grad()
     def contexts(self, layouts: list[CaptionLayout]) -> list[torch.Tensor]:
         """The text context `(tokens, dim)` of each sample, each distinct caption of the batch encoded once."""
@@ -83,14 +106,17 @@ class SampleEncoder:
         (context,) = self.contexts([self.layout(record.global_caption, record.shot_captions)])
         return {"latent_mean": mean[0], "latent_std": std[0], "prompt_embeds": context}
 
-    def batch(self, batch: dict[str, Any], cached: bool):
-        """`(latent mean, latent std, text contexts, caption layouts)` of a collated batch."""
-        layouts = [self.layout(g, s) for g, s in zip(batch["global_caption"], batch["shot_captions"])]
+    def batch(self, batch: dict[str, Any], cached: bool) -> EncodedBatch:
+        """The latent distributions, text contexts and shot plans of a collated batch."""
+        plans = [
+            self.plan(p, g, s)
+            for p, g, s in zip(batch["shot_pixel_frames"], batch["global_caption"], batch["shot_captions"])
+        ]
         if cached:
             mean = batch["latent_mean"].to(self.device)
             std = batch["latent_std"].to(self.device)
             contexts = [e.to(self.device, self.weight_dtype) for e in batch["prompt_embeds"]]
         else:
             mean, std = self.videos(batch["video"])
-            contexts = self.contexts(layouts)
-        return mean, std, contexts, layouts
+            contexts = self.contexts([p.captions for p in plans])
+        return EncodedBatch(mean, std, contexts, plans)

@@ -25,10 +25,10 @@ _EXPERT_COMPONENTS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Expert:
     r"""
-    A transformer being trained.
+    A transformer being trained, as the optimizer and the loop see it.
 
     Attributes:
         name (`str`): its pipeline component, `"transformer"` or `"transformer_2"`.

@@ -10,16 +10,38 @@ resume). A Wan 2.2 A14B expert draws its timesteps from its own range (`experts.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..captions import CaptionLayout
 from ..core.context import moc_context
+from ..shot_plan import ShotPlan
 from .config import OptimConfig
 from .encoding import SampleEncoder
 
-__all__ = ["FlowMatchingStep"]
+__all__ = ["FlowMatchingStep", "Noised"]
+
+
+@dataclass(frozen=True)
+class Noised:
+    r"""
+    A micro-batch noised for flow matching.
+
+    Attributes:
+        x0 (`torch.Tensor`): the clean latents, a sample of the VAE posterior.
+        noisy (`torch.Tensor`): `(1 - sigma) * x0 + sigma * noise`, the transformer's input.
+        timesteps (`torch.Tensor`): `(B,)` the timestep of each sample.
+        target (`torch.Tensor`): `noise - x0`, the flow the transformer predicts.
+        weighting (`torch.Tensor`): the loss weight of each sample.
+    """
+
+    x0: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weighting: torch.Tensor
 
 
 class FlowMatchingStep:
@@ -31,7 +53,6 @@ class FlowMatchingStep:
         encoder ([`SampleEncoder`]): the frozen encoders.
         config (`OptimConfig`): `training` settings (weighting, caption dropout, flow shift).
         cached (`bool`): batches hold cached latents and text contexts instead of pixels and captions.
-        vae_frames (`int`): latent frames of a sample (a single-shot sample with caption spans is one shot of them).
         patch (`tuple[int, int, int]`, *optional*): the transformer's patch size; given, timesteps are passed per
             token (`expand_timesteps`, Wan 2.2 TI2V-5B).
     """
@@ -42,13 +63,12 @@ class FlowMatchingStep:
         encoder: SampleEncoder,
         config: OptimConfig,
         cached: bool,
-        vae_frames: int,
         patch: tuple[int, int, int] | None = None,
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.accelerator, self.encoder, self.config = accelerator, encoder, config
-        self.cached, self.vae_frames, self.patch = cached, vae_frames, patch
+        self.cached, self.patch = cached, patch
         device = accelerator.device
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.flow_shift)
         self.timesteps = self.scheduler.timesteps.to(device)
@@ -67,23 +87,22 @@ class FlowMatchingStep:
             transformer (`torch.nn.Module`): the prepared (possibly DDP-wrapped) transformer to train.
             timestep_range (`tuple[int, int]`, *optional*): the timestep indices it trains on (default: all).
         """
-        mean, std, contexts, layouts = self.encoder.batch(batch, self.cached)
+        encoded = self.encoder.batch(batch, self.cached)
+        contexts, plans = encoded.contexts, encoded.plans
         if self.empty_embeds is not None:
             drop = (torch.rand(len(contexts)) < self.config.caption_dropout).tolist()
             contexts = [self.empty_embeds.to(c.dtype) if d else c for d, c in zip(drop, contexts)]
-            layouts = [self.uncond if d else lay for d, lay in zip(drop, layouts)]
+            plans = [p.with_captions(self.uncond) if d else p for d, p in zip(drop, plans)]
         lo, hi = timestep_range or (0, len(self.timesteps))
-        noisy, timesteps, target, weighting, x0 = self._noisy_inputs(mean, std, lo, hi)
+        noised = self._noisy_inputs(encoded.latent_mean, encoded.latent_std, lo, hi)
         first = None
         if self.patch is not None and self.config.first_frame_condition > 0:
             # Image-to-video samples (TI2V): the first latent frame stays clean, as a start image conditions it.
             first = torch.rand(len(contexts)) < self.config.first_frame_condition
-            noisy[first.to(noisy.device), :, :1] = x0[first.to(noisy.device), :, :1]
-        return self._forward_backward(
-            transformer, batch["shot_frames"], layouts, contexts, noisy, timesteps, target, weighting, first
-        )
+            noised.noisy[first.to(noised.noisy.device), :, :1] = noised.x0[first.to(noised.noisy.device), :, :1]
+        return self._forward_backward(transformer, plans, contexts, noised, first)
 
-    def _noisy_inputs(self, mean: torch.Tensor, std: torch.Tensor, lo: int, hi: int):
+    def _noisy_inputs(self, mean: torch.Tensor, std: torch.Tensor, lo: int, hi: int) -> Noised:
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
         t = self.config
@@ -102,7 +121,7 @@ class FlowMatchingStep:
         sigmas = self.sigmas[indices].view(-1, 1, 1, 1, 1)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=t.weighting_scheme, sigmas=sigmas)
-        return noisy, self.timesteps[indices], noise - x0, weighting, x0
+        return Noised(x0=x0, noisy=noisy, timesteps=self.timesteps[indices], target=noise - x0, weighting=weighting)
 
     @staticmethod
     def _loss(err: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
@@ -131,39 +150,37 @@ class FlowMatchingStep:
         return out
 
     def _forward_backward(
-        self, transformer, shot_frames, layouts, contexts, noisy, timesteps, target, weighting, first=None
+        self,
+        transformer,
+        plans: list[ShotPlan],
+        contexts: list[torch.Tensor],
+        noised: Noised,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # One forward per shot and caption structure in the batch (MoC's layout and the caption spans are per call).
         # Backward runs inside the same moc_context: gradient checkpointing recomputes the forward during backward
         # and must see the same shots.
-        accelerator, bsz = self.accelerator, noisy.shape[0]
-        weight_dtype = self.encoder.weight_dtype
+        accelerator, bsz = self.accelerator, noised.noisy.shape[0]
         groups: dict[Any, list[int]] = {}
-        for i, (shots, lay) in enumerate(zip(shot_frames, layouts)):
-            key = (shots, lay.caption_spans, lay.global_caption_span, contexts[i].shape[0])
-            groups.setdefault(key, []).append(i)
+        for i, plan in enumerate(plans):
+            groups.setdefault((tuple(plan.caption_context.items()), contexts[i].shape[0]), []).append(i)
         total = torch.zeros((), device=accelerator.device)
-        for g, ((shots, spans, global_span, _), idx) in enumerate(groups.items()):
+        for g, ((context, _), idx) in enumerate(groups.items()):
             sel = torch.tensor(idx, device=accelerator.device)
-            captions: dict[str, Any] = {}
-            if spans is not None:
-                # Spans belong to shots: a single-shot clip with a global and a shot caption is one shot here.
-                captions = {"caption_spans": spans, "global_caption_span": global_span}
-                shots = shots or (self.vae_frames,)
             # Under DDP only the last group's backward all-reduces, so ranks with different group counts agree.
             sync = (
                 accelerator.no_sync(transformer)
                 if g < len(groups) - 1 and accelerator.num_processes > 1
                 else contextlib.nullcontext()
             )
-            with moc_context(shot_frames=shots, **captions), sync:
+            with moc_context(**dict(context)), sync:
                 pred = transformer(
-                    hidden_states=noisy[sel].to(weight_dtype),
-                    timestep=self._timestep(timesteps[sel], noisy, None if first is None else first[idx]),
+                    hidden_states=noised.noisy[sel].to(self.encoder.weight_dtype),
+                    timestep=self._timestep(noised.timesteps[sel], noised.noisy, None if first is None else first[idx]),
                     encoder_hidden_states=torch.stack([contexts[i] for i in idx]),
                     return_dict=False,
                 )[0]
-                err = weighting[sel].float() * (pred.float() - target[sel].float()) ** 2
+                err = noised.weighting[sel].float() * (pred.float() - noised.target[sel].float()) ** 2
                 loss = self._loss(err, None if first is None else first[idx]) / bsz
                 accelerator.backward(loss)
             total = total + loss.detach()

@@ -9,12 +9,13 @@ mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(
 through `accelerator.save_state` whose hooks write the adapter in diffusers' LoRA format. On top of that it applies MoC
 (`apply_moc`), anneals `top_k` with the sparsity schedule and passes shots to MoC with `moc_context`.
 
-A run is built in steps, cheap checks first: the output folder and the run plan (`checkpoints.plan_run`: resume,
-nothing to do, or only the export left), the clips (`data`), the models, a check that the model takes the training
-and validation sizes, the encoders and latent cache (`encoding`), the optimiser, then the loop of optimizer steps
-(`step.FlowMatchingStep` per micro-batch), checkpoints (`checkpoints.save_checkpoint`) and validation videos
-(`validation`), and the export to `final/`. Every file is written all-or-nothing, so an interrupted run leaves
-complete checkpoints and the next run with `resume_from: latest` continues from the newest.
+A run is built in steps, cheap checks first, each returning what the next one needs: the output folder and the run
+plan (`checkpoints.plan_run`: resume, nothing to do, or only the export left), the clips (`data`), the models, a check
+that the model takes the training and validation sizes, the encoders and latent cache (`encoding`), the optimiser,
+then the loop of optimizer steps (`step.FlowMatchingStep` per micro-batch), checkpoints
+(`checkpoints.save_checkpoint`) and validation videos (`validation`), and the export to `final/`. Every file is
+written all-or-nothing, so an interrupted run leaves complete checkpoints and the next run with `resume_from: latest`
+continues from the newest.
 
 Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them: the global caption and each distinct
 shot caption are encoded separately and concatenated (`diffusers_moc.captions`), and the MoC processor, installed on the
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,29 +109,59 @@ class _TrainState:
 _FREE_SECTIONS = ("checkpointing", "validation", "logging", "hub")
 
 
-@dataclass
-class _Run:
-    """What one `train()` call has set up, filled in the order the steps run."""
+@dataclass(frozen=True)
+class _Setup:
+    """The run before any model loads: the accelerator, the run plan, the weights' dtype, trackers and model family."""
 
     accelerator: Any
     plan: RunPlan
     weight_dtype: torch.dtype
     trackers: list[str]
     family: WanFamily
-    pipe: Any = None
-    experts: list[Expert] = field(default_factory=list)  # the transformers being trained
-    dataset: Any = None
-    encoder: SampleEncoder | None = None
-    layout_of: Any = None  # shot frames -> the ChunkLayout of a sample
-    schedule: SparsitySchedule | None = None
-    dense_top_k: int = 0
-    params: list = field(default_factory=list)
-    optimizer: Any = None
-    lr_scheduler: Any = None
-    step_fn: FlowMatchingStep | None = None
-    batches: Any = None
-    state: _TrainState = field(default_factory=_TrainState)
-    last_validated: int = -1
+
+
+@dataclass(frozen=True)
+class _Models:
+    """The pipeline, MoC applied, and the transformers given a LoRA (by component name, in training order)."""
+
+    pipe: Any
+    trained: dict[str, torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class _Data:
+    r"""
+    The samples and what follows from their shots: the encoders, the sparsity schedule and the densest layout's
+    chunk count (`dense_top_k`).
+    """
+
+    dataset: VideoClipDataset | CachedLatentDataset
+    encoder: SampleEncoder
+    layout_of: Callable[[tuple[int, ...] | None], ChunkLayout]  # a sample's latent shot frames -> its MoC layout
+    schedule: SparsitySchedule
+    dense_top_k: int
+
+
+@dataclass(frozen=True)
+class _Optimisation:
+    """The prepared experts, the optimizer and its scheduler, the micro-batch step and the checkpointed step count."""
+
+    experts: list[Expert]
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    step_fn: FlowMatchingStep
+    state: _TrainState
+
+
+@dataclass(frozen=True)
+class _Training:
+    """Everything the loop and the export use: each setup stage's result."""
+
+    setup: _Setup
+    models: _Models
+    data: _Data
+    optim: _Optimisation
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,24 +229,26 @@ class MoCLoRATrainer:
             [`ConfigError`]: naming the field, for every problem found before training starts (folders that cannot
                 be written, a resume that would overwrite work, no usable clip, a model that cannot take the sizes).
         """
-        run = self._start()
-        if run.plan.action == "done":
-            logger.info(run.plan.message)  # also in the result (the command line prints it)
-            run.accelerator.end_training()
-            return TrainResult(global_step=run.plan.start_step, message=run.plan.message)
+        setup = self._start()
+        if setup.plan.action == "done":
+            logger.info(setup.plan.message)  # also in the result (the command line prints it)
+            setup.accelerator.end_training()
+            return TrainResult(global_step=setup.plan.start_step, message=setup.plan.message)
         clips = self._clips()
-        self._load_models(run)
-        self._check_model_fits(run.pipe)
-        self._prepare_data(run, clips)
-        self._prepare_optimisation(run)
-        self._resume(run)
-        result = TrainResult(global_step=run.state.step, message=run.plan.message)
-        self._train_loop(run, result)
-        self._finish(run, result)
+        models = self._load_models(setup)
+        self._check_model_fits(models.pipe)
+        data = self._prepare_data(setup, models.pipe, clips)
+        optim = self._prepare_optimisation(setup, models, data.encoder)
+        self._resume(setup, data.dataset, optim.state)
+        run = _Training(setup, models, data, optim)
+        batches = self._batches(run) if setup.plan.action == "train" else iter(())
+        result = TrainResult(global_step=optim.state.step, message=setup.plan.message)
+        last_validated = self._train_loop(run, batches, result)
+        self._finish(run, result, last_validated)
         return result
 
     # ------------------------------------------------------------------ setup: folders and plan, before any model
-    def _start(self) -> _Run:
+    def _start(self) -> _Setup:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -258,7 +292,7 @@ class MoCLoRATrainer:
             if plan.action == "export":
                 logger.warning(plan.message)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        return _Run(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers, family=family)
+        return _Setup(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers, family=family)
 
     def _family(self) -> WanFamily:
         """The model's family, from its folder or Hub configs before any weights load; checked against `model`."""
@@ -317,25 +351,25 @@ class MoCLoRATrainer:
         settings = {k: pipe.config[k] for k in ("boundary_ratio", "expand_timesteps") if k in pipe.config}
         return {**dict(pipe.components), **settings}
 
-    def _load_models(self, run: _Run) -> None:
+    def _load_models(self, setup: _Setup) -> _Models:
         from accelerate.utils import set_seed
         from diffusers import WanPipeline
 
         c = self.config
         set_seed(c.seed)
-        components = self._load_components(run.family, run.weight_dtype)
+        components = self._load_components(setup.family, setup.weight_dtype)
         set_seed(c.seed)  # the tiny builder reseeds; LoRA init must depend on `seed` only
         vae, text_encoder = components["vae"], components["text_encoder"]
         transformers = {name: components[name] for name in ("transformer", "transformer_2") if components.get(name)}
         for module in (vae, text_encoder, *transformers.values()):
             module.requires_grad_(False)
         # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
-        for module, dtype in ((vae, torch.float32), (text_encoder, run.weight_dtype)):
-            module.to(run.accelerator.device)
+        for module, dtype in ((vae, torch.float32), (text_encoder, setup.weight_dtype)):
+            module.to(setup.accelerator.device)
             cast_like_from_pretrained(module, dtype)
         for module in transformers.values():
-            module.to(run.accelerator.device)
-            cast_like_from_pretrained(module, run.weight_dtype)
+            module.to(setup.accelerator.device)
+            cast_like_from_pretrained(module, setup.weight_dtype)
         vae.eval()
         text_encoder.eval()
         # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
@@ -344,11 +378,12 @@ class MoCLoRATrainer:
         # captions). A frozen A14B expert (for validation videos) runs MoC too.
         for module in transformers.values():
             apply_moc(module, c.moc)
-        for name in trained_components(run.family.experts, c.model.expert):
-            self._add_lora(transformers[name], run.weight_dtype)
-            run.experts.append(Expert(name, transformers[name]))
-        run.pipe = self.pipeline = WanPipeline(**components)
-        run.pipe.set_progress_bar_config(disable=True)
+        trained = {name: transformers[name] for name in trained_components(setup.family.experts, c.model.expert)}
+        for transformer in trained.values():
+            self._add_lora(transformer, setup.weight_dtype)
+        pipe = self.pipeline = WanPipeline(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return _Models(pipe, trained)
 
     def _add_lora(self, transformer: torch.nn.Module, weight_dtype: torch.dtype) -> None:
         """The PEFT LoRA adapter (fp32 parameters), gradient checkpointing and regional compilation."""
@@ -414,34 +449,41 @@ class MoCLoRATrainer:
                     )
 
     # ------------------------------------------------------------------ setup: data, schedule, optimiser
-    def _prepare_data(self, run: _Run, clips: VideoClipDataset) -> None:
+    def _prepare_data(self, setup: _Setup, pipe, clips: VideoClipDataset) -> _Data:
         c, d = self.config, self.config.data
-        accelerator, pipe = run.accelerator, run.pipe
-        run.encoder = SampleEncoder(pipe, accelerator.device, run.weight_dtype, d.max_sequence_length)
-        run.dataset = clips
+        accelerator = setup.accelerator
+        encoder = SampleEncoder(pipe, accelerator.device, setup.weight_dtype, d.max_sequence_length)
+        dataset = clips
         if d.cache:
             # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
             m = c.model
             tiny = [m.tiny_seed, m.tiny_model] if m.pretrained == "tiny" else [m.tiny_seed]
-            tag = json.dumps([m.pretrained, m.revision, m.variant, *tiny, str(run.weight_dtype), d.max_sequence_length])
+            tag = json.dumps(
+                [m.pretrained, m.revision, m.variant, *tiny, str(setup.weight_dtype), d.max_sequence_length]
+            )
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
-                run.dataset = CachedLatentDataset(
-                    clips, d.cache_dir or os.path.join(c.output_dir, "cache"), run.encoder.encode_one, tag=tag
+                dataset = CachedLatentDataset(
+                    clips, d.cache_dir or os.path.join(c.output_dir, "cache"), encoder.encode_one, tag=tag
                 )
         frames, tokens_per_frame = self._latent_grid(pipe)
-        records = run.dataset.items if d.cache else [r.__dict__ for r in run.dataset.records]
-        shot_sets = {r["shot_frames"] for r in records}
-        run.layout_of = lambda shots: ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
-        run.dense_top_k = max(run.layout_of(s).num_chunks for s in shot_sets)
-        sp = c.sparsity
-        start_top_k = run.dense_top_k if sp.start_top_k == "dense" else sp.start_top_k
-        run.schedule = SparsitySchedule(
+        records = dataset.items if d.cache else [r.__dict__ for r in dataset.records]
+
+        def layout_of(shots: tuple[int, ...] | None) -> ChunkLayout:
+            return ChunkLayout.for_video(frames, tokens_per_frame, shots, c.moc.chunk_tokens)
+
+        dense_top_k = max(layout_of(s).num_chunks for s in {r["shot_frames"] for r in records})
+        return _Data(dataset, encoder, layout_of, self._sparsity_schedule(dense_top_k), dense_top_k)
+
+    def _sparsity_schedule(self, dense_top_k: int) -> SparsitySchedule:
+        c, sp = self.config, self.config.sparsity
+        start_top_k = dense_top_k if sp.start_top_k == "dense" else sp.start_top_k
+        schedule = SparsitySchedule(
             start_top_k=max(start_top_k, c.moc.top_k),
             target_top_k=c.moc.top_k,
             warmup_steps=sp.warmup_steps,
             anneal_steps=sp.anneal_steps,
             shape=sp.shape,
-            dense_top_k=run.dense_top_k,
+            dense_top_k=dense_top_k,
         )
         if sp.warmup_steps + sp.anneal_steps > c.training.max_steps:
             logger.warning(
@@ -451,6 +493,7 @@ class MoCLoRATrainer:
                 c.training.max_steps,
                 c.moc.top_k,
             )
+        return schedule
 
     def _latent_grid(self, pipe) -> tuple[int, int]:
         """(latent frames, tokens per latent frame) of a training sample."""
@@ -460,14 +503,14 @@ class MoCLoRATrainer:
         frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
         return frames, (d.height // s // p_h) * (d.width // s // p_w)
 
-    def _prepare_optimisation(self, run: _Run) -> None:
+    def _prepare_optimisation(self, setup: _Setup, models: _Models, encoder: SampleEncoder) -> _Optimisation:
         from diffusers.optimization import get_scheduler
 
         c, t = self.config, self.config.training
-        accelerator = run.accelerator
-        run.params = [p for e in run.experts for p in e.model.parameters() if p.requires_grad]
+        accelerator, pipe = setup.accelerator, models.pipe
+        params = [p for m in models.trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            run.params,
+            params,
             lr=t.learning_rate,
             betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay,
@@ -480,26 +523,26 @@ class MoCLoRATrainer:
             num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=t.max_steps * accelerator.num_processes,
         )
-        self._register_hooks(accelerator, run.experts, run.weight_dtype)
-        accelerator.register_for_checkpointing(run.state)
-        *prepared, run.optimizer, run.lr_scheduler = accelerator.prepare(
-            *(e.model for e in run.experts), optimizer, lr_scheduler
-        )
-        vae_frames = (c.data.num_frames - 1) // run.pipe.vae_scale_factor_temporal + 1
-        patch = self._denoiser(run.pipe).config.patch_size if run.family.expand_timesteps else None
-        run.step_fn = FlowMatchingStep(accelerator, run.encoder, t, c.data.cache, vae_frames, patch)
-        ranges = timestep_ranges(run.step_fn.timesteps, run.pipe.config.get("boundary_ratio"))
-        total = len(run.step_fn.timesteps)
-        for expert, module in zip(run.experts, prepared):
-            expert.prepared, expert.timesteps = module, ranges[expert.name]
-            expert.share = (expert.timesteps[1] - expert.timesteps[0]) / total
+        self._register_hooks(accelerator, models.trained, setup.weight_dtype)
+        state = _TrainState()
+        accelerator.register_for_checkpointing(state)
+        *prepared, optimizer, lr_scheduler = accelerator.prepare(*models.trained.values(), optimizer, lr_scheduler)
+        patch = self._denoiser(pipe).config.patch_size if setup.family.expand_timesteps else None
+        step_fn = FlowMatchingStep(accelerator, encoder, t, c.data.cache, patch)
+        ranges = timestep_ranges(step_fn.timesteps, pipe.config.get("boundary_ratio"))
+        total = len(step_fn.timesteps)
+        experts = [
+            Expert(name, model, module, ranges[name], (ranges[name][1] - ranges[name][0]) / total)
+            for (name, model), module in zip(models.trained.items(), prepared)
+        ]
+        return _Optimisation(experts, params, optimizer, lr_scheduler, step_fn, state)
 
-    def _resume(self, run: _Run) -> None:
-        c, t = self.config, self.config.training
-        accelerator, resume = run.accelerator, run.plan.resume
+    def _resume(self, setup: _Setup, dataset, state: _TrainState) -> None:
+        """Load the checkpoint the run plan resumes from (checked against this run's settings); start the trackers."""
+        c, accelerator, resume = self.config, setup.accelerator, setup.plan.resume
         if resume is not None:
             logger.info("resuming from %s (step %d)", resume.path, resume.step)
-            changed = resume_differences(resume.path, self._run_info(run))
+            changed = resume_differences(resume.path, self._run_info(dataset))
             if changed and accelerator.is_main_process:
                 logger.warning(
                     "resuming %s with different settings, so the run does not continue as it would have: %s",
@@ -514,128 +557,138 @@ class MoCLoRATrainer:
                     f"{resume.path} cannot be loaded (a damaged file, or written for another lora, model or "
                     "optimizer config): " + " ".join(str(e).split())[:300],
                 ) from None
-            if run.state.step != resume.step:
+            if state.step != resume.step:
                 raise ConfigError(
-                    "checkpointing.resume_from", f"{resume.path} holds step {run.state.step}, not {resume.step}"
+                    "checkpointing.resume_from", f"{resume.path} holds step {state.step}, not {resume.step}"
                 )
-        if run.trackers:
+        if setup.trackers:
             accelerator.init_trackers(c.logging.project_name, config=_flatten(c.to_dict()))
-        if run.plan.action != "train":
-            return
+
+    def _batches(self, run: _Training) -> Iterator[dict[str, Any]]:
+        """The micro-batches from the run's current step on (`StepBatchSampler`: exact resume)."""
+        c, t = self.config, self.config.training
+        accelerator, dataset = run.setup.accelerator, run.data.dataset
         try:
             sampler = StepBatchSampler(
-                len(run.dataset),
+                len(dataset),
                 t.batch_size,
                 seed=c.seed,
                 rank=accelerator.process_index,
                 world_size=accelerator.num_processes,
-                start=run.state.step * t.gradient_accumulation_steps,
+                start=run.optim.state.step * t.gradient_accumulation_steps,
             )
         except ValueError as e:
             raise ConfigError("training.batch_size", str(e)) from None
         loader = torch.utils.data.DataLoader(
-            run.dataset,
+            dataset,
             batch_sampler=sampler,
             collate_fn=collate_samples,
             num_workers=c.data.num_workers,
             # An own generator keeps DataLoader's per-iterator seed draw off the global RNG (exact resume).
             generator=torch.Generator().manual_seed(c.seed),
         )
-        run.batches = iter(loader)
+        return iter(loader)
 
     # ------------------------------------------------------------------ the loop
-    def _train_loop(self, run: _Run, result: TrainResult) -> None:
+    def _train_loop(self, run: _Training, batches: Iterator[dict[str, Any]], result: TrainResult) -> int:
+        """Optimizer steps up to `training.max_steps`, with checkpoints and validation. Returns the last step with
+        validation videos (-1: none)."""
         from tqdm.auto import tqdm
 
         c, t = self.config, self.config.training
-        accelerator = run.accelerator
+        accelerator, state = run.setup.accelerator, run.optim.state
         progress = tqdm(
-            total=t.max_steps, initial=run.state.step, desc="train", disable=not accelerator.is_local_main_process
+            total=t.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
         )
-        for expert in run.experts:
+        for expert in run.optim.experts:
             expert.prepared.train()
         current: MoCConfig | None = None
+        last_validated = -1
         try:
-            while run.state.step < t.max_steps:
-                step_config = run.schedule.moc_config(c.moc, run.state.step)
+            while state.step < t.max_steps:
+                step_config = run.data.schedule.moc_config(c.moc, state.step)
                 if step_config != current:
-                    update_moc_config(run.pipe, **step_config.to_dict())
+                    update_moc_config(run.models.pipe, **step_config.to_dict())
                     current = step_config
-                loss, density = self._optimizer_step(run, step_config)
-                run.state.step += 1
+                loss, density = self._optimizer_step(run, batches, step_config)
+                state.step += 1
                 self._record(run, result, progress, step_config.top_k, loss, density)
-                step = run.state.step
+                step = state.step
                 if c.checkpointing.every and step % c.checkpointing.every == 0:
-                    limit, protected = c.checkpointing.total_limit, run.plan.protected
-                    save_checkpoint(accelerator, c.output_dir, step, limit, protected, self._run_info(run))
+                    limit, protected = c.checkpointing.total_limit, run.setup.plan.protected
+                    run_info = self._run_info(run.data.dataset)
+                    save_checkpoint(accelerator, c.output_dir, step, limit, protected, run_info)
                 if c.validation.every and step % c.validation.every == 0:
                     result.validation_videos += self._validate(run, step)
+                    last_validated = step
         finally:
             progress.close()  # ends the bar line, also when interrupted
-        result.global_step = run.state.step
+        result.global_step = state.step
+        return last_validated
 
-    def _record(self, run: _Run, result: TrainResult, progress, top_k: int, loss: float, density: float) -> None:
+    def _record(self, run: _Training, result: TrainResult, progress, top_k: int, loss: float, density: float) -> None:
         """The step's loss, density and learning rate: into the result, the progress bar and the trackers."""
-        step, lr = run.state.step, run.lr_scheduler.get_last_lr()[0]
+        step, lr = run.optim.state.step, run.optim.lr_scheduler.get_last_lr()[0]
         result.losses.append(loss)
         result.densities.append(density)
         result.learning_rates.append(lr)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", density=f"{density:.3f}", top_k=top_k)
-        if step % self.config.logging.log_every == 0 and run.trackers:
+        if step % self.config.logging.log_every == 0 and run.setup.trackers:
             metrics = {"train/loss": loss, "train/density": density, "train/top_k": top_k, "train/lr": lr}
-            run.accelerator.log(metrics, step=step)
+            run.setup.accelerator.log(metrics, step=step)
 
-    def _optimizer_step(self, run: _Run, step_config: MoCConfig) -> tuple[float, float]:
+    def _optimizer_step(
+        self, run: _Training, batches: Iterator[dict[str, Any]], step_config: MoCConfig
+    ) -> tuple[float, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches: `(loss, attended fraction)`."""
-        t = self.config.training
-        accelerator = run.accelerator
+        t, optim = self.config.training, run.optim
+        accelerator = run.setup.accelerator
         # The whole optimizer step (and its DDP gradient sync) trains one transformer.
-        expert = expert_for_step(run.experts, self.config.seed, run.state.step)
+        expert = expert_for_step(optim.experts, self.config.seed, optim.state.step)
         step_loss = torch.zeros((), device=accelerator.device)
         shots_seen: list = []
         for _ in range(t.gradient_accumulation_steps):
-            batch = next(run.batches)
+            batch = next(batches)
             shots_seen.extend(batch["shot_frames"])
             with accelerator.accumulate(expert.prepared):
-                step_loss += run.step_fn(batch, expert.prepared, expert.timesteps) / t.gradient_accumulation_steps
+                step_loss += optim.step_fn(batch, expert.prepared, expert.timesteps) / t.gradient_accumulation_steps
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(run.params, t.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad()
+                    accelerator.clip_grad_norm_(optim.params, t.max_grad_norm)
+                optim.optimizer.step()
+                optim.lr_scheduler.step()
+                optim.optimizer.zero_grad()
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation went out of step with the optimizer (internal error)")
         loss = accelerator.gather(step_loss[None]).mean().item()
-        density = sum(routed_density(run.layout_of(s), step_config) for s in shots_seen) / len(shots_seen)
+        density = sum(routed_density(run.data.layout_of(s), step_config) for s in shots_seen) / len(shots_seen)
         return loss, density
 
-    def _validate(self, run: _Run, step: int) -> list[str]:
+    def _validate(self, run: _Training, step: int) -> list[str]:
         c = self.config
-        run.last_validated = step
         out_dir = os.path.join(c.output_dir, "validation")
         return render_validation(
-            run.accelerator,
-            run.pipe,
+            run.setup.accelerator,
+            run.models.pipe,
             c.validation,
             c.moc,
             c.data.max_sequence_length,
             out_dir,
             step,
-            run.trackers,
+            run.setup.trackers,
         )
 
     # ------------------------------------------------------------------ the export
-    def _finish(self, run: _Run, result: TrainResult) -> None:
+    def _finish(self, run: _Training, result: TrainResult, last_validated: int) -> None:
         c = self.config
-        accelerator, step = run.accelerator, run.state.step
+        accelerator, step = run.setup.accelerator, run.optim.state.step
         result.global_step = step
         # The exported model is the target configuration: drop-off / drop-in off (eval) and moc as configured.
-        for expert in run.experts:
-            expert.model.eval()
-        update_moc_config(run.pipe, **c.moc.to_dict())
-        adapted = {e.name: e.model for e in run.experts}
-        if c.validation.every and run.last_validated != step:
+        adapted = run.models.trained
+        for model in adapted.values():
+            model.eval()
+        update_moc_config(run.models.pipe, **c.moc.to_dict())
+        if c.validation.every and last_validated != step:
             result.validation_videos += self._validate(run, step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -648,7 +701,7 @@ class MoCLoRATrainer:
                     transformer_2=adapted.get("transformer_2"),
                     base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
                     repo_id=c.hub.repo_id,
-                    training_info=self._training_info(step, run.dense_top_k),
+                    training_info=self._training_info(step, run.data.dense_top_k),
                 )
 
             result.final_dir = write_final(c.output_dir, write)
@@ -666,12 +719,12 @@ class MoCLoRATrainer:
         accelerator.end_training()
 
     # ------------------------------------------------------------------ helpers
-    def _run_info(self, run: _Run) -> dict[str, Any]:
+    def _run_info(self, dataset) -> dict[str, Any]:
         """What an exact resume depends on (saved in each checkpoint's marker): the settings and the data size."""
         keep = {k: v for k, v in _flatten(self.config.to_dict()).items() if k.split(".")[0] not in _FREE_SECTIONS}
         keep.pop("training.max_steps", None)  # raising max_steps is how a run is continued
         keep.pop("output_dir", None)
-        return {**keep, "data.usable_clips": len(run.dataset)}
+        return {**keep, "data.usable_clips": len(dataset)}
 
     def _training_info(self, global_step: int, dense_top_k: int) -> dict[str, Any]:
         c = self.config
@@ -698,14 +751,14 @@ class MoCLoRATrainer:
             "seed": c.seed,
         }
 
-    def _register_hooks(self, accelerator, experts: list[Expert], weight_dtype: torch.dtype) -> None:
+    def _register_hooks(self, accelerator, trained: dict[str, torch.nn.Module], weight_dtype: torch.dtype) -> None:
         from diffusers import WanPipeline
         from diffusers.training_utils import cast_training_params
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         # Each trained transformer's adapter is its own file, named as in the exported folder (hub.ADAPTER_FILES).
-        files = {id(e.model): ADAPTER_FILES[e.name] for e in experts}
+        files = {id(model): ADAPTER_FILES[name] for name, model in trained.items()}
 
         def weight_file(m) -> str:
             if id(m) not in files:
