@@ -1,5 +1,6 @@
-"""Every command in the README's shell blocks runs as written: the offline ones (`--tiny`) are run, the others (which
-download a real model) are parsed by the command line and their configs are loaded."""
+"""Every command in the shell blocks of the README and of the pages under docs/ runs as written: the offline ones
+(`--tiny`) are run, the others (which download a real model) are parsed by the command line and their configs are
+loaded. CI runs the README's install and test commands verbatim."""
 
 from __future__ import annotations
 
@@ -19,23 +20,46 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("diffusers-moc", "torchrun", "accelerate", "python examples/")
 
 
-def _readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def _shell_lines(path: Path) -> list[str]:
+    """The lines of `path`'s ```bash blocks, continuation lines joined, comments dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if line and not line.startswith("#") and line.startswith(PROGRAMS):
-                commands.append(" ".join(line.split()))
-    return commands
+            if line and not line.startswith("#"):
+                lines.append(" ".join(line.split()))
+    return lines
 
 
-COMMANDS = _readme_commands()
-OFFLINE = [c for c in COMMANDS if "--tiny" in shlex.split(c)]
+def _commands(path: Path) -> list[str]:
+    return [line for line in _shell_lines(path) if line.startswith(PROGRAMS)]
+
+
+def _offline(commands: list[str]) -> list[str]:
+    return [c for c in commands if "--tiny" in shlex.split(c)]
+
+
+README_COMMANDS = _commands(ROOT / "README.md")
+COMMANDS = list(dict.fromkeys(README_COMMANDS + [c for page in DOCS for c in _commands(page)]))
+OFFLINE = _offline(COMMANDS)
 
 
 def test_the_readme_documents_commands():
-    assert len(COMMANDS) >= 7 and len(OFFLINE) >= 2, COMMANDS
+    assert len(README_COMMANDS) >= 7 and len(_offline(README_COMMANDS)) >= 2, README_COMMANDS
+    assert len(COMMANDS) > len(README_COMMANDS), "the docs pages' commands are collected too"
+
+
+def test_ci_runs_the_readme_install_and_test_commands_verbatim():
+    """`.ci/run` is the README's install command, then its test command, and nothing else runs in between."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    ci = [line for line in ci if line and not line.startswith("#")]
+    install = next(line for line in _shell_lines(ROOT / "README.md") if line.startswith("pip install"))
+    test = next(line for line in _shell_lines(ROOT / "README.md") if line.startswith("python -m pytest"))
+    assert install.startswith("pip install torch==") and '".[test]"' in install, install
+    assert ci[-2:] == [install, test], (ci, install, test)
 
 
 def _free_port() -> int:
