@@ -161,12 +161,3 @@ def test_ltx_condition_style_video_coords_give_the_frame_grid():
         apply_moc(model, MoCConfig(top_k=100, causal=False, backend="torch"))
         torch.testing.assert_close(model(**inputs).sample, stock, atol=1e-5, rtol=1e-5)
     assert _hook(model).processor.state.facts.grid == (frames, 1, height * width)
-
-
-def test_prepare_moc_transformer_is_a_deprecated_alias_of_apply_moc():
-    from diffusers_moc import prepare_moc_transformer
-
-    model, _ = MODELS["wan"]()
-    with pytest.warns(FutureWarning, match="apply_moc"):
-        assert prepare_moc_transformer(model, SPARSE) == SPARSE
-    assert all(isinstance(p, MoCWanAttnProcessor) for p in model.attn_processors.values())  # cross-attention too

@@ -48,7 +48,6 @@ _LAZY = {
     "Storyboard": "pipelines",
     "StoryboardError": "pipelines",
     "load_storyboard": "pipelines",
-    "prepare_moc_transformer": "pipelines",
     "load_moc_lora": "hub",
     "moc_model_card": "hub",
     "push_to_hub": "hub",

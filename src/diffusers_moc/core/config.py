@@ -113,10 +113,6 @@ class MoCConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    @property
-    def is_training_regularised(self) -> bool:
-        return self.drop_off > 0 or self.drop_in > 0
-
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,7 +7,6 @@ from .long_video import (
     Shot,
     check_shot_frames,
     frames_for_seconds,
-    prepare_moc_transformer,
 )
 from .storyboard import Storyboard, StoryboardError, load_storyboard
 
@@ -23,5 +22,4 @@ __all__ = [
     "encode_caption",
     "frames_for_seconds",
     "load_storyboard",
-    "prepare_moc_transformer",
 ]

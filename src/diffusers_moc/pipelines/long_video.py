@@ -10,7 +10,6 @@ and how a start image conditions the first shot (`pipelines.conditioning`).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,6 @@ __all__ = [
     "Shot",
     "check_shot_frames",
     "frames_for_seconds",
-    "prepare_moc_transformer",
 ]
 
 logger = logging.get_logger(__name__)
@@ -190,23 +188,6 @@ class LongVideoPipelineOutput(BaseOutput):
 
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
     shot_starts: list[int]
-
-
-def prepare_moc_transformer(transformer: torch.nn.Module, moc_config: MoCConfig | None = None) -> MoCConfig:
-    r"""
-    Deprecated: [`apply_moc`] now installs everything a Wan transformer needs for [`LongVideoPipeline`], the per-shot
-    caption cross-attention included. Applies MoC (or sets `moc_config` on the applied processors when it differs).
-
-    Returns:
-        `MoCConfig`: the config in use.
-    """
-    warnings.warn(
-        "prepare_moc_transformer is deprecated and will be removed: call apply_moc(transformer, config), which "
-        "installs the per-shot caption cross-attention too",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return _use_moc(transformer, moc_config)
 
 
 def _use_moc(transformer: torch.nn.Module, moc_config: MoCConfig | None) -> MoCConfig:
