@@ -400,92 +400,24 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool | str = "a
     """
     if reorder not in (True, False, "auto"):
         raise ValueError(f"reorder must be True, False or 'auto', got {reorder!r}")
-    layout = routing.layout
-    sel = routing.selected
-    device = sel.device
-    B, H, L, S = sel.shape
-    BH, C = B * H, layout.num_chunks
-    words = (C + _WORD - 1) // _WORD
-    tok_chunk = layout.token_chunks(device)
-    sel = sel.reshape(BH, L, S)
-    anchors = routing.anchors.to(device)
-    sizes = layout.chunk_sizes(device)
-
-    # Per-token bitsets: anchors of the token's chunk, or-ed with each routed slot (-1 slots add nothing).
-    bits = _chunk_bits(anchors, words)[tok_chunk].expand(BH, L, words).contiguous()
-    one = torch.ones((), dtype=torch.long, device=device)
-    for s in range(S):
-        col = sel[..., s]
-        valid = col >= 0
-        colc = col.clamp(min=0)
-        widx = (colc // _WORD)[..., None]
-        bit = torch.where(valid, torch.bitwise_left_shift(one, colc % _WORD), 0)[..., None]
-        bits.scatter_(-1, widx, bits.gather(-1, widx) | bit)
-
-    # Tiles: runs of block_m slots inside one chunk (every slot order used here keeps chunks contiguous).
-    starts, ends, t_chunk = [], [], []
-    for c in range(C):
-        for s in range(layout.offsets[c], layout.offsets[c + 1], block_m):
-            starts.append(s)
-            ends.append(min(s + block_m, layout.offsets[c + 1]))
-            t_chunk.append(c)
-    T = len(starts)
-    tile_start = torch.tensor(starts, dtype=torch.int32, device=device)
-    tile_end = torch.tensor(ends, dtype=torch.int32, device=device)
-    tile_chunk = torch.tensor(t_chunk, dtype=torch.long, device=device)
-    rows = (tile_end - tile_start).to(torch.float64)
-    slot_tile = torch.repeat_interleave(torch.arange(T, device=device), (tile_end - tile_start).long())
-
-    def union_for(perm: torch.Tensor) -> torch.Tensor:
-        """(BH, T, C) bool: the tile's anchors plus every routed chunk of its tokens."""
-        tile_of_token = torch.empty(BH, L, dtype=torch.long, device=device)
-        tile_of_token.scatter_(1, perm, slot_tile.expand(BH, L))
-        flat = torch.zeros(BH * T * (C + 1), dtype=torch.bool, device=device)
-        row = (torch.arange(BH, device=device)[:, None] * T + tile_of_token) * (C + 1)
-        for s in range(S):
-            flat[row + sel[..., s] % (C + 1)] = True  # -1 lands in the dropped column C
-        return anchors[tile_chunk].expand(BH, T, C) | flat.view(BH, T, C + 1)[..., :C]
-
-    def computed(union: torch.Tensor) -> float:
-        return float(((union.to(torch.float64) @ sizes.to(torch.float64)) * rows).sum())
-
-    def sorted_perm() -> torch.Tensor:
-        # LSD radix sort with stable sorts: bitset words (least significant first), then the chunk id.
-        perm = torch.arange(L, device=device).expand(BH, L)
-        for w in reversed(range(words)):
-            perm = perm.gather(1, torch.argsort(bits[..., w].gather(1, perm), dim=1, stable=True))
-        return perm.gather(1, torch.argsort(tok_chunk[perm], dim=1, stable=True))
-
-    perm = torch.arange(L, device=device).expand(BH, L)
-    if reorder is True:
-        perm = sorted_perm()
-        union = union_for(perm)
-    else:
-        union = union_for(perm)
-        if reorder == "auto":
-            attended = float((anchors.to(torch.float64) @ sizes.to(torch.float64))[tok_chunk].sum() * BH)
-            for s in range(S):  # slot by slot: temporaries stay (B*H, L)
-                attended += float(torch.where(sel[..., s] >= 0, sizes[sel[..., s].clamp(min=0)], 0).sum())
-            natural = computed(union)
-            if natural > attended:  # some tile is not pure: try grouping equal sets
-                alt_perm = sorted_perm()
-                alt_union = union_for(alt_perm)
-                if computed(alt_union) < natural:
-                    perm, union = alt_perm, alt_union
-
+    layout, device = routing.layout, routing.selected.device
+    bits = _token_bits(routing)
+    tiles = _Tiles.of(layout, block_m, device)
+    perm, union = _tile_order(routing, bits, tiles, reorder)
     counts = union.sum(-1).flatten()
-    cu = torch.zeros(BH * T + 1, dtype=torch.int32, device=device)
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
     cu[1:] = counts.cumsum(0)
     chunks = union.nonzero()[:, 2].to(torch.int32)
-    work = (union.to(torch.float32) @ sizes.to(torch.float32)) * (tile_end - tile_start).to(torch.float32)
+    sizes = layout.chunk_sizes(device)
+    work = (union.to(torch.float32) @ sizes.to(torch.float32)) * (tiles.end - tiles.start).to(torch.float32)
     order = torch.argsort(work.flatten(), descending=True, stable=True).to(torch.int32)
     offsets = torch.tensor(layout.offsets, dtype=torch.int32, device=device)
     return MoCTritonPlan(
         bits=bits,
         perm=perm.to(torch.int32).contiguous(),
-        tile_start=tile_start,
-        tile_end=tile_end,
-        tile_chunk=tile_chunk,
+        tile_start=tiles.start,
+        tile_end=tiles.end,
+        tile_chunk=tiles.chunk,
         union=union,
         cu=cu,
         chunks=chunks,
@@ -493,6 +425,100 @@ def build_plan(routing: MoCRouting, block_m: int = 128, reorder: bool | str = "a
         offsets=offsets,
         block_m=block_m,
     )
+
+
+def _token_bits(routing: MoCRouting) -> torch.Tensor:
+    """`(B*H, L, W)` int64: per token, the anchors of its chunk or-ed with each routed slot (-1 slots add nothing)."""
+    layout, sel = routing.layout, routing.selected
+    device = sel.device
+    B, H, L, S = sel.shape
+    words = (layout.num_chunks + _WORD - 1) // _WORD
+    sel = sel.reshape(B * H, L, S)
+    bits = _chunk_bits(routing.anchors.to(device), words)[layout.token_chunks(device)]
+    bits = bits.expand(B * H, L, words).contiguous()
+    one = torch.ones((), dtype=torch.long, device=device)
+    for s in range(S):
+        col = sel[..., s]
+        colc = col.clamp(min=0)
+        widx = (colc // _WORD)[..., None]
+        bit = torch.where(col >= 0, torch.bitwise_left_shift(one, colc % _WORD), 0)[..., None]
+        bits.scatter_(-1, widx, bits.gather(-1, widx) | bit)
+    return bits
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Runs of `block_m` slots inside one chunk (every slot order used here keeps chunks contiguous)."""
+
+    start: torch.Tensor  # (T,) int32
+    end: torch.Tensor  # (T,) int32
+    chunk: torch.Tensor  # (T,) int64
+    of_slot: torch.Tensor  # (L,) int64: the tile of each slot
+
+    @classmethod
+    def of(cls, layout, block_m: int, device) -> _Tiles:
+        starts, ends, chunks = [], [], []
+        for c in range(layout.num_chunks):
+            for s in range(layout.offsets[c], layout.offsets[c + 1], block_m):
+                starts.append(s)
+                ends.append(min(s + block_m, layout.offsets[c + 1]))
+                chunks.append(c)
+        start = torch.tensor(starts, dtype=torch.int32, device=device)
+        end = torch.tensor(ends, dtype=torch.int32, device=device)
+        of_slot = torch.repeat_interleave(torch.arange(len(starts), device=device), (end - start).long())
+        return cls(start, end, torch.tensor(chunks, dtype=torch.long, device=device), of_slot)
+
+
+def _union_for(routing: MoCRouting, tiles: _Tiles, perm: torch.Tensor) -> torch.Tensor:
+    """`(B*H, T, C)` bool: each tile's anchors plus every routed chunk of its tokens, tokens placed by `perm`."""
+    B, H, L, S = routing.selected.shape
+    sel = routing.selected.reshape(B * H, L, S)
+    BH, T, C, device = B * H, tiles.start.numel(), routing.layout.num_chunks, sel.device
+    tile_of_token = torch.empty(BH, L, dtype=torch.long, device=device)
+    tile_of_token.scatter_(1, perm, tiles.of_slot.expand(BH, L))
+    flat = torch.zeros(BH * T * (C + 1), dtype=torch.bool, device=device)
+    row = (torch.arange(BH, device=device)[:, None] * T + tile_of_token) * (C + 1)
+    for s in range(S):
+        flat[row + sel[..., s] % (C + 1)] = True  # -1 lands in the dropped column C
+    return routing.anchors.to(device)[tiles.chunk].expand(BH, T, C) | flat.view(BH, T, C + 1)[..., :C]
+
+
+def _sorted_perm(routing: MoCRouting, bits: torch.Tensor) -> torch.Tensor:
+    """Slots grouping equal attended sets inside each chunk: an LSD radix sort with stable sorts on the bitset words
+    (least significant first), then on the chunk id."""
+    BH, L, words = bits.shape
+    tok_chunk = routing.layout.token_chunks(bits.device)
+    perm = torch.arange(L, device=bits.device).expand(BH, L)
+    for w in reversed(range(words)):
+        perm = perm.gather(1, torch.argsort(bits[..., w].gather(1, perm), dim=1, stable=True))
+    return perm.gather(1, torch.argsort(tok_chunk[perm], dim=1, stable=True))
+
+
+def _tile_order(routing: MoCRouting, bits: torch.Tensor, tiles: _Tiles, reorder: bool | str):
+    """`(perm, union)`: the slot order `reorder` asks for (see [`build_plan`]) and its tiles' unions."""
+    BH, L, _ = bits.shape
+    perm = torch.arange(L, device=bits.device).expand(BH, L)
+    if reorder is True:
+        perm = _sorted_perm(routing, bits)
+        return perm, _union_for(routing, tiles, perm)
+    union = _union_for(routing, tiles, perm)
+    if reorder != "auto":
+        return perm, union
+    sizes = routing.layout.chunk_sizes(bits.device).to(torch.float64)
+    rows = (tiles.end - tiles.start).to(torch.float64)
+    computed = lambda u: float(((u.to(torch.float64) @ sizes) * rows).sum())  # noqa: E731
+    tok_chunk = routing.layout.token_chunks(bits.device)
+    sel = routing.selected.reshape(BH, L, -1)
+    attended = float((routing.anchors.to(bits.device).to(torch.float64) @ sizes)[tok_chunk].sum() * BH)
+    for s in range(sel.shape[-1]):  # slot by slot: temporaries stay (B*H, L)
+        attended += float(torch.where(sel[..., s] >= 0, sizes[sel[..., s].clamp(min=0)], 0).sum())
+    natural = computed(union)
+    if natural > attended:  # some tile is not pure: try grouping equal sets
+        alt_perm = _sorted_perm(routing, bits)
+        alt_union = _union_for(routing, tiles, alt_perm)
+        if computed(alt_union) < natural:
+            return alt_perm, alt_union
+    return perm, union
 
 
 # ---------------------------------------------------------------------------------------------------------- launch
