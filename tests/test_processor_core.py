@@ -161,6 +161,36 @@ def test_apply_and_remove_leave_no_trace_on_the_modules(name):
     assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
 
 
+def test_moc_replaced_by_hand_leaves_an_inert_hook():
+    """`set_attn_processor` over MoC, then `apply_moc` again: the first hook computes nothing and lets go of gradient
+    checkpointing, which follows the hook in use, and `remove_moc` leaves the checkpointing function as it was."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from diffusers_moc import remove_moc
+    from diffusers_moc.core.attention_processors.base import CheckpointWithFacts
+
+    model, inputs = MODELS["wan"]()
+    model.enable_gradient_checkpointing()
+    plain = model._gradient_checkpointing_func
+    apply_moc(model, SPARSE)
+    first = _hook(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert model._gradient_checkpointing_func.hook is first
+    model.set_attn_processor(WanAttnProcessor())
+    apply_moc(model, SPARSE)
+    second = model.blocks[0].attn1.processor.hook
+    first.facts = None
+    with torch.no_grad():
+        model(**inputs)
+    assert first.facts is None and second.facts is not None
+    assert model._gradient_checkpointing_func.hook is second and model._gradient_checkpointing_func.inner is plain
+    remove_moc(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert model._gradient_checkpointing_func is plain and not isinstance(plain, CheckpointWithFacts)
+
+
 def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
     model, inputs = MODELS["wan"]()
     apply_moc(model, SPARSE)

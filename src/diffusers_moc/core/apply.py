@@ -280,6 +280,8 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
     for old in previous:
         old.detach(transformer)
     hook.attach(transformer)
+
+
 def remove_moc(pipe_or_transformer):
     r"""
     Give every attention layer that runs a MoC processor its dense processor back: the one `apply_moc` replaced, or

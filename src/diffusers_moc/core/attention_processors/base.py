@@ -162,7 +162,17 @@ class MoCHook:
             return name
         return f"{self.label}/{name}"
 
+    def _in_use(self) -> bool:
+        """False once MoC was replaced by hand (`set_attn_processor`) rather than removed: nothing reads the facts
+        then, and this hook must not wrap checkpointing. Assumed under `torch.compile`, whose guards on the layers'
+        processors retrace when they change (and which was seen to get this identity test wrong)."""
+        if torch.compiler.is_compiling():
+            return True
+        return any(attn.processor is self.processor for attn in self.layers)
+
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._in_use():
+            return
         grid = type(self.processor).input_grid(module, args, kwargs)
         self.facts = forward_facts(grid, current_moc_context(), self.processor.config.chunk_tokens, module.training)
         # Wrapped at a forward, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
@@ -191,8 +201,11 @@ class CheckpointWithFacts:
     @classmethod
     def wrap(cls, module: torch.nn.Module, hook: MoCHook) -> None:
         checkpoint = getattr(module, cls._ATTRIBUTE, None)
-        if checkpoint is not None and not isinstance(checkpoint, cls):
-            setattr(module, cls._ATTRIBUTE, cls(checkpoint, hook))
+        if checkpoint is None or (isinstance(checkpoint, cls) and checkpoint.hook is hook):
+            return
+        if isinstance(checkpoint, cls):  # another hook's, left by a MoC whose processors were replaced by hand
+            checkpoint = checkpoint.inner
+        setattr(module, cls._ATTRIBUTE, cls(checkpoint, hook))
 
     @classmethod
     def unwrap(cls, module: torch.nn.Module, hook: MoCHook) -> None:
