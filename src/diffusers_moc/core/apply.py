@@ -271,7 +271,7 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
     previous = _hooks(transformer)
     for name, module in modules:
         original = module.processor
-        if isinstance(original, MOC_PROCESSORS):  # applied again: keep what the first apply_moc replaced
+        if isinstance(original, MoCAttnProcessorBase):  # applied again: keep what the first apply_moc replaced
             original = None if original.hook is None else original.hook.originals.get(module)
         if original is not None:
             hook.originals[module] = original
