@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusers_moc.core.attention as attention
 from diffusers_moc import MoCConfig, apply_moc, moc_context
-from diffusers_moc.core.attention_processors import MoCAttnProcessorBase, MoCForwardPreHook, MoCWanAttnProcessor
+from diffusers_moc.core.attention_processors import MoCAttnProcessorBase, MoCHook, MoCWanAttnProcessor
 
 SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 # aten ops that read a tensor back to the host or give a data-dependent shape (`.item()`, `bool(t)`, `int(t)` and
@@ -70,8 +70,16 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _hook(model) -> MoCForwardPreHook:
-    return next(h for h in model._forward_pre_hooks.values() if isinstance(h, MoCForwardPreHook))
+def _hook(model) -> MoCHook:
+    """The model's MoC hook, which its MoC processors hold and torch runs before its forward (and no other)."""
+    hooks = {id(m.processor.hook): m.processor.hook for m in model.modules() if _is_moc(m)}
+    registered = [h for h in model._forward_pre_hooks.values() if isinstance(h, MoCHook)]
+    assert len(hooks) == 1 and registered == list(hooks.values())
+    return registered[0]
+
+
+def _is_moc(module) -> bool:
+    return isinstance(getattr(module, "processor", None), MoCAttnProcessorBase)
 
 
 def _reads(model, inputs) -> HostReads:
@@ -124,12 +132,63 @@ def test_models_with_moc_pickle_and_deepcopy(name):
     for other in (loaded, twin):
         with torch.no_grad():
             torch.testing.assert_close(other(**inputs).sample, expected, atol=0, rtol=0)
-        # The copy has its own forward state, shared by its own hook and processors.
+        # The copy has its own hook, registered on it and shared by its own processors.
         hook = _hook(other)
-        procs = {
-            id(m.processor) for m in other.modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)
-        }
-        assert procs == {id(hook.processor)} and hook.processor.state is not _hook(model).processor.state
+        procs = {id(m.processor) for m in other.modules() if _is_moc(m)}
+        assert procs == {id(hook.processor)} and hook is not _hook(model)
+        assert set(hook.layers) == {m for m in other.modules() if _is_moc(m)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_apply_and_remove_leave_no_trace_on_the_modules(name):
+    """MoC's hook holds the replaced processors and the layer names; nothing is written on the model's modules, and
+    `remove_moc` takes the hook off and puts the very same processors back."""
+    from diffusers_moc import remove_moc
+
+    model, inputs = MODELS[name]()
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    before = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    apply_moc(model, SPARSE)
+    apply_moc(model, SPARSE)  # applied again: one hook, the first originals kept
+    hook = _hook(model)
+    assert {hook.layers[m]: p for m, p in hook.originals.items()} == {n: before[n] for n in hook.layers.values()}
+    with torch.no_grad():
+        model(**inputs)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    remove_moc(model)
+    assert not any(isinstance(h, MoCHook) for h in model._forward_pre_hooks.values())
+    assert all(model.get_submodule(n).processor is p for n, p in before.items())
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+
+
+def test_moc_replaced_by_hand_leaves_an_inert_hook():
+    """`set_attn_processor` over MoC, then `apply_moc` again: the first hook computes nothing and lets go of gradient
+    checkpointing, which follows the hook in use, and `remove_moc` leaves the checkpointing function as it was."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from diffusers_moc import remove_moc
+    from diffusers_moc.core.attention_processors.base import CheckpointWithFacts
+
+    model, inputs = MODELS["wan"]()
+    model.enable_gradient_checkpointing()
+    plain = model._gradient_checkpointing_func
+    apply_moc(model, SPARSE)
+    first = _hook(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert model._gradient_checkpointing_func.hook is first
+    model.set_attn_processor(WanAttnProcessor())
+    apply_moc(model, SPARSE)
+    second = model.blocks[0].attn1.processor.hook
+    first.facts = None
+    with torch.no_grad():
+        model(**inputs)
+    assert first.facts is None and second.facts is not None
+    assert model._gradient_checkpointing_func.hook is second and model._gradient_checkpointing_func.inner is plain
+    remove_moc(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert model._gradient_checkpointing_func is plain and not isinstance(plain, CheckpointWithFacts)
 
 
 def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
@@ -142,7 +201,7 @@ def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
     with torch.no_grad(), moc_context(shot_frames=[1, 3]):
         model(**inputs)
     assert calls == [1]  # once per forward, not once per layer
-    facts = hook.processor.state.facts
+    facts = hook.facts
     assert facts.grid == (4, 2, 2) and facts.layout.shots == (0, 1, 1, 1) and facts.regularise is False
 
 
@@ -160,4 +219,4 @@ def test_ltx_condition_style_video_coords_give_the_frame_grid():
         stock = model(**inputs).sample
         apply_moc(model, MoCConfig(top_k=100, causal=False, backend="torch"))
         torch.testing.assert_close(model(**inputs).sample, stock, atol=1e-5, rtol=1e-5)
-    assert _hook(model).processor.state.facts.grid == (frames, 1, height * width)
+    assert _hook(model).facts.grid == (frames, 1, height * width)

@@ -15,10 +15,6 @@ from diffusers_moc.core.recording import RoutingMap, active_routing_map
 SPARSE = MoCConfig(top_k=1, local_window=0, backend="reference")
 
 
-class _Attn(torch.nn.Module):
-    _moc_layer_name = "blocks.0.attn1"
-
-
 def _increasing_routing(layout: ChunkLayout, config: MoCConfig, heads: int = 2) -> torch.Tensor:
     """Routing where every query scores later chunks higher: keys of chunk c are all c, queries all ones, so each
     query routes to its latest candidates."""
@@ -35,7 +31,7 @@ def test_numbers_by_hand_one_chunk_per_frame():
     config = MoCConfig(top_k=1, local_window=1)
     rmap = RoutingMap()
     for _ in range(3):  # counts are averaged over calls
-        rmap.record(_Attn(), None, _increasing_routing(layout, config), 0, 4, 4)
+        rmap.record("blocks.0.attn1", _increasing_routing(layout, config), 0, 4, 4)
     layer = rmap.to_dict()["layers"]["blocks.0.attn1"]
     assert layer["calls"] == 3
     assert layer["anchor"] == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
@@ -53,7 +49,7 @@ def test_numbers_by_hand_half_frame_chunks_after_a_caption():
     layout = ChunkLayout.concat(ChunkLayout.for_captions([3], [-1]), video)
     config = MoCConfig(top_k=1, local_window=0)
     rmap = RoutingMap()
-    rmap.record(_Attn(), None, _increasing_routing(layout, config), 3, 3, 4)
+    rmap.record("blocks.0.attn1", _increasing_routing(layout, config), 3, 3, 4)
     layer = rmap.to_dict()["layers"]["blocks.0.attn1"]
     assert layer["anchor"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # the own chunk; the caption is no frame
     assert layer["routed"] == [[0.5, 0, 0], [0.5, 0.5, 0], [0, 0.5, 0.5]]
@@ -126,10 +122,10 @@ def test_errors():
         RoutingMap(layers=[1.5])
     layout = ChunkLayout.for_video(2, 4)
     rmap = RoutingMap()
-    rmap.record(_Attn(), None, _increasing_routing(layout, SPARSE), 0, 2, 4)
+    rmap.record("blocks.0.attn1", _increasing_routing(layout, SPARSE), 0, 2, 4)
     with pytest.raises(ValueError, match="one moc_routing_map per video"):
         other = ChunkLayout.for_video(4, 2)
-        rmap.record(_Attn(), None, _increasing_routing(other, SPARSE), 0, 4, 2)
+        rmap.record("blocks.0.attn1", _increasing_routing(other, SPARSE), 0, 4, 2)
     with pytest.raises(ValueError, match="must end in one of"):
         rmap.save("map.gif")
 
@@ -150,7 +146,7 @@ def test_a_fullgraph_compiled_model_refuses_to_record_and_keeps_working():
 def test_save_removes_what_a_killed_save_left(tmp_path):
     layout = ChunkLayout.for_video(2, 4)
     rmap = RoutingMap()
-    rmap.record(_Attn(), None, _increasing_routing(layout, SPARSE), 0, 2, 4)
+    rmap.record("blocks.0.attn1", _increasing_routing(layout, SPARSE), 0, 2, 4)
     (tmp_path / ".map.png.999999999-deadbeef.partial").write_bytes(b"left by a killed run")
     rmap.save(tmp_path / "map.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json", "map.png"]

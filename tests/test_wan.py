@@ -124,7 +124,7 @@ def test_apply_moc_on_a_pipeline_treats_every_transformer():
     assert get_moc_config(pipe.transformer) == SPARSE  # a transformer still gives its config
     high, low = (t.blocks[0].attn1.processor for t in (pipe.transformer, pipe.transformer_2))
     assert isinstance(high, MoCWanAttnProcessor) and isinstance(low, MoCWanAttnProcessor) and high is not low
-    assert (high.state.label, low.state.label) == ("transformer", "transformer_2")
+    assert (high.hook.label, low.hook.label) == ("transformer", "transformer_2")
     assert update_moc_config(pipe, top_k=2) == {"transformer": SPARSE.replace(top_k=2)} | {
         "transformer_2": SPARSE.replace(top_k=2)
     }

@@ -10,15 +10,13 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
-    MoCForwardPreHook,
-    MoCForwardState,
+    MoCHook,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
 )
-from .attention_processors.base import CheckpointWithFacts
 from .config import MoCConfig
 
 __all__ = [
@@ -171,14 +169,14 @@ def _set_processor(module: torch.nn.Module, processor) -> None:
         module.processor = processor
 
 
-def _remove_hooks(transformer: torch.nn.Module) -> None:
-    for key, hook in list(transformer._forward_pre_hooks.items()):
-        if isinstance(hook, MoCForwardPreHook):
-            del transformer._forward_pre_hooks[key]
-            transformer._forward_pre_hooks_with_kwargs.pop(key, None)
-    checkpoint = getattr(transformer, "_gradient_checkpointing_func", None)
-    if isinstance(checkpoint, CheckpointWithFacts):
-        transformer._gradient_checkpointing_func = checkpoint.inner
+def _hooks(transformer: torch.nn.Module) -> list[MoCHook]:
+    """The [`MoCHook`]s installed on `transformer`, found through the MoC processors of its layers."""
+    found = {}
+    for module in transformer.modules():
+        hook = getattr(getattr(module, "processor", None), "hook", None)
+        if isinstance(hook, MoCHook):
+            found[id(hook)] = hook
+    return list(found.values())
 
 
 def _is_pipeline(obj) -> bool:
@@ -221,11 +219,12 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
     own caption plus the global one when [`moc_context`] has caption spans (multi-shot videos). A context-parallel
     config set by `enable_parallelism` (before or after this call) is kept.
 
-    A forward pre-hook computes, once per forward, the latent frame grid (from the input shape and the model
-    config), the chunk layout, the shots and caption spans of [`moc_context`] and whether drop-off / drop-in run;
-    the processors read nothing back from the device, so `torch.compile(transformer, fullgraph=True)`,
-    `transformer.compile_repeated_blocks(fullgraph=True)` and `torch.export` work. The model stays picklable. Call
-    [`remove_moc`] to go back to the processors that were there before.
+    One [`MoCHook`] per transformer holds the processors it replaced and computes, once per forward (a forward
+    pre-hook), the latent frame grid (from the input shape and the model config), the chunk layout, the shots and
+    caption spans of [`moc_context`] and whether drop-off / drop-in run; the processors read nothing back from the
+    device, so `torch.compile(transformer, fullgraph=True)`, `transformer.compile_repeated_blocks(fullgraph=True)`
+    and `torch.export` work. The model stays picklable. Call [`remove_moc`] to go back to the processors that were
+    there before.
 
     Args:
         pipe_or_transformer (`DiffusionPipeline` or `torch.nn.Module`): a pipeline holding supported transformers,
@@ -260,22 +259,27 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
 
 def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | None) -> None:
     proc_cls, pattern = _processor_class(transformer)
-    processor = proc_cls(config)
-    processor.state = MoCForwardState(label)
     modules = list(_target_modules(transformer, pattern))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
+    processor = proc_cls(config)
+    hook = processor.hook = MoCHook(processor, label)
     # Keep the diffusers attention backend and parallel config the model was set to (for the dense parts).
     first = modules[0][1].processor
     processor._attention_backend = getattr(first, "_attention_backend", None)
     processor._parallel_config = getattr(first, "_parallel_config", None)
+    previous = _hooks(transformer)
     for name, module in modules:
-        if not isinstance(module.processor, MOC_PROCESSORS):
-            module._moc_original_processor = module.processor
-        module._moc_layer_name = name  # how routing maps name the layer
+        original = module.processor
+        if isinstance(original, MoCAttnProcessorBase):  # applied again: keep what the first apply_moc replaced
+            original = None if original.hook is None else original.hook.originals.get(module)
+        if original is not None:
+            hook.originals[module] = original
+        hook.layers[module] = name
         _set_processor(module, processor)
-    _remove_hooks(transformer)
-    transformer.register_forward_pre_hook(MoCForwardPreHook(processor), with_kwargs=True)
+    for old in previous:
+        old.detach(transformer)
+    hook.attach(transformer)
 
 
 def remove_moc(pipe_or_transformer):
@@ -293,12 +297,12 @@ def remove_moc(pipe_or_transformer):
 
 
 def _remove_one(transformer: torch.nn.Module) -> None:
+    hooks = _hooks(transformer)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
         if not isinstance(proc, MOC_PROCESSORS):
             continue
-        original = module.__dict__.pop("_moc_original_processor", None)
-        module.__dict__.pop("_moc_layer_name", None)
+        original = None if proc.hook is None else proc.hook.originals.get(module)
         if original is None:
             original = proc.stock_processor(module) if hasattr(proc, "stock_processor") else None
         if original is None:
@@ -306,7 +310,8 @@ def _remove_one(transformer: torch.nn.Module) -> None:
         original._attention_backend = proc._attention_backend
         original._parallel_config = proc._parallel_config
         _set_processor(module, original)
-    _remove_hooks(transformer)
+    for hook in hooks:
+        hook.detach(transformer)
 
 
 def _config_of(transformer: torch.nn.Module) -> MoCConfig | None:

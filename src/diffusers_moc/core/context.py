@@ -8,8 +8,8 @@ once per transformer forward::
         video = pipe(prompt, num_frames=61).frames
 
 The context lives in a context variable (each thread and asyncio task sees its own). `torch.compile` cannot read
-context variables, so a compiled transformer forward reads a process-wide mirror of the innermost context instead
-(and recompiles when it changes): do not run one compiled model under different contexts in several threads at once.
+context variables, so a compiled transformer forward reads [`PROCESS_STATE`] instead (and recompiles when it changes):
+do not run one compiled model under different contexts in several threads at once.
 """
 
 from __future__ import annotations
@@ -108,19 +108,32 @@ _DEFAULT = MoCContext()
 _CURRENT: contextvars.ContextVar[MoCContext | None] = contextvars.ContextVar("diffusers_moc_context", default=None)
 
 
-class _Mirror:
-    """The innermost context entered in this process: what a `torch.compile`d forward reads (and guards on)."""
+class _ProcessState:
+    r"""
+    Everything MoC reads from the process rather than from a forward's arguments, in one object: the only state a
+    `torch.compile`d forward reads outside the model. Dynamo reads its attributes as constants of the traced graph and
+    guards on them, so a change retraces (or, for a recorder, makes the compiled model refuse to record):
+
+    - `context`: the innermost [`moc_context`] entered in this process (the context variable that eager code reads
+      cannot be read by dynamo);
+    - `recorder`: the [`RoutingMap`] being recorded by [`moc_routing_map`], or `None` while none records (one at a
+      time per process).
+
+    Both are set on entering their `with` block and restored on leaving it.
+    """
 
     context: MoCContext = _DEFAULT
+    recorder: object | None = None  # a `RoutingMap` (this module sits below the one that defines it)
 
 
-_MIRROR = _Mirror()
+#: The one process-wide instance (see [`_ProcessState`]).
+PROCESS_STATE = _ProcessState()
 
 
 def current_moc_context() -> MoCContext:
     """The context MoC sees now (default: one shot, regularisers in training only)."""
     if _is_dynamo_compiling():
-        return _MIRROR.context
+        return PROCESS_STATE.context
     return _CURRENT.get() or _DEFAULT
 
 
@@ -158,10 +171,10 @@ def moc_context(
         image_tokens=image_tokens,
     )
     token = _CURRENT.set(ctx)
-    outer = _MIRROR.context
-    _MIRROR.context = ctx
+    outer = PROCESS_STATE.context
+    PROCESS_STATE.context = ctx
     try:
         yield ctx
     finally:
         _CURRENT.reset(token)
-        _MIRROR.context = outer
+        PROCESS_STATE.context = outer

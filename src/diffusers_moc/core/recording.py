@@ -14,10 +14,11 @@ can be attended partly as anchor and partly as routed, counting in both maps. On
 (caption chunks of joint-attention models count in the density, not in the map). The density of a layer is the
 attended fraction of all its query-key pairs, text included (padded caption tokens counted as present).
 
-Recording costs nothing when off: the attention step reads one attribute of this module and does nothing else. While
-a recorder is active, each MoC call also returns its routing and the counts are computed and read back to the host.
-A `torch.compile`d model works with recording off; asked to record, it raises an error that says to record with the
-uncompiled model (the counts need host reads that a compiled graph cannot make).
+Recording costs nothing when off: the attention step reads one attribute (`context.PROCESS_STATE.recorder`) and does
+nothing else. While a recorder is active, each MoC call also returns its routing and the counts are computed and read
+back to the host. A `torch.compile`d model works with recording off; asked to record, it raises an error that says to
+record with the uncompiled model (the counts need host reads that a compiled graph cannot make; the compiled model
+reads the recorder as a guarded constant, so entering one makes it retrace and refuse).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from .atomic import deferred_interrupts, remove_path, remove_stale_partials
+from .context import PROCESS_STATE
 from .layout import ChunkLayout
 from .routing import MoCRouting
 
@@ -44,19 +46,9 @@ MAP_EXTENSIONS = (".png", ".pdf", ".svg")
 _ROW_ELEMS = 1 << 24
 
 
-class _Active:
-    """The recorder MoC attention writes to now (`None`: recording is off). A plain global, read by compiled code
-    as a guarded constant, so entering a recorder makes a compiled model retrace and refuse."""
-
-    recorder: RoutingMap | None = None
-
-
-_ACTIVE = _Active()
-
-
 def active_routing_map() -> RoutingMap | None:
     """The routing map being recorded, or `None` (the check MoC attention makes on every call)."""
-    return _ACTIVE.recorder
+    return PROCESS_STATE.recorder
 
 
 class _LayerCounts:
@@ -120,19 +112,16 @@ class RoutingMap:
         self.frame_shots: list[int] | None = None
 
     # ------------------------------------------------------------------ recording
-    def _key(self, attn: torch.nn.Module, state) -> str:
-        name = getattr(attn, "_moc_layer_name", None) or f"layer{len(self._seen)}"
-        label = getattr(state, "label", None)
-        owner = (id(state), name)
-        if owner not in self._keys:
-            key = name if label in (None, "transformer") else f"{label}/{name}"
+    def _key(self, layer: str | None, owner: object) -> str:
+        name = layer or f"layer{len(self._seen)}"
+        if (id(owner), name) not in self._keys:
+            key, n = name, 2
             taken = set(self._keys.values())
-            n = 2
             while key in taken:  # two transformers applied one by one share layer names
                 key, n = f"{name}#{n}", n + 1
-            self._keys[owner] = key
+            self._keys[id(owner), name] = key
             self._seen.append(key)
-        return self._keys[owner]
+        return self._keys[id(owner), name]
 
     def _wanted(self, key: str) -> bool:
         if self.layers is None:
@@ -159,24 +148,26 @@ class RoutingMap:
     @torch.no_grad()
     def record(
         self,
-        attn: torch.nn.Module,
-        state,
+        layer: str | None,
         routing: MoCRouting,
         video_start: int,
         frames: int,
         tokens_per_frame: int,
+        owner: object = None,
     ) -> None:
         r"""
         Add one MoC attention call (called by the processors' shared step while this map is active).
 
         Args:
-            attn (`torch.nn.Module`): the attention module (named by `apply_moc`).
-            state: the processor's forward state (tells the transformers of a pipeline apart).
+            layer (`str`, *optional*): the layer's name as `apply_moc` gives it (`"transformer_2/blocks.0.attn1"`);
+                `None` for a processor set with `set_attn_processor` alone.
             routing ([`MoCRouting`]): the call's routing over its whole stream.
             video_start (`int`): position of the first video token in the stream (after a leading caption).
             frames (`int`), tokens_per_frame (`int`): the latent frame grid of the video tokens.
+            owner (`object`, *optional*): what installed the layer (tells apart two transformers whose layers have
+                the same name).
         """
-        key = self._key(attn, state)
+        key = self._key(layer, owner)
         if not self._wanted(key):
             return
         layout = routing.layout
@@ -366,9 +357,9 @@ def moc_routing_map(layers: Sequence[int | str] | None = None) -> Iterator[Routi
         `RuntimeError` (from the model's forward): a `torch.compile`d model cannot record; run it uncompiled.
     """
     recorder = RoutingMap(layers)
-    outer = _ACTIVE.recorder
-    _ACTIVE.recorder = recorder
+    outer = PROCESS_STATE.recorder
+    PROCESS_STATE.recorder = recorder
     try:
         yield recorder
     finally:
-        _ACTIVE.recorder = outer
+        PROCESS_STATE.recorder = outer

@@ -3,8 +3,7 @@
 from .base import (
     MoCAttnProcessorBase,
     MoCForwardFacts,
-    MoCForwardPreHook,
-    MoCForwardState,
+    MoCHook,
     forward_facts,
     frames_from_rotary,
 )
@@ -19,8 +18,7 @@ __all__ = [
     "MoCAttnProcessorBase",
     "MoCCogVideoXAttnProcessor",
     "MoCForwardFacts",
-    "MoCForwardPreHook",
-    "MoCForwardState",
+    "MoCHook",
     "MoCHunyuanVideo15AttnProcessor",
     "MoCHunyuanVideoAttnProcessor",
     "MoCLTXVideoAttnProcessor",

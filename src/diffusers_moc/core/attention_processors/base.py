@@ -1,9 +1,10 @@
-"""The core every MoC attention processor shares: per-forward facts, the forward pre-hook, one MoC attention step.
+"""The core every MoC attention processor shares: per-forward facts, the hook `apply_moc` installs, one MoC attention
+step.
 
-Per transformer forward, a forward pre-hook (installed by [`apply_moc`]) computes the facts MoC needs once, from the
+Per transformer forward, the [`MoCHook`] that [`apply_moc`] installs computes the facts MoC needs once, from the
 input's shape and the model config, never from tensor values: the latent frame grid, the video [`ChunkLayout`], the
-shots and caption spans of [`moc_context`] and whether the training regularisers run. It writes them on a small
-[`MoCForwardState`] that the model's processors hold. A model's processor is diffusers' own processor of that model
+shots and caption spans of [`moc_context`] and whether the training regularisers run. The model's processors hold the
+hook and read the facts from it. A model's processor is diffusers' own processor of that model
 (same projections, norms, RoPE) with its dense attention call replaced by [`MoCAttnProcessorBase.moc_attend`], which
 takes the layout of this forward, does the Ulysses exchange under context parallelism and calls `moc_attention`.
 
@@ -30,8 +31,7 @@ __all__ = [
     "CheckpointWithFacts",
     "MoCAttnProcessorBase",
     "MoCForwardFacts",
-    "MoCForwardPreHook",
-    "MoCForwardState",
+    "MoCHook",
     "frames_from_rotary",
     "forward_facts",
     "qkv_heads",
@@ -112,71 +112,123 @@ def forward_facts(
     return MoCForwardFacts((frames, height, width), layout, context, regularise)
 
 
-class MoCForwardState:
+class MoCHook:
     r"""
-    Per model: the [`MoCForwardFacts`] of the forward that runs now, written by [`MoCForwardPreHook`] and read by
-    the model's MoC processors. A plain object, so models with MoC stay picklable and `copy.deepcopy`-able.
+    What [`apply_moc`] installs on one transformer, and all it keeps there:
+
+    - `processor`: the one MoC processor its attention layers share, and `layers`, their names (how routing maps
+      name them) with `originals`, the processors `apply_moc` replaced (what [`remove_moc`] puts back);
+    - a forward pre-hook (this object itself, registered with torch's public `register_forward_pre_hook`, its handle
+      kept here) that computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor
+      class's `input_grid`), the current [`moc_context`] and the processor's `chunk_tokens`, into `facts`, which the
+      processors read;
+    - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
+      of its own forward.
+
+    A plain object (no closures), so a model with MoC pickles, and `copy.deepcopy` gives the copy its own hook.
+
+    Args:
+        processor (`MoCAttnProcessorBase`): the processor `apply_moc` sets on the layers.
+        label (`str`, *optional*): the pipeline component the transformer is (`"transformer_2"`), when MoC was
+            applied to a pipeline; routing maps prefix its layer names with it.
     """
 
-    def __init__(self, label: str | None = None):
-        self.facts: MoCForwardFacts | None = None
-        # The pipeline component the transformer is (`"transformer_2"`), when MoC was applied to a pipeline.
+    def __init__(self, processor: MoCAttnProcessorBase, label: str | None = None):
+        self.processor = processor
         self.label = label
+        self.facts: MoCForwardFacts | None = None
+        self.layers: dict[torch.nn.Module, str] = {}
+        self.originals: dict[torch.nn.Module, object] = {}
+        self._handle = None
 
     def __repr__(self) -> str:
-        return f"MoCForwardState({self.facts})"
+        return f"MoCHook({self.processor}, facts={self.facts})"
 
+    def attach(self, transformer: torch.nn.Module) -> None:
+        """Register the forward pre-hook on `transformer`."""
+        self._handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
 
-class MoCForwardPreHook:
-    r"""
-    Forward pre-hook of a transformer with MoC (`register_forward_pre_hook(hook, with_kwargs=True)`): computes the
-    forward's facts from its input shape (via the processor class's `input_grid`), the current [`moc_context`] and
-    the processor's `chunk_tokens`, and stores them on the processor's state. A module-level class (no closure), so
-    the model pickles.
-    """
+    def detach(self, transformer: torch.nn.Module) -> None:
+        """Remove the forward pre-hook from `transformer`, and the checkpointing wrapper if it is this hook's."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        CheckpointWithFacts.unwrap(transformer, self)
 
-    def __init__(self, processor: MoCAttnProcessorBase):
-        self.processor = processor
+    def layer_name(self, attn: torch.nn.Module) -> str | None:
+        """The name routing maps give the attention module `attn` (`"transformer_2/blocks.0.attn1"`)."""
+        name = self.layers.get(attn)
+        if name is None or self.label in (None, "transformer"):
+            return name
+        return f"{self.label}/{name}"
+
+    def _in_use(self) -> bool:
+        """False once MoC was replaced by hand (`set_attn_processor`) rather than removed: nothing reads the facts
+        then, and this hook must not wrap checkpointing. Assumed under `torch.compile`, whose guards on the layers'
+        processors retrace when they change (and which was seen to get this identity test wrong)."""
+        if torch.compiler.is_compiling():
+            return True
+        return any(attn.processor is self.processor for attn in self.layers)
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._in_use():
+            return
         grid = type(self.processor).input_grid(module, args, kwargs)
-        context = current_moc_context()
-        facts = forward_facts(grid, context, self.processor.config.chunk_tokens, module.training)
-        self.processor.state.facts = facts
-        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
-        if checkpoint is not None and not isinstance(checkpoint, CheckpointWithFacts):
-            # (Re)wrapped here, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
-            module._gradient_checkpointing_func = CheckpointWithFacts(checkpoint, self.processor.state)
+        self.facts = forward_facts(grid, current_moc_context(), self.processor.config.chunk_tokens, module.training)
+        # Wrapped at a forward, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
+        CheckpointWithFacts.wrap(module, self)
 
 
 class CheckpointWithFacts:
     r"""
-    Wraps a diffusers model's `_gradient_checkpointing_func` so that a block recomputed during backward sees the
+    Wraps a diffusers model's gradient checkpointing function so that a block recomputed during backward sees the
     facts of the forward it was first run in, not those of a later forward (two forwards with different
     [`moc_context`] shots, then one backward). Under `torch.compile` the facts are constants of the traced graph and
-    the wrapper steps aside. `remove_moc` unwraps it.
+    the wrapper steps aside.
+
+    diffusers calls every checkpointed block through the model's private `_gradient_checkpointing_func` (set by
+    `enable_gradient_checkpointing`) and offers no other way in that sees both the original forward and its
+    recomputation (`torch.utils.checkpoint`'s `context_fn` would, but diffusers does not pass one), so this class is
+    the one place MoC writes that attribute: `wrap` at a forward, `unwrap` at [`remove_moc`].
     """
 
-    def __init__(self, inner, state: MoCForwardState):
+    _ATTRIBUTE = "_gradient_checkpointing_func"
+
+    def __init__(self, inner, hook: MoCHook):
         self.inner = inner
-        self.state = state
+        self.hook = hook
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module, hook: MoCHook) -> None:
+        checkpoint = getattr(module, cls._ATTRIBUTE, None)
+        if checkpoint is None or (isinstance(checkpoint, cls) and checkpoint.hook is hook):
+            return
+        if isinstance(checkpoint, cls):  # another hook's, left by a MoC whose processors were replaced by hand
+            checkpoint = checkpoint.inner
+        setattr(module, cls._ATTRIBUTE, cls(checkpoint, hook))
+
+    @classmethod
+    def unwrap(cls, module: torch.nn.Module, hook: MoCHook) -> None:
+        checkpoint = getattr(module, cls._ATTRIBUTE, None)
+        if isinstance(checkpoint, cls) and checkpoint.hook is hook:
+            setattr(module, cls._ATTRIBUTE, checkpoint.inner)
 
     def __call__(self, function, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.inner(function, *args, **kwargs)
-        return self.inner(_WithFacts(function, self.state, self.state.facts), *args, **kwargs)
+        return self.inner(_WithFacts(function, self.hook, self.hook.facts), *args, **kwargs)
 
 
 class _WithFacts:
-    def __init__(self, function, state: MoCForwardState, facts: MoCForwardFacts | None):
-        self.function, self.state, self.facts = function, state, facts
+    def __init__(self, function, hook: MoCHook, facts: MoCForwardFacts | None):
+        self.function, self.hook, self.facts = function, hook, facts
 
     def __call__(self, *args, **kwargs):
-        before, self.state.facts = self.state.facts, self.facts
+        before, self.hook.facts = self.hook.facts, self.facts
         try:
             return self.function(*args, **kwargs)
         finally:
-            self.state.facts = before
+            self.hook.facts = before
 
 
 # ---------------------------------------------------------------------------------------------- RoPE fallback
@@ -264,7 +316,7 @@ class MoCAttnProcessorBase:
             raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
         self.config = config
         # Bound by `apply_moc`; `None` for a processor set with `set_attn_processor` alone.
-        self.state: MoCForwardState | None = None
+        self.hook: MoCHook | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -292,11 +344,11 @@ class MoCAttnProcessorBase:
 
     def forward_facts(self, attn: torch.nn.Module, rotary_emb=None) -> MoCForwardFacts:
         r"""
-        The facts of the running forward: from the state [`apply_moc`] binds, or (processor set with
+        The facts of the running forward: from the [`MoCHook`] that [`apply_moc`] binds, or (processor set with
         `set_attn_processor` alone, eager only) read off the rotary table `rotary_emb`.
         """
-        if self.state is not None:
-            facts = self.state.facts
+        if self.hook is not None:
+            facts = self.hook.facts
             if facts is None:
                 raise RuntimeError(
                     f"{type(self).__name__} has no facts for this forward: its forward pre-hook did not run. Call "
@@ -385,5 +437,6 @@ class MoCAttnProcessorBase:
             query, key, value, layout, self.config, training=facts.regularise, return_routing=True, **kw
         )
         frames, height, width = facts.grid
-        recorder.record(attn, self.state, routing, text_tokens if text_first else 0, frames, height * width)
+        layer = None if self.hook is None else self.hook.layer_name(attn)
+        recorder.record(layer, routing, text_tokens if text_first else 0, frames, height * width, owner=self.hook)
         return out

@@ -109,7 +109,7 @@ class MoCWanAttnProcessor(MoCAttnProcessorBase):
         return attn.to_out[1](hidden_states)
 
     def _cross_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
-        facts = None if self.state is None else self.state.facts
+        facts = None if self.hook is None else self.hook.facts
         context = current_moc_context() if facts is None else facts.context
         if context.caption_spans is None and context.image_tokens is None:
             # Stock cross-attention, with this processor's diffusers settings.
