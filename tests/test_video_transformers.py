@@ -18,8 +18,9 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
 from diffusers_moc import MoCConfig, apply_moc, get_moc_config, remove_moc, update_moc_config
-from diffusers_moc.core.apply import MOC_PROCESSORS, supported_models
+from diffusers_moc.core.apply import supported_models
 from diffusers_moc.core.attention_processors import (
+    MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
@@ -228,7 +229,7 @@ def test_apply_sets_the_right_modules_and_remove_restores_stock(name):
     stock = _run(model, inputs)
     before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
     apply_moc(model, SPARSE)
-    moc = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MOC_PROCESSORS)}
+    moc = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)}
     assert moc and all(isinstance(model.get_submodule(n).processor, MOC_CLASS[name]) for n in moc)
     if name == "hunyuan_video":
         # Joint attention of dual- and single-stream blocks; the caption refiner keeps its dense processor.

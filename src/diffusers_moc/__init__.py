@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 
 # Public name -> submodule that defines it.
 _LAZY = {
-    "MOC_PROCESSORS": "core.apply",
     "apply_moc": "core.apply",
     "get_moc_config": "core.apply",
     "pipeline_transformers": "core.apply",
@@ -71,7 +70,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .core.apply import (  # noqa: F401
-        MOC_PROCESSORS,
         apply_moc,
         get_moc_config,
         pipeline_transformers,

@@ -29,16 +29,12 @@ __all__ = [
     "registered_models",
     "context_parallel_support",
     "ModelSupport",
-    "MOC_PROCESSORS",
     "TRANSFORMER_COMPONENTS",
 ]
 
 #: The pipeline components that hold a denoising transformer (Wan 2.2 A14B: `transformer` for high noise,
 #: `transformer_2` for low noise).
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
-
-#: The base of every MoC processor (kept as a tuple for `isinstance` checks written against earlier versions).
-MOC_PROCESSORS: tuple[type, ...] = (MoCAttnProcessorBase,)
 
 # Which attention modules of each model get MoC (module names as in `named_modules()`):
 # - Wan: `attn1` (self-attention, routed) and `attn2` (cross-attention: stock, or per-shot caption anchors when
@@ -56,7 +52,7 @@ class ModelSupport(NamedTuple):
     processor: type
     targets: str  # regex over `named_modules()` names of the attention modules that get MoC
     captions: str  # where the caption tokens are, as seen by MoC
-    compile: str  # what torch.compile does with MoC applied (see the README's torch.compile section)
+    compile: str  # what torch.compile does with MoC applied (see docs/models.md, torch.compile)
 
 
 _FULL = "fullgraph, regional, export"
@@ -300,7 +296,7 @@ def _remove_one(transformer: torch.nn.Module) -> None:
     hooks = _hooks(transformer)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if not isinstance(proc, MOC_PROCESSORS):
+        if not isinstance(proc, MoCAttnProcessorBase):
             continue
         original = None if proc.hook is None else proc.hook.originals.get(module)
         if original is None:
@@ -317,7 +313,7 @@ def _remove_one(transformer: torch.nn.Module) -> None:
 def _config_of(transformer: torch.nn.Module) -> MoCConfig | None:
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MOC_PROCESSORS):
+        if isinstance(proc, MoCAttnProcessorBase):
             return proc.config
     return None
 
@@ -358,6 +354,6 @@ def update_moc_config(pipe_or_transformer, **changes):
     config = config.replace(**changes)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
-        if isinstance(proc, MOC_PROCESSORS):
+        if isinstance(proc, MoCAttnProcessorBase):
             proc.config = config
     return config
