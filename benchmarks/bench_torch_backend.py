@@ -7,7 +7,7 @@
 
 12 heads of 128, float32, forward (routing included, its share reported) and forward+backward. Each measurement runs
 in a fresh process; peak memory is its peak resident set size above what the inputs use. Times are the best of
-`--repeats` runs; speedups are ratios measured in one run. Prints a table, the issue's CPU targets as PASS / FAIL and
+`--repeats` runs; speedups are ratios measured in one run. Prints a table, the backend's CPU targets as PASS / FAIL and
 whether MoC's peak stays at or below dense's, and writes JSON and Markdown under `benchmarks/results/`.
 
 The *kernel alone* column times PyTorch's fused CPU attention kernel by itself on as many query-key pairs as MoC
@@ -43,7 +43,7 @@ TOKENS_PER_FRAME = 1560
 RESULTS = Path(__file__).parent / "results"
 SINGLE_SHOT = {"frames": 26, "tokens_per_frame": 256, "chunk_tokens": 256}
 SINGLE_SHOT_CONFIG = dict(top_k=3, causal=False, anchor_own_shot=False, local_window=0)
-# The CPU targets: (setting, tokens, forward speedup over dense SDPA).
+# The torch backend's CPU targets: (setting, tokens, forward speedup over dense SDPA).
 TARGETS = (("wan", 32760, 5.0), ("single-shot", 6656, 4.0))
 
 

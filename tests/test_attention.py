@@ -189,7 +189,7 @@ def test_value_head_size_may_differ(rng):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------ bad input (issue 11)
+# ------------------------------------------------------------------------------------------------ bad input
 def test_bad_input_gets_named_errors():
     layout = ChunkLayout.for_video(2, 3)
     q = torch.randn(1, 6, 2, 4)

@@ -101,7 +101,7 @@ def test_non_finite_scale_is_an_error(kernel):
 
 @pytest.mark.parametrize("seeds", [range(0, 60)])
 def test_earlier_shots_are_bit_identical_when_later_chunks_reroute(kernel, seeds):
-    """The issue's case: `for_video(4 frames, 20 tokens)`, H=2, D=8, top_k=2, no local window; re-routing only the
+    """A small case: `for_video(4 frames, 20 tokens)`, H=2, D=8, top_k=2, no local window; re-routing only the
     last chunk's queries must leave every earlier query's output unchanged to the last bit (60 seeds; 10 for the
     slow Triton interpreter)."""
     if kernel.name == "triton":

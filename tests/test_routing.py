@@ -190,7 +190,7 @@ class TestTrainingRegularisers:
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-# ------------------------------------------------------------------------------------------------ ties (issue 11)
+# ------------------------------------------------------------------------------------------------ ties
 def _constant_keys_case(seed: int, dtype: torch.dtype, top_k: int):
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 6, (int(torch.randint(3, 13, (1,), generator=g)),), generator=g).tolist()
@@ -259,7 +259,7 @@ def test_equal_descriptors_get_equal_scores_whatever_the_matmul_rounds(monkeypat
     assert torch.equal(sel[0], _earliest(layout, 2).expand_as(sel[0]))
 
 
-# ------------------------------------------------------------------------------------------------ NaN (issue 11)
+# ------------------------------------------------------------------------------------------------ NaN
 @pytest.mark.parametrize("causal", [True, False])
 def test_nan_queries_and_keys_never_give_invalid_or_duplicate_slots(rng, causal):
     cfg = MoCConfig(top_k=3, local_window=1, causal=causal)
@@ -282,7 +282,7 @@ def test_nan_queries_and_keys_never_give_invalid_or_duplicate_slots(rng, causal)
             assert picked.unique().numel() == picked.numel() and bool(allowed[picked].all())
 
 
-# ---------------------------------------------------------------------------------------------- regularisers (issue 11)
+# ---------------------------------------------------------------------------------------------- regularisers
 def test_drop_off_counts_what_the_query_routed_to_not_top_k():
     # top_k far beyond the candidates (dense): each query drops floor(p * k) of its k routed chunks, never all.
     layout = ChunkLayout.for_video(6, 2)

@@ -77,7 +77,7 @@ def test_apply_routes_self_attention_and_remove_restores_stock():
     apply_moc(model, SPARSE)
     procs = model.attn_processors
     # Self-attention is routed; cross-attention gets the MoC processor too (per-shot caption anchors when the
-    # context has caption spans), which runs the stock cross-attention otherwise (issue 10: apply_moc installs
+    # context has caption spans), which runs the stock cross-attention otherwise (apply_moc installs
     # everything a model needs).
     assert all(isinstance(p, MoCWanAttnProcessor) for p in procs.values())
     attn2 = model.blocks[0].attn2
@@ -180,7 +180,7 @@ def test_training_mode_drops_and_is_seeded_and_differentiable():
     apply_moc(model, cfg)
     eval_out = run(model, **x)
     model.train()
-    # Regularisers run in training mode with gradients enabled (issue 11: not under torch.no_grad()).
+    # Regularisers run in training mode with gradients enabled (not under torch.no_grad()).
     torch.manual_seed(5)
     a = model(**x).sample.detach()
     torch.manual_seed(5)  # drop-off / drop-in follow the global RNG
@@ -306,7 +306,7 @@ def test_wan_vace_full_density_equals_stock_and_sparse_matches_reference():
 
 
 def test_pipeline_left_in_train_mode_equals_dense_at_full_density():
-    """Issue 11: a transformer built from config is in train mode; pipelines run under torch.no_grad(), so MoC's
+    """A transformer built from config is in train mode; pipelines run under torch.no_grad(), so MoC's
     drop-off / drop-in (on by default in the config) must stay off without anyone calling `.eval()`."""
     components = tiny_wan_components()
     components["transformer"].train()
