@@ -12,7 +12,8 @@ Matrix (kept small: an inductor compile takes 10-30 s on a 2-core CPU, a dynamo 
 - every model, sparse, inference: regional compile (`compile_repeated_blocks(fullgraph=True)`) with inductor equals
   eager, no recompile; and at full density, `torch.compile(transformer, fullgraph=True)` with inductor equals eager,
   no recompile (HunyuanVideo 1.5 without `fullgraph`);
-- inductor: diffusers' `test_compile_works_with_aot` (an AOTInductor package) on Wan, a Wan sparse training step with
+- inductor: diffusers' `test_compile_works_with_aot` (an AOTInductor package, deterministic algorithms on as in
+  diffusers' suite) on Wan with the default config and HunyuanVideo with `top_k=3`, a Wan sparse training step with
   drop-off / drop-in compiled whole, and (`test_attention.py`) MoC attention with per-sample caption padding.
 """
 
@@ -156,12 +157,32 @@ def test_export_equals_eager(name):
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out.sample, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_compile_works_with_aot():
-    """diffusers' `TorchCompileTesterMixin.test_compile_works_with_aot`, on Wan with MoC."""
+@pytest.fixture
+def _deterministic():
+    """diffusers' test modules call `enable_full_determinism()`: deterministic algorithms, under which inductor hands
+    scatters to aten, whose C++ call AOTInductor writes out with the scalar arguments."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+# The default config and the README's, on a cross-attention and a joint-attention model (each package is a full
+# inductor and C++ build: these two keep the test's time in bounds); routing with two slots or more is what AOTInductor
+# once failed to build.
+AOT_CASES = {"wan-default": ("wan", MoCConfig()), "hunyuan_video-top_k=3": ("hunyuan_video", MoCConfig(top_k=3))}
+
+
+@pytest.mark.usefixtures("_deterministic")
+@pytest.mark.parametrize("case", list(AOT_CASES))
+def test_compile_works_with_aot(case):
+    """diffusers' `TorchCompileTesterMixin.test_compile_works_with_aot` with MoC, as diffusers runs it (deterministic
+    algorithms on)."""
     from torch._inductor.package import load_package
 
-    model, inputs = MODELS["wan"]()
-    apply_moc(model, SPARSE)
+    name, config = AOT_CASES[case]
+    model, inputs = MODELS[name]()
+    apply_moc(model, config)
     with torch.no_grad():
         eager = _out(model, inputs)
     exported_model = torch.export.export(model, args=(), kwargs=inputs)

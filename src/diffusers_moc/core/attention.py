@@ -9,7 +9,8 @@ settings as lists of ints and bools, a float and a string.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, wraps
 
 import torch
 
@@ -239,6 +240,28 @@ def _check_inputs(query, key, value, layout, scale, padding_mask) -> None:
         )
 
 
+def _autocast_like_sdpa(fn: Callable) -> Callable:
+    """Under `torch.autocast`, MoC attention is what SDPA is there, an op of autocast's lower-precision list: floating
+    query, key and value (float64 aside) are cast to the autocast dtype, and it runs (routing and kernel) with autocast
+    off, so its float32 routing scores and the kernels' accumulations stay as without autocast."""
+
+    @wraps(fn)
+    def wrapper(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return fn(query, key, value, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (
+            x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64 else x
+            for x in (query, key, value)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return fn(query, key, value, *args, **kwargs)
+
+    return wrapper
+
+
+@_autocast_like_sdpa
 def moc_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -292,10 +292,13 @@ def _top_slots(scores: torch.Tensor, n_slots: int) -> torch.Tensor:
         return torch.where(torch.isneginf(values), -1, order)
     # Few slots: one argmax per slot is cheaper than a sort; argmax returns the first of equal maxima.
     slots = []
+    # A taken chunk gets -inf from a tensor, not a scalar: under deterministic algorithms inductor calls aten's scatter,
+    # and AOTInductor's C++ wrapper writes a scalar -inf there as the undeclared name `inf`.
+    taken = scores.new_full((1,) * scores.ndim, float("-inf"))
     for _ in range(n_slots):
         best = scores.argmax(-1, keepdim=True)
         slots.append(torch.where(torch.isneginf(scores.gather(-1, best)), -1, best))
-        scores.scatter_(-1, best, float("-inf"))
+        scores.scatter_(-1, best, taken.expand(best.shape))
     return torch.cat(slots, dim=-1) if slots else scores.new_empty(*scores.shape[:-1], 0, dtype=torch.long)
 
 

@@ -7,7 +7,26 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
 
-__all__ = ["MoCCogVideoXAttnProcessor"]
+__all__ = ["MoCCogVideoXAttnProcessor", "refuse_fused_processors"]
+
+
+def refuse_fused_processors(transformer: torch.nn.Module) -> None:
+    r"""
+    Raise when diffusers' QKV fusion has taken MoC off a CogVideoX transformer that [`apply_moc`] set up.
+
+    CogVideoX's `fuse_qkv_projections()` sets diffusers' dense `FusedCogVideoXAttnProcessor2_0` on every attention
+    layer, and `unfuse_qkv_projections()` puts back the processors from before fusing; either way the layers would run
+    dense attention without a word. MoC keeps CogVideoX's separate projections, which fusing leaves in place.
+    """
+    attn = transformer.transformer_blocks[0].attn1
+    if getattr(attn, "fused_projections", False) and not isinstance(attn.processor, MoCAttnProcessorBase):
+        raise RuntimeError(
+            f"the attention layers of this CogVideoX transformer run {type(attn.processor).__name__}, not MoC: "
+            "diffusers' `fuse_qkv_projections()` replaces every processor of CogVideoX by its dense fused one "
+            "(and `unfuse_qkv_projections()` restores those from before fusing). MoC runs CogVideoX unfused: call "
+            "`transformer.unfuse_qkv_projections()` after fusing, or `apply_moc(transformer)` again; "
+            "`remove_moc(transformer)` for dense attention"
+        )
 
 
 class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
@@ -28,6 +47,8 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
     @staticmethod
     def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
         """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, F, C, H, W)`."""
+        # Runs once per forward, before any layer: where a processor swap by diffusers can still be noticed.
+        refuse_fused_processors(transformer)
         _, frames, _, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         return (frames if p_t is None else frames // p_t), height // p, width // p
