@@ -166,8 +166,9 @@ def _set_processor(module: torch.nn.Module, processor) -> None:
 
 
 def _hooks(transformer: torch.nn.Module) -> list[MoCHook]:
-    """The [`MoCHook`]s installed on `transformer`, found through the MoC processors of its layers."""
-    found = {}
+    """The [`MoCHook`]s installed on `transformer`: those attached to it, and those its layers' MoC processors lead
+    to (a copied model's)."""
+    found = {id(hook): hook for hook in MoCHook.attached_to(transformer)}
     for module in transformer.modules():
         hook = getattr(getattr(module, "processor", None), "hook", None)
         if isinstance(hook, MoCHook):

@@ -15,6 +15,7 @@ add a registry entry in `apply.py`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -112,6 +113,10 @@ def forward_facts(
     return MoCForwardFacts((frames, height, width), layout, context, regularise)
 
 
+# Transformer -> the MoC hooks attached to it, kept beside the model (nothing is written on diffusers modules).
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class MoCHook:
     r"""
     What [`apply_moc`] installs on one transformer, and all it keeps there:
@@ -147,12 +152,21 @@ class MoCHook:
     def attach(self, transformer: torch.nn.Module) -> None:
         """Register the forward pre-hook on `transformer`."""
         self._handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
+        _ATTACHED.setdefault(transformer, []).append(self)
+
+    @staticmethod
+    def attached_to(transformer: torch.nn.Module) -> list[MoCHook]:
+        """The hooks [`attach`] registered on `transformer`, also those whose processors were since replaced by hand
+        or by the model's own methods (which the processors can no longer lead to)."""
+        return list(_ATTACHED.get(transformer, ()))
 
     def detach(self, transformer: torch.nn.Module) -> None:
         """Remove the forward pre-hook from `transformer`, and the checkpointing wrapper if it is this hook's."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self in _ATTACHED.get(transformer, ()):
+            _ATTACHED[transformer].remove(self)
         CheckpointWithFacts.unwrap(transformer, self)
 
     def layer_name(self, attn: torch.nn.Module) -> str | None:
@@ -172,6 +186,7 @@ class MoCHook:
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._in_use():
+            type(self.processor).check_replaced(module)
             return
         grid = type(self.processor).input_grid(module, args, kwargs)
         self.facts = forward_facts(grid, current_moc_context(), self.processor.config.chunk_tokens, module.training)
@@ -320,6 +335,12 @@ class MoCAttnProcessorBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+    @staticmethod
+    def check_replaced(transformer: torch.nn.Module) -> None:
+        """Called instead of [`input_grid`] at each forward once MoC's processors were replaced without
+        [`remove_moc`]: a model whose own methods swap processors (CogVideoX's QKV fusion) raises here rather than run
+        dense attention unnoticed. Nothing by default."""
 
     @staticmethod
     def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:

@@ -53,6 +53,10 @@ class MoCCogVideoXAttnProcessor(MoCAttnProcessorBase):
         p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
         return (frames if p_t is None else frames // p_t), height // p, width // p
 
+    @staticmethod
+    def check_replaced(transformer: torch.nn.Module) -> None:
+        refuse_fused_processors(transformer)
+
     def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
         return frames_from_rotary(rotary_emb, time_column=0)
 
