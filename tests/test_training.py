@@ -285,10 +285,13 @@ def test_bf16_keeps_the_fp32_modules_in_fp32(data_root, tmp_path):
     assert {p.dtype for n, p in text_encoder.named_parameters() if "wo" not in n.split(".")} == {torch.bfloat16}
 
 
-def test_compiled_training_matches_eager(data_root, tmp_path, monkeypatch):
+def test_compiled_training_matches_eager(data_root, tmp_path, request):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", False)  # restored after the test (the trainer sets it)
+    # Restored after the test (the trainer sets it). Not monkeypatch: undoing a patch of inductor's config module
+    # deletes the setting, and later compiles fail.
+    request.addfinalizer(lambda old=inductor_config.fallback_random: setattr(inductor_config, "fallback_random", old))
+    inductor_config.fallback_random = False
     # One sparse optimizer step with drop-off and drop-in on the default backend, each block compiled whole.
     sections = {"sparsity": {"start_top_k": 1, "warmup_steps": 0, "anneal_steps": 0}}
     runs = {}
