@@ -130,7 +130,12 @@ class MoCHook:
     - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
       of its own forward.
 
-    A plain object (no closures), so a model with MoC pickles, and `copy.deepcopy` gives the copy its own hook.
+    A plain object (no closures), so a model with MoC pickles, and `copy.deepcopy` gives the copy its own hook. The
+    hooks attached to a transformer are also listed beside it (a weak map), so that `apply_moc` and `remove_moc` find
+    one whose processors the model's own methods replaced (CogVideoX's QKV fusion).
+
+    diffusers' `HookRegistry` is not used: the forward it installs is a closure, so a model carrying it cannot be
+    pickled, and `copy.deepcopy` of it gives a copy that still runs the original's forward and weights.
 
     Args:
         processor (`MoCAttnProcessorBase`): the processor `apply_moc` sets on the layers.
