@@ -295,3 +295,24 @@ def test_moc_context_refuses_what_it_would_truncate():
     for span in ([0.5, 4], "04", [0, 4, 8]):
         with pytest.raises(ValueError, match=r"caption_spans\[0\] must be a \(start, end\) pair of token indices"):
             MoCContext(shot_frames=[2], caption_spans=[span])
+
+
+def test_backend_resolution_is_a_constant_of_a_compiled_graph(monkeypatch):
+    # `auto`'s usability checks import packages and query the device: under torch.compile(fullgraph=True) they must
+    # run while tracing, not be traced (a check dynamo cannot trace would break the graph).
+    import diffusers_moc.core.attention as attention
+
+    calls = []
+
+    def resolve(name, device, *facts):
+        calls.append(name)
+        open(__file__).close()  # file I/O: dynamo cannot trace it
+        return "torch"
+
+    monkeypatch.setattr(attention, "resolve_backend", resolve)
+    torch._dynamo.reset()
+    layout = ChunkLayout.for_video(3, 4)
+    q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
+    fn = torch.compile(lambda a, b, c: moc_attention(a, b, c, layout, MoCConfig(top_k=1)), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), moc_attention(q, k, v, layout, MoCConfig(top_k=1, backend="torch")))
+    assert calls and calls[0] == "auto"

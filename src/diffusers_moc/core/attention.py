@@ -14,7 +14,7 @@ from functools import lru_cache, wraps
 
 import torch
 
-from .backends import load_kernel, resolve_backend
+from .backends import AUTO_SHORT_TOKENS, load_kernel, resolve_backend
 from .config import MoCConfig
 from .layout import ChunkLayout
 from .routing import MoCRouting, route
@@ -240,6 +240,13 @@ def _check_inputs(query, key, value, layout, scale, padding_mask) -> None:
         )
 
 
+@torch.compiler.assume_constant_result
+def _concrete_backend(name: str, device: torch.device, dtype: torch.dtype, short: bool, head_dim: int) -> str:
+    """[`resolve_backend`] for one call. A constant of a traced graph: `torch.compile` runs it while tracing (its
+    usability checks import packages and query the device) rather than trace through it."""
+    return resolve_backend(name, device, dtype, AUTO_SHORT_TOKENS if short else AUTO_SHORT_TOKENS + 1, head_dim)
+
+
 def _autocast_like_sdpa(fn: Callable) -> Callable:
     """Under `torch.autocast`, MoC attention is what SDPA is there, an op of autocast's lower-precision list: floating
     query, key and value (float64 aside) are cast to the autocast dtype, and it runs (routing and kernel) with autocast
@@ -312,7 +319,8 @@ def moc_attention(
         raise ValueError("the routing passed was computed for another layout")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     # Resolved once per call: the op and its backward run the concrete backend.
-    backend = resolve_backend(config.backend, query.device, query.dtype, query.shape[1], query.shape[-1])
+    short = query.shape[1] <= AUTO_SHORT_TOKENS
+    backend = _concrete_backend(config.backend, query.device, query.dtype, short, query.shape[-1])
     out, _ = _attention_op(
         query,
         key,
