@@ -104,7 +104,7 @@ def load_kernel(name: str):
 def available_backends(device="cpu") -> list[str]:
     """Registered backends that can run on `device`, in registration order (`"auto"` is not one; see
     [`resolve_backend`] for what it takes)."""
-    import torch  # noqa: PLC0415  (this module stays importable without torch, for configs)
+    import torch  # noqa: PLC0415  (imported where used: `MoCConfig` reads this module's names)
 
     device = torch.device(device)
     return [b.name for b in _REGISTRY.values() if b.unavailable(device) is None]

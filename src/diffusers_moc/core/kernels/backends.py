@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import register_backend
+from ..backends import load_kernel, register_backend
 from .executors import torch_flash_unavailable
 from .flash_attn_executors import flash_attn_unavailable, flash_attn_version
 
@@ -39,7 +39,7 @@ def _flex_runs_flash_kernels(device: torch.device, dtype: torch.dtype, head_dim:
 
 def _triton_unavailable(device: torch.device) -> str | None:
     try:
-        _triton()
+        load_kernel("triton")  # the registry's cached loader: `auto` asks on every call
     except RuntimeError as e:
         return str(e)
     return None
