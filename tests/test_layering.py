@@ -21,7 +21,8 @@ CORE_LAYERS = {
     "attention": 3,
     "recording": 3,
     "attention_processors": 4,
-    "apply": 5,
+    "streams": 5,
+    "apply": 6,
 }
 # The application, all above the core. Pipelines and training share a layer and must not import each other.
 APP_LAYERS = {

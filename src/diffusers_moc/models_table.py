@@ -31,6 +31,7 @@ _PIPELINES = {
     "CogVideoXTransformer3DModel": "CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline",
     "LTXVideoTransformer3DModel": "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
     "MochiTransformer3DModel": "MochiPipeline",
+    "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
 }
 
 

@@ -10,14 +10,17 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
+    MoCDispatchAttnProcessor,
     MoCHook,
     MoCHunyuanVideo15AttnProcessor,
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
     MoCWanAttnProcessor,
+    VideoStream,
 )
 from .config import MoCConfig
+from .streams import HELIOS
 
 __all__ = [
     "apply_moc",
@@ -53,6 +56,12 @@ class ModelSupport(NamedTuple):
     targets: str  # regex over `named_modules()` names of the attention modules that get MoC
     captions: str  # where the caption tokens are, as seen by MoC
     compile: str  # what torch.compile does with MoC applied (see docs/models.md, torch.compile)
+    # For `MoCDispatchAttnProcessor`: the model's stream (frame grid, text and context placement).
+    stream: VideoStream | None = None
+
+    def processor_for(self, config: MoCConfig):
+        """A new processor of this entry with `config`."""
+        return self.processor(config) if self.stream is None else self.processor(config, stream=self.stream)
 
 
 _FULL = "fullgraph, regional, export"
@@ -70,6 +79,7 @@ def _registry() -> dict[type, ModelSupport]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
+        HeliosTransformer3DModel,
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
         LTXVideoTransformer3DModel,
@@ -114,6 +124,13 @@ def _registry() -> dict[type, ModelSupport]:
             "joint: one caption chunk after the video, mandatory anchor; padded tokens dropped",
             _NO_REPEATED,
         ),
+        HeliosTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^blocks\.\d+\.attn1$",
+            "cross-attention (dense, not routed); history frames before the video: routed chunks of the first shot",
+            _FULL,
+            HELIOS,
+        ),
     }
 
 
@@ -141,10 +158,14 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _registry()]
 
 
-def _processor_class(transformer: torch.nn.Module) -> tuple[type, str]:
+def _support(transformer: torch.nn.Module) -> ModelSupport:
+    # The most derived registered class wins (a registered subclass of a registered model).
+    for model_cls, sup in _registry().items():
+        if type(transformer) is model_cls:
+            return sup
     for model_cls, sup in _registry().items():
         if isinstance(transformer, model_cls):
-            return sup.processor, sup.targets
+            return sup
     raise TypeError(
         f"apply_moc does not support {type(transformer).__name__}; supported transformers: "
         f"{', '.join(supported_models())}"
@@ -248,18 +269,18 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
         raise TypeError(f"config must be a MoCConfig, got {type(config).__name__}")
     targets = _targets(pipe_or_transformer, "apply_moc")
     for transformer in targets.values():  # every transformer checked before any is changed
-        _processor_class(transformer)
+        _support(transformer)
     for label, transformer in targets.items():
         _apply_one(transformer, config, label if _is_pipeline(pipe_or_transformer) else None)
     return pipe_or_transformer
 
 
 def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | None) -> None:
-    proc_cls, pattern = _processor_class(transformer)
-    modules = list(_target_modules(transformer, pattern))
+    support = _support(transformer)
+    modules = list(_target_modules(transformer, support.targets))
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
-    processor = proc_cls(config)
+    processor = support.processor_for(config)
     hook = processor.hook = MoCHook(processor, label)
     # Keep the diffusers attention backend and parallel config the model was set to (for the dense parts).
     first = modules[0][1].processor
@@ -273,10 +294,23 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
         if original is not None:
             hook.originals[module] = original
         hook.layers[module] = name
+    if isinstance(processor, MoCDispatchAttnProcessor):
+        processor.use_stock(_one_stock(hook.originals, modules))
+    for _, module in modules:
         _set_processor(module, processor)
     for old in previous:
         old.detach(transformer)
     hook.attach(transformer)
+
+
+def _one_stock(originals: dict, modules: list):
+    """The one stock processor class a generic MoC processor runs for all its layers, as an instance."""
+    found = {type(originals[m]) for _, m in modules if m in originals} or {type(modules[0][1])._default_processor_cls}
+    if len(found) > 1:
+        names = ", ".join(sorted(cls.__name__ for cls in found))
+        raise TypeError(f"apply_moc runs one stock processor for all layers, but these layers have several: {names}")
+    (cls,) = found
+    return next((originals[m] for _, m in modules if m in originals), None) or cls()
 
 
 def remove_moc(pipe_or_transformer):

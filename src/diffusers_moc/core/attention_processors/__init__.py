@@ -8,6 +8,7 @@ from .base import (
     frames_from_rotary,
 )
 from .cogvideox import MoCCogVideoXAttnProcessor
+from .generic import MoCDispatchAttnProcessor, VideoStream, dispatch_calls
 from .hunyuan_video import MoCHunyuanVideoAttnProcessor
 from .hunyuan_video15 import MoCHunyuanVideo15AttnProcessor
 from .ltx import MoCLTXVideoAttnProcessor
@@ -17,6 +18,7 @@ from .wan import MoCWanAttnProcessor, video_grid_from_rotary
 __all__ = [
     "MoCAttnProcessorBase",
     "MoCCogVideoXAttnProcessor",
+    "MoCDispatchAttnProcessor",
     "MoCForwardFacts",
     "MoCHook",
     "MoCHunyuanVideo15AttnProcessor",
@@ -24,6 +26,8 @@ __all__ = [
     "MoCLTXVideoAttnProcessor",
     "MoCMochiAttnProcessor",
     "MoCWanAttnProcessor",
+    "VideoStream",
+    "dispatch_calls",
     "forward_facts",
     "frames_from_rotary",
     "video_grid_from_rotary",

@@ -8,9 +8,10 @@ hook and read the facts from it. A model's processor is diffusers' own processor
 (same projections, norms, RoPE) with its dense attention call replaced by [`MoCAttnProcessorBase.moc_attend`], which
 takes the layout of this forward, does the Ulysses exchange under context parallelism and calls `moc_attention`.
 
-Adding a model: subclass [`MoCAttnProcessorBase`], copy the stock processor's `__call__` with `moc_attend` where it
-calls `dispatch_attention_fn`, implement `input_grid` (post-patchify `(frames, height, width)` of a forward call), and
-add a registry entry in `apply.py`.
+Adding a model: see `generic.py` first (one registry entry when the stock processor makes one
+`dispatch_attention_fn` call); otherwise subclass [`MoCAttnProcessorBase`], copy the stock processor's `__call__` with
+`moc_attend` where it calls `dispatch_attention_fn`, implement `input_grid` (post-patchify `(frames, height, width)` of
+a forward call), and add a registry entry in `apply.py`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class MoCForwardFacts:
 
     Attributes:
         grid (`tuple[int, int, int]`): latent `(frames, height, width)` after patchify.
-        layout (`ChunkLayout`): the chunks of the video tokens (shots and `chunk_tokens` applied).
+        layout (`ChunkLayout`): the chunks of the video tokens (shots and `chunk_tokens` applied), after
+            `prefix_tokens` tokens of earlier context when the model puts some before the video (Helios' history).
         context (`MoCContext`): the [`moc_context`] of this forward (shots, caption spans).
         regularise (`bool`): whether context drop-off and drop-in run in this forward.
     """
@@ -57,6 +59,7 @@ class MoCForwardFacts:
     layout: ChunkLayout
     context: MoCContext
     regularise: bool
+    prefix_tokens: int = 0
 
     @property
     def tokens_per_frame(self) -> int:
@@ -84,33 +87,47 @@ _cached_with_caption = lru_cache(maxsize=128)(_build_with_caption)
 
 
 def _video_layout(
-    frames: int, tokens_per_frame: int, shot_frames: tuple[int, ...] | None, chunk_tokens: int | None
+    frames: int,
+    tokens_per_frame: int,
+    shot_frames: tuple[int, ...] | None,
+    chunk_tokens: int | None,
+    prefix: tuple[int, ...] = (),
 ) -> ChunkLayout:
     if shot_frames is not None and sum(shot_frames) != frames:
         raise ValueError(
             f"the MoC context says the shots have {list(shot_frames)} latent frames (sum {sum(shot_frames)}), but the "
             f"transformer input has {frames} latent frames; set `moc_context(shot_frames=...)` to match"
         )
-    return ChunkLayout.for_video(frames, tokens_per_frame, shot_frames, chunk_tokens)
+    video = ChunkLayout.for_video(frames, tokens_per_frame, shot_frames, chunk_tokens)
+    if not prefix:
+        return video
+    # Earlier context of the same video (Helios' history) belongs to the first shot, before its frames.
+    return ChunkLayout.concat(ChunkLayout.from_chunks(prefix), video)
 
 
 _cached_video_layout = lru_cache(maxsize=128)(_video_layout)
 
 
 def forward_facts(
-    grid: tuple[int, int, int], context: MoCContext, chunk_tokens: int | None, training: bool
+    grid: tuple[int, int, int],
+    context: MoCContext,
+    chunk_tokens: int | None,
+    training: bool,
+    prefix: tuple[int, ...] = (),
 ) -> MoCForwardFacts:
     r"""
     The facts of one forward: `grid` is the post-patchify `(frames, height, width)`, `training` whether the module is
-    in training mode. Regularisers run when the context forces them, else in training with gradients enabled.
+    in training mode, `prefix` the sizes of the chunks of earlier context that precede the video in the stream (none
+    by default). Regularisers run when the context forces them, else in training with gradients enabled.
     """
     frames, height, width = (int(n) for n in grid)
+    prefix = tuple(int(n) for n in prefix)
     build = _video_layout if torch.compiler.is_compiling() else _cached_video_layout
-    layout = build(frames, height * width, context.shot_frames, chunk_tokens)
+    layout = build(frames, height * width, context.shot_frames, chunk_tokens, prefix)
     regularise = context.regularise
     if regularise is None:
         regularise = bool(training) and torch.is_grad_enabled()
-    return MoCForwardFacts((frames, height, width), layout, context, regularise)
+    return MoCForwardFacts((frames, height, width), layout, context, regularise, sum(prefix))
 
 
 # Transformer -> the MoC hooks attached to it, kept beside the model (nothing is written on diffusers modules).
@@ -193,8 +210,10 @@ class MoCHook:
         if not self._in_use():
             type(self.processor).check_replaced(module)
             return
-        grid = type(self.processor).input_grid(module, args, kwargs)
-        self.facts = forward_facts(grid, current_moc_context(), self.processor.config.chunk_tokens, module.training)
+        processor = self.processor
+        grid = processor.input_grid(module, args, kwargs)
+        prefix = processor.input_prefix(module, args, kwargs)
+        self.facts = forward_facts(grid, current_moc_context(), processor.config.chunk_tokens, module.training, prefix)
         # Wrapped at a forward, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
         CheckpointWithFacts.wrap(module, self)
 
@@ -313,6 +332,10 @@ def video_padding_mask(text_mask: torch.Tensor, video_len: int) -> torch.Tensor:
     return torch.cat([video, text_mask.bool()], dim=1)
 
 
+# `moc_attend`'s default: the processor's own context-parallel config.
+_OWN = object()
+
+
 class MoCAttnProcessorBase:
     r"""
     Base of every MoC attention processor: the per-forward facts, and [`~MoCAttnProcessorBase.moc_attend`], the one
@@ -351,6 +374,11 @@ class MoCAttnProcessorBase:
     def input_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
         """Post-patchify `(frames, height, width)` of a forward call of the transformer (from shapes and config)."""
         raise NotImplementedError
+
+    @staticmethod
+    def input_prefix(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...]:
+        """Sizes of the chunks of earlier context that precede the video tokens in the stream (none by default)."""
+        return ()
 
     def grid_from_rotary(self, rotary_emb) -> tuple[int, int] | None:
         """`(frames, tokens_per_frame)` read off a rotary table (eager fallback); `None` when the table cannot tell."""
@@ -414,6 +442,8 @@ class MoCAttnProcessorBase:
         text_tokens: int = 0,
         text_first: bool = False,
         padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+        parallel_config=_OWN,
     ) -> torch.Tensor:
         r"""
         The MoC attention step: `(B, L, H, D)` query, key and value of a `[video]`, `[video, caption]` or
@@ -426,9 +456,11 @@ class MoCAttnProcessorBase:
         Args:
             rotary_emb: the rotary table of the call, only read by the `set_attn_processor` fallback.
             padding_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): False marks padded caption tokens.
+            scale (`float`, *optional*): the softmax scale (default `1 / sqrt(D)`).
+            parallel_config (*optional*): the context-parallel config of this call (default: the processor's).
         """
         facts = self.forward_facts(attn, rotary_emb)
-        cp = ulysses_config(self._parallel_config)
+        cp = ulysses_config(self._parallel_config if parallel_config is _OWN else parallel_config)
         if cp is not None:
             if padding_mask is not None or text_tokens:
                 raise NotImplementedError("MoC context parallelism supports video-only self-attention streams")
@@ -437,22 +469,31 @@ class MoCAttnProcessorBase:
         layout = facts.stream_layout(text_tokens, text_first)
         if layout.num_tokens != query.shape[1]:
             f, h, w = facts.grid
+            prefix = f"{facts.prefix_tokens} context + " if facts.prefix_tokens else ""
             raise ValueError(
-                f"the MoC layout covers {layout.num_tokens} tokens ({f}x{h}x{w} video + {text_tokens} text) but the "
-                f"attention call has {query.shape[1]} tokens"
+                f"the MoC layout covers {layout.num_tokens} tokens ({prefix}{f}x{h}x{w} video + {text_tokens} text) "
+                f"but the attention call has {query.shape[1]} tokens"
             )
         recorder = active_routing_map()  # the only cost of routing maps while none records
         if recorder is None:
             out = moc_attention(
-                query, key, value, layout, self.config, training=facts.regularise, padding_mask=padding_mask
+                query,
+                key,
+                value,
+                layout,
+                self.config,
+                scale=scale,
+                training=facts.regularise,
+                padding_mask=padding_mask,
             )
         else:
+            video_start = (text_tokens if text_first else 0) + facts.prefix_tokens
             out = self._attend_recording(
-                recorder, attn, query, key, value, layout, facts, text_tokens, text_first, padding_mask=padding_mask
+                recorder, attn, query, key, value, layout, facts, video_start, padding_mask=padding_mask, scale=scale
             )
         return heads_to_sequence(out, cp) if cp is not None else out
 
-    def _attend_recording(self, recorder, attn, query, key, value, layout, facts, text_tokens, text_first, **kw):
+    def _attend_recording(self, recorder, attn, query, key, value, layout, facts, video_start, **kw):
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 "a routing map (moc_routing_map) cannot record a torch.compile'd model: counting what each frame "
@@ -464,5 +505,5 @@ class MoCAttnProcessorBase:
         )
         frames, height, width = facts.grid
         layer = None if self.hook is None else self.hook.layer_name(attn)
-        recorder.record(layer, routing, text_tokens if text_first else 0, frames, height * width, owner=self.hook)
+        recorder.record(layer, routing, video_start, frames, height * width, owner=self.hook)
         return out

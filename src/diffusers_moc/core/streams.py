@@ -1,0 +1,61 @@
+"""The video streams of the models MoC supports through [`MoCDispatchAttnProcessor`]: how each one's latent frame
+grid, and any context before the video, follow from a forward call's input shapes and the model config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention_processors.generic import VideoStream
+
+__all__ = ["call_arg", "grid_5d", "helios_history"]
+
+
+def call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
+    """Argument `name` of a forward call, passed by keyword or at position `index`."""
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+def _patch(transformer: torch.nn.Module) -> tuple[int, int, int]:
+    config = transformer.config
+    patch = config.patch_size
+    if isinstance(patch, int):  # models that give the time patch separately
+        return getattr(config, "patch_size_t", 1) or 1, patch, patch
+    return tuple(patch)
+
+
+def grid_5d(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Post-patchify grid of a `hidden_states` shaped `(B, C, F, H, W)`, patchified by `config.patch_size`."""
+    _, _, frames, height, width = call_arg(args, kwargs, "hidden_states").shape
+    p_t, p_h, p_w = _patch(transformer)
+    return frames // p_t, height // p_h, width // p_w
+
+
+# Helios' history inputs in stream order (the model puts long, then mid, then short history before the video): the
+# factor by which each one's patch is coarser than the video's, the multiples `pad_for_3d_conv` pads it to, and the
+# position of its frame indices in the forward's arguments (its latents come 3 later).
+_HELIOS_HISTORY = (("long", 4, (4, 8, 8), 6), ("mid", 2, (2, 4, 4), 5), ("short", 1, None, 4))
+
+
+def helios_history(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...]:
+    r"""
+    The chunks of Helios' compressed history, one per history latent frame at its own resolution, in stream order.
+    A history input counts only when its frame indices are given too, as in the model's forward.
+    """
+    p_t, p_h, p_w = _patch(transformer)
+    sizes: list[int] = []
+    for name, factor, pad, index in _HELIOS_HISTORY:
+        latents = call_arg(args, kwargs, f"latents_history_{name}", index + 3)
+        indices = call_arg(args, kwargs, f"indices_latents_history_{name}", index)
+        if latents is None or indices is None:
+            continue
+        shape = latents.shape[2:]
+        if pad is not None:
+            shape = tuple(math.ceil(n / m) * m for n, m in zip(shape, pad))
+        frames, height, width = (n // (factor * p) for n, p in zip(shape, (p_t, p_h, p_w)))
+        sizes += [height * width] * frames
+    return tuple(sizes)
+
+
+HELIOS = VideoStream(grid=grid_5d, prefix=helios_history)

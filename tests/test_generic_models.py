@@ -1,0 +1,162 @@
+"""Models MoC supports through the generic processor (`MoCDispatchAttnProcessor`, one registry entry each): tiny
+transformers built from config, checked against their stock selves."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from diffusers import HeliosTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from diffusers_moc import MoCConfig, apply_moc, remove_moc
+from diffusers_moc.core.attention_processors import MoCDispatchAttnProcessor, dispatch_calls
+from diffusers_moc.core.streams import helios_history
+
+DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
+SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
+
+
+def _helios(history: bool = True):
+    torch.manual_seed(0)
+    model = HeliosTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_dim=(4, 4, 4),
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "indices_hidden_states": torch.tensor([[9, 10, 11]]),
+    }
+    if history:
+        # Odd sizes on purpose: mid and long history are padded to whole coarse patches.
+        inputs.update(
+            indices_latents_history_short=torch.tensor([[7, 8]]),
+            latents_history_short=torch.randn(1, 4, 2, 8, 8, generator=g),
+            indices_latents_history_mid=torch.tensor([[4, 5, 6]]),
+            latents_history_mid=torch.randn(1, 4, 3, 8, 8, generator=g),
+            indices_latents_history_long=torch.tensor([[1, 2, 3]]),
+            latents_history_long=torch.randn(1, 4, 3, 8, 8, generator=g),
+        )
+    return model, inputs
+
+
+BUILDERS = {
+    "helios": _helios,
+    "helios_no_history": lambda: _helios(history=False),
+}
+# The attention modules MoC must take over in each tiny model (everything else keeps its stock processor).
+TARGETS = {
+    "helios": {"blocks.0.attn1", "blocks.1.attn1"},
+    "helios_no_history": {"blocks.0.attn1", "blocks.1.attn1"},
+}
+
+
+def _run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_full_density_equals_stock_bit_for_bit(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, DENSE)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_sparse_moc_changes_the_output_and_backends_agree(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, SPARSE)
+    sparse = _run(model, inputs)
+    assert not torch.allclose(sparse, stock, atol=1e-3)
+    apply_moc(model, SPARSE.replace(backend="reference"))
+    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    apply_moc(model, SPARSE)
+    moc = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCDispatchAttnProcessor)}
+    assert moc == TARGETS[name]
+    remove_moc(model)
+    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", ["helios"])
+def test_copies_run_their_own_weights(name):
+    model, inputs = BUILDERS[name]()
+    apply_moc(model, SPARSE)
+    sparse = _run(model, inputs)
+    twin, restored = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    for clone in (twin, restored):
+        assert torch.equal(_run(clone, inputs), sparse)
+        with torch.no_grad():
+            clone.blocks[0].attn1.to_q.weight.mul_(2)
+        assert not torch.equal(_run(clone, inputs), sparse)
+    assert torch.equal(_run(model, inputs), sparse)
+
+
+def test_helios_history_chunks_follow_the_coarse_patches():
+    model, inputs = _helios()
+    # long: 3x8x8 padded to 4x8x8, patch 4x8x8 -> 1 frame of 1x1; mid: 3x8x8 padded to 4x8x8, patch 2x4x4 -> 2
+    # frames of 2x2; short: patch 1x2x2 -> 2 frames of 4x4. Oldest first, as the model concatenates them.
+    assert helios_history(model, (), inputs) == (1, 4, 4, 16, 16)
+    apply_moc(model, SPARSE)
+    _run(model, inputs)
+    facts = model.blocks[0].attn1.processor.hook.facts
+    assert facts.prefix_tokens == 41 and facts.layout.sizes == (1, 4, 4, 16, 16, 16, 16, 16)
+
+
+class _TwoCalls:
+    def __call__(self, attn, x, *args, **kwargs):
+        return dispatch_attention_fn(x, x, x) + dispatch_attention_fn(x, x, x)
+
+
+def test_a_stock_processor_with_two_attention_calls_is_refused():
+    assert dispatch_calls(_TwoCalls) == 2
+    model, inputs = _helios()
+    apply_moc(model, SPARSE)
+    processor = model.blocks[0].attn1.processor
+    processor.use_stock(_TwoCalls())
+    with pytest.raises(TypeError, match="one `dispatch_attention_fn` call"):
+        _run(model, inputs)
+
+
+def test_masked_attention_is_refused_by_name():
+    model, inputs = _helios(history=False)
+    apply_moc(model, SPARSE)
+    processor = model.blocks[0].attn1.processor
+    query = torch.randn(1, 48, 2, 12)
+    processor._layer = model.blocks[0].attn1
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        processor.attend(query, query, query, torch.ones(1, 1, 48, 48, dtype=torch.bool), 0.0, False, None, None, None)
+
+
+def test_regional_compile_equals_eager_in_one_graph():
+    model, inputs = _helios()
+    apply_moc(model, SPARSE)
+    eager = _run(model, inputs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.compile_repeated_blocks(fullgraph=True)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
