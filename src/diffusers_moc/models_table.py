@@ -32,6 +32,7 @@ _PIPELINES = {
     "LTXVideoTransformer3DModel": "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
     "MochiTransformer3DModel": "MochiPipeline",
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
+    "WanAnimateTransformer3DModel": "WanAnimatePipeline",
 }
 
 

@@ -20,7 +20,7 @@ from .attention_processors import (
     VideoStream,
 )
 from .config import MoCConfig
-from .streams import HELIOS
+from .streams import HELIOS, WAN_ANIMATE
 
 __all__ = [
     "apply_moc",
@@ -85,6 +85,7 @@ def _registry() -> dict[type, ModelSupport]:
         LTXVideoTransformer3DModel,
         MochiTransformer3DModel,
         SkyReelsV2Transformer3DModel,
+        WanAnimateTransformer3DModel,
         WanTransformer3DModel,
         WanVACETransformer3DModel,
     )
@@ -130,6 +131,13 @@ def _registry() -> dict[type, ModelSupport]:
             "cross-attention (dense, not routed); history frames before the video: routed chunks of the first shot",
             _FULL,
             HELIOS,
+        ),
+        WanAnimateTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^blocks\.\d+\.attn1$",
+            "cross-attention (dense, not routed); the reference frame is latent frame 0; face adapter stock",
+            _FULL,
+            WAN_ANIMATE,
         ),
     }
 

@@ -59,3 +59,6 @@ def helios_history(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> t
 
 
 HELIOS = VideoStream(grid=grid_5d, prefix=helios_history)
+
+# Wan-Animate: `hidden_states` is `(B, 2C + 4, T + 1, H, W)`, the reference image as its first latent frame.
+WAN_ANIMATE = VideoStream(grid=grid_5d)

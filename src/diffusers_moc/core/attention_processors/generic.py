@@ -107,10 +107,10 @@ def _rebound_call(stock_cls: type) -> types.FunctionType:
     call = _REBOUND.get(stock_cls)
     if call is not None:
         return call
-    if dispatch_calls(stock_cls) != 1:
+    if dispatch_calls(stock_cls) == 0:
         raise TypeError(
-            f"{stock_cls.__name__} does not compute its attention in one `dispatch_attention_fn` call; MoC needs a "
-            "processor of its own for this model"
+            f"{stock_cls.__name__} does not compute its attention with `dispatch_attention_fn`; MoC needs a processor "
+            "of its own for this model"
         )
     function = _own_call(stock_cls)
     name = f"{__name__}.moc_{function.__module__.replace('.', '_')}"
@@ -134,6 +134,9 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
     The MoC processor of every model whose stock processor makes one `dispatch_attention_fn` call per
     self-attention: the stock processor runs as it is, with MoC in place of that call.
 
+    Each layer call must make exactly one `dispatch_attention_fn` call (a stock processor may have others on paths
+    the layer does not take, such as Wan's image branch of cross-attention); otherwise it raises `TypeError`.
+
     [`apply_moc`] sets it on the layers its registry names, with the model's [`VideoStream`]; a copy of the processor
     it replaced is the one that runs (so a user's own subclass of the stock processor keeps its behaviour). Set with
     `set_attn_processor` alone it runs the model's default processor and, having no stream, refuses to guess the
@@ -153,6 +156,7 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         # The stock processor this one runs, and the layer it runs for (set at each call).
         self.stock = None
         self._layer: torch.nn.Module | None = None
+        self._attended = False
 
     def input_grid(self, transformer, args, kwargs) -> tuple[int, int, int]:
         if self.stream is None:
@@ -176,8 +180,14 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         if self.stock is None:  # set with `set_attn_processor` alone: the model's own processor
             self.use_stock(attn._default_processor_cls())
         self.stock._parallel_config = self._parallel_config
-        self._layer = attn
-        return _rebound_call(type(self.stock))(self.stock, attn, *args, **kwargs)
+        self._layer, self._attended = attn, False
+        out = _rebound_call(type(self.stock))(self.stock, attn, *args, **kwargs)
+        if not self._attended:
+            raise TypeError(
+                f"{type(self.stock).__name__} ran without a `dispatch_attention_fn` call on {type(attn).__name__}; "
+                "MoC needs a processor of its own for this model"
+            )
+        return out
 
     def attend(
         self,
@@ -194,6 +204,14 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         """The attention call of the running layer's stock processor (`dispatch_attention_fn`'s arguments), with
         MoC."""
         attn = self._layer
+        if self._attended:
+            # A second attention call in one layer call (an image branch, a causal text part): MoC cannot tell which
+            # stream it is, so it does not guess.
+            raise TypeError(
+                f"{type(self.stock).__name__} makes more than one `dispatch_attention_fn` call on "
+                f"{type(attn).__name__}; MoC needs a processor of its own for this model"
+            )
+        self._attended = True
         refused = {
             "attn_mask": attn_mask is not None,
             "dropout_p": dropout_p != 0.0,
