@@ -65,13 +65,56 @@ def tiny_ltx():
     return model, inputs, "transformer_blocks.0.attn1.to_q.weight"
 
 
+def tiny_helios():
+    """A tiny Helios transformer and inputs: 3 latent frames of 4x4 patches after 2 frames of short history."""
+    from diffusers import HeliosTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HeliosTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        # diffusers' `_cp_plan` for Helios names the gathers of 40 blocks, as the released model has.
+        num_layers=40,
+        rope_dim=(4, 4, 4),
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        # 32 history + 48 video tokens, split 40 + 40 over two ranks (the split cuts the second video frame).
+        "hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "indices_hidden_states": torch.tensor([[2, 3, 4]]),
+        "indices_latents_history_short": torch.tensor([[0, 1]]),
+        "latents_history_short": torch.randn(1, 4, 2, 8, 8, generator=g),
+    }
+    return model, inputs, "blocks.0.attn1.to_q.weight"
+
+
 #: Transformer class name -> builder; the models whose MoC context parallelism is tested.
-MODELS = {"WanTransformer3DModel": tiny_wan, "LTXVideoTransformer3DModel": tiny_ltx}
+MODELS = {
+    "WanTransformer3DModel": tiny_wan,
+    "LTXVideoTransformer3DModel": tiny_ltx,
+    "HeliosTransformer3DModel": tiny_helios,
+}
+#: Models whose context parallelism is tested forward only: under diffusers 0.42.1's own Helios plan even the stock
+#: model's parameter gradients differ from one process (its block-level splits and gathers), so MoC's cannot be
+#: compared; its outputs are.
+FORWARD_ONLY = {"HeliosTransformer3DModel"}
 #: MoC at full density equals the stock model (tested in test_video_transformers.py).
 FULL_DENSITY = {"top_k": 1000, "causal": False, "backend": "torch"}
 #: The dense control run under CP: diffusers' stock processors, except for LTX-Video, whose stock cross-attention
 #: fails under Ulysses with a caption mask in diffusers 0.42.1 (see MoCLTXVideoAttnProcessor): MoC at full density.
-DENSE_UNDER_CP = {"WanTransformer3DModel": None, "LTXVideoTransformer3DModel": FULL_DENSITY}
+DENSE_UNDER_CP = {
+    "WanTransformer3DModel": None,
+    "LTXVideoTransformer3DModel": FULL_DENSITY,
+    "HeliosTransformer3DModel": None,
+}
 
 
 def run_model(model, inputs: dict, grad_param: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _cp_worker import MODELS, run_model, worker  # noqa: E402
+from _cp_worker import FORWARD_ONLY, MODELS, run_model, worker  # noqa: E402
 
 from diffusers_moc import MoCConfig, apply_moc  # noqa: E402
 from diffusers_moc.core.attention_processors import (  # noqa: E402
@@ -55,9 +55,13 @@ def test_ulysses_two_processes_equal_single_process(cp_results, model_name):
 
     cp_out, cp_grad = cp_results[model_name, "moc"]
     torch.testing.assert_close(cp_out, moc_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
     # Dense control under CP: diffusers' own Ulysses attention (LTX-Video: MoC at full density, see DENSE_UNDER_CP).
     torch.testing.assert_close(cp_results[model_name, "dense"][0], dense_out, atol=1e-5, rtol=1e-5)
+    if model_name in FORWARD_ONLY:
+        # The stock model's own gradients under its plan differ from one process: nothing to compare MoC's with.
+        assert not torch.allclose(cp_results[model_name, "dense"][1], dense_grad, atol=1e-3)
+        return
+    torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
 
 

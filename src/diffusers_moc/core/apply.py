@@ -143,7 +143,7 @@ def _registry() -> dict[type, ModelSupport]:
 
 
 #: MoC processors that do the Ulysses all-to-all themselves (see `diffusers_moc.parallel`).
-_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
+_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor, MoCDispatchAttnProcessor)
 
 
 def context_parallel_support(model_cls: type) -> str:
@@ -151,6 +151,8 @@ def context_parallel_support(model_cls: type) -> str:
     support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
+    if support.stream is not None and support.stream.text != "none":
+        return "no (MoC's Ulysses exchange covers video-only streams)"
     if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
         return "no"
     return "Ulysses"
