@@ -17,6 +17,7 @@ CORE_LAYERS = {
     "parallel": 0,
     "atomic": 0,
     "routing": 1,
+    "joint_stream": 1,
     "kernels": 2,
     "attention": 3,
     "recording": 3,
