@@ -30,6 +30,7 @@ APP_LAYERS = {
     "errors": 1,
     "video_io": 1,
     "tiny": 1,
+    "tiny_hunyuan_video15": 1,
     "model_families": 1,
     "textfiles": 2,
     "hub": 2,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "HUNYUAN_VIDEO15_FAMILIES",
     "WanFamily",
     "WAN_FAMILIES",
     "PIPELINE_CLASSES",
@@ -137,6 +138,28 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             trainable=True,
             defaults=dict(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0),
             size_multiple=32,
+        ),
+    )
+}
+
+#: HunyuanVideo 1.5 (`HunyuanVideo15LongVideoPipeline`): a joint-attention MMDiT whose captions are text chunks of
+#: the stream. Height and width default to diffusers' pipeline's (16:9 at the transformer's `target_size`, or the
+#: start image's aspect), guidance to the `guider` component's scale.
+HUNYUAN_VIDEO15_FAMILIES: dict[str, WanFamily] = {
+    f.name: f
+    for f in (
+        WanFamily(
+            "hunyuanvideo1.5-t2v",
+            "HunyuanVideo 1.5 T2V",
+            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",),
+            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
+        ),
+        WanFamily(
+            "hunyuanvideo1.5-i2v",
+            "HunyuanVideo 1.5 I2V",
+            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",),
+            image="required",
+            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
         ),
     )
 }
