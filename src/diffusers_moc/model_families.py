@@ -26,6 +26,7 @@ __all__ = [
     "family_of_pipeline",
     "family_of_repo_id",
     "family_of_source",
+    "is_hunyuan_video15_source",
 ]
 
 #: diffusers pipelines whose folders hold a Wan model `LongVideoPipeline` can load.
@@ -291,3 +292,22 @@ def family_of_source(source: str | os.PathLike, **hub_kwargs) -> WanFamily:
         image_dim=transformer.get("image_dim"),
         pos_embed_seq_len=transformer.get("pos_embed_seq_len"),
     )
+
+
+#: diffusers pipelines whose folders hold a HunyuanVideo 1.5 model `HunyuanVideo15LongVideoPipeline` can load.
+HUNYUAN_VIDEO15_PIPELINE_CLASSES = (
+    "HunyuanVideo15Pipeline",
+    "HunyuanVideo15ImageToVideoPipeline",
+    "HunyuanVideo15LongVideoPipeline",
+)
+_HUNYUAN_VIDEO15_REPOS = {repo.lower() for f in HUNYUAN_VIDEO15_FAMILIES.values() for repo in f.repo_ids}
+
+
+def is_hunyuan_video15_source(source: str | os.PathLike) -> bool:
+    """Whether a local diffusers folder (its `model_index.json`) or a known Hub checkpoint holds a HunyuanVideo 1.5
+    pipeline; no download is made (an unknown Hub repo answers `False`)."""
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        return source.lower() in _HUNYUAN_VIDEO15_REPOS
+    index = _read_json(source, "model_index.json", True, {})
+    return index is not None and index.get("_class_name") in HUNYUAN_VIDEO15_PIPELINE_CLASSES
