@@ -42,6 +42,7 @@ _LAZY = {
     "RoutingMap": "core.recording",
     "moc_routing_map": "core.recording",
     "LongVideoPipeline": "pipelines",
+    "HunyuanVideo15LongVideoPipeline": "pipelines",
     "LongVideoPipelineOutput": "pipelines",
     "Shot": "pipelines",
     "Storyboard": "pipelines",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "HUNYUAN_VIDEO15_FAMILIES",
     "WanFamily",
     "WAN_FAMILIES",
     "PIPELINE_CLASSES",
@@ -25,6 +26,7 @@ __all__ = [
     "family_of_pipeline",
     "family_of_repo_id",
     "family_of_source",
+    "is_hunyuan_video15_source",
 ]
 
 #: diffusers pipelines whose folders hold a Wan model `LongVideoPipeline` can load.
@@ -137,6 +139,28 @@ WAN_FAMILIES: dict[str, WanFamily] = {
             trainable=True,
             defaults=dict(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0),
             size_multiple=32,
+        ),
+    )
+}
+
+#: HunyuanVideo 1.5 (`HunyuanVideo15LongVideoPipeline`): a joint-attention MMDiT whose captions are text chunks of
+#: the stream. Height and width default to diffusers' pipeline's (16:9 at the transformer's `target_size`, or the
+#: start image's aspect), guidance to the `guider` component's scale.
+HUNYUAN_VIDEO15_FAMILIES: dict[str, WanFamily] = {
+    f.name: f
+    for f in (
+        WanFamily(
+            "hunyuanvideo1.5-t2v",
+            "HunyuanVideo 1.5 T2V",
+            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",),
+            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
+        ),
+        WanFamily(
+            "hunyuanvideo1.5-i2v",
+            "HunyuanVideo 1.5 I2V",
+            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",),
+            image="required",
+            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
         ),
     )
 }
@@ -268,3 +292,22 @@ def family_of_source(source: str | os.PathLike, **hub_kwargs) -> WanFamily:
         image_dim=transformer.get("image_dim"),
         pos_embed_seq_len=transformer.get("pos_embed_seq_len"),
     )
+
+
+#: diffusers pipelines whose folders hold a HunyuanVideo 1.5 model `HunyuanVideo15LongVideoPipeline` can load.
+HUNYUAN_VIDEO15_PIPELINE_CLASSES = (
+    "HunyuanVideo15Pipeline",
+    "HunyuanVideo15ImageToVideoPipeline",
+    "HunyuanVideo15LongVideoPipeline",
+)
+_HUNYUAN_VIDEO15_REPOS = {repo.lower() for f in HUNYUAN_VIDEO15_FAMILIES.values() for repo in f.repo_ids}
+
+
+def is_hunyuan_video15_source(source: str | os.PathLike) -> bool:
+    """Whether a local diffusers folder (its `model_index.json`) or a known Hub checkpoint holds a HunyuanVideo 1.5
+    pipeline; no download is made (an unknown Hub repo answers `False`)."""
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        return source.lower() in _HUNYUAN_VIDEO15_REPOS
+    index = _read_json(source, "model_index.json", True, {})
+    return index is not None and index.get("_class_name") in HUNYUAN_VIDEO15_PIPELINE_CLASSES

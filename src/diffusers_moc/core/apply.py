@@ -291,7 +291,7 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
     if not modules:
         raise ValueError(f"found no self-attention layers in {type(transformer).__name__}")
     processor = support.processor_for(config)
-    hook = processor.hook = MoCHook(processor, label)
+    hook = processor.hook = getattr(support.processor, "hook_class", MoCHook)(processor, label)
     # Keep the diffusers attention backend and parallel config the model was set to (for the dense parts).
     first = modules[0][1].processor
     processor._attention_backend = getattr(first, "_attention_backend", None)

@@ -42,6 +42,17 @@ class MoCContext:
             how many image-embedding tokens lead `encoder_hidden_states`. The MoC processor then splits image and text
             there (diffusers' own processor assumes 512 text tokens), every video token attends all image tokens, and
             `caption_spans` count text tokens after them.
+        caption_shots (`tuple[int]`, *optional*): per-shot captions of joint-attention models (text and video tokens
+            in one self-attention stream, e.g. HunyuanVideo 1.5), the joint-stream counterpart of `caption_spans`:
+            the shot of each caption segment, in the order the segments are concatenated in the transformer's text
+            inputs; `-1` (`GLOBAL_SHOT`) marks the global caption. Each segment becomes a text chunk of its shot, so
+            with `MoCConfig(text_anchors="shot")` a video token anchors its own shot's caption plus the global one. A
+            shot appears at most once (a shot without a segment anchors the global caption only).
+        caption_tokens (`tuple[tuple[int]]`, *optional*): with `caption_shots`, one tuple per text input of the
+            transformer, in the order of its forward arguments (HunyuanVideo 1.5: `encoder_hidden_states`, the
+            Qwen caption, then `encoder_hidden_states_2`, the ByT5 glyph text), each holding the token count of every
+            segment in that input (`0`: the segment has no tokens there). Each input holds its segments' tokens
+            concatenated in `caption_shots` order, every one of them a real token, then only padding.
     """
 
     shot_frames: tuple[int, ...] | None = None
@@ -49,6 +60,8 @@ class MoCContext:
     global_caption_span: tuple[int, int] | None = None
     regularise: bool | None = None
     image_tokens: int | None = None
+    caption_shots: tuple[int, ...] | None = None
+    caption_tokens: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if self.shot_frames is not None:
@@ -78,6 +91,52 @@ class MoCContext:
             isinstance(self.image_tokens, bool) or not isinstance(self.image_tokens, int) or self.image_tokens < 1
         ):
             raise ValueError(f"image_tokens must be a positive integer or None, got {self.image_tokens!r}")
+        self._check_caption_segments()
+
+    def _check_caption_segments(self) -> None:
+        if self.caption_shots is None:
+            if self.caption_tokens is not None:
+                raise ValueError("caption_tokens is only used together with caption_shots")
+            return
+        if self.caption_spans is not None:
+            raise ValueError(
+                "caption_spans (captions in cross-attention) and caption_shots (captions in a joint stream) describe "
+                "different models; give one of them"
+            )
+        shots = _integers(self.caption_shots)
+        num_shots = 1 if self.shot_frames is None else len(self.shot_frames)
+        if not shots or any(s < -1 or s >= num_shots for s in shots):
+            raise ValueError(
+                f"caption_shots must be shot ids in [-1, {num_shots}) (-1: the global caption), got "
+                f"{self.caption_shots!r}"
+            )
+        if len(set(shots)) != len(shots):
+            raise ValueError(f"caption_shots names a shot twice: {list(shots)}; give each shot one caption segment")
+        object.__setattr__(self, "caption_shots", shots)
+        if self.caption_tokens is None:
+            raise ValueError("caption_shots needs caption_tokens: the token count of each segment in each text input")
+        inputs = None if isinstance(self.caption_tokens, (str, bytes)) else _integer_rows(self.caption_tokens)
+        if not inputs or any(len(row) != len(shots) or any(n < 0 for n in row) for row in inputs):
+            raise ValueError(
+                f"caption_tokens must hold, per text input, {len(shots)} non-negative token counts (one per caption "
+                f"segment), got {self.caption_tokens!r}"
+            )
+        empty = [i for i in range(len(shots)) if not any(row[i] for row in inputs)]
+        if empty:
+            raise ValueError(f"caption segment {empty[0]} has no tokens in any text input")
+        object.__setattr__(self, "caption_tokens", inputs)
+
+    def caption_spans_of(self, text_input: int) -> tuple[tuple[int, int, int], ...]:
+        """`(start, end, shot)` of each caption segment with tokens in text input `text_input` (with
+        `caption_shots`), in order: the spans a joint model refines its captions over, one at a time."""
+        if self.caption_shots is None:
+            return ()
+        spans, start = [], 0
+        for shot, n in zip(self.caption_shots, self.caption_tokens[text_input]):
+            if n:
+                spans.append((start, start + n, shot))
+            start += n
+        return tuple(spans)
 
 
 def _integers(values) -> tuple[int, ...] | None:
@@ -92,6 +151,14 @@ def _integers(values) -> tuple[int, ...] | None:
         return tuple(operator.index(v) for v in items)
     except TypeError:
         return None
+
+
+def _integer_rows(rows) -> tuple[tuple[int, ...], ...] | None:
+    try:
+        out = tuple(_integers(row) for row in rows)
+    except TypeError:
+        return None
+    return None if any(row is None for row in out) else out
 
 
 def _span(name: str, span: Sequence[int]) -> tuple[int, int]:
@@ -150,6 +217,8 @@ def moc_context(
     global_caption_span: tuple[int, int] | None = None,
     regularise: bool | None = None,
     image_tokens: int | None = None,
+    caption_shots: Sequence[int] | None = None,
+    caption_tokens: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[MoCContext]:
     r"""
     Set the shots (and caption spans, regularisers) MoC sees inside the `with` block.
@@ -162,6 +231,8 @@ def moc_context(
         regularise (`bool`, *optional*): force context drop-off / drop-in on (`True`) or off (`False`); `None`
             (default) runs them only while the transformer is training with gradients enabled.
         image_tokens (`int`, *optional*): image-embedding tokens leading the cross-attention context (Wan 2.1 I2V).
+        caption_shots (`Sequence[int]`, *optional*), caption_tokens (`Sequence[Sequence[int]]`, *optional*): per-shot
+            captions in the stream of a joint-attention model (HunyuanVideo 1.5); see [`MoCContext`].
     """
     ctx = MoCContext(
         shot_frames=shot_frames,  # converted and checked by MoCContext
@@ -169,6 +240,8 @@ def moc_context(
         global_caption_span=global_caption_span,
         regularise=regularise,
         image_tokens=image_tokens,
+        caption_shots=caption_shots,
+        caption_tokens=caption_tokens,
     )
     token = _CURRENT.set(ctx)
     outer = PROCESS_STATE.context

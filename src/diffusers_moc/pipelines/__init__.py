@@ -1,6 +1,7 @@
 """Pipelines built on MoC: multi-shot long videos and the storyboard files that describe them."""
 
 from .captions import CaptionLayout, caption_layout, encode_caption
+from .hunyuan_video15 import HunyuanVideo15LongVideoPipeline
 from .long_video import (
     LongVideoPipeline,
     LongVideoPipelineOutput,
@@ -12,6 +13,7 @@ from .storyboard import Storyboard, StoryboardError, load_storyboard
 
 __all__ = [
     "CaptionLayout",
+    "HunyuanVideo15LongVideoPipeline",
     "LongVideoPipeline",
     "LongVideoPipelineOutput",
     "Shot",

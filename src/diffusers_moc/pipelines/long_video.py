@@ -30,7 +30,7 @@ from ..captions import encode_caption
 from ..core.apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..core.config import MoCConfig
 from ..core.context import moc_context
-from ..model_families import WanFamily, family_of_pipeline
+from ..model_families import WanFamily, family_of_pipeline, is_hunyuan_video15_source
 from ..shot_plan import ShotPlan, plan_shots
 from .conditioning import ImageCondition, prepare_image_condition
 
@@ -299,6 +299,19 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        diffusers' `from_pretrained`; a HunyuanVideo 1.5 folder (of `HunyuanVideo15Pipeline` or
+        `HunyuanVideo15ImageToVideoPipeline`, or a known Hub checkpoint of them) loads as
+        [`HunyuanVideo15LongVideoPipeline`], which is called the same way.
+        """
+        if cls is LongVideoPipeline and is_hunyuan_video15_source(pretrained_model_name_or_path):
+            from .hunyuan_video15 import HunyuanVideo15LongVideoPipeline  # noqa: PLC0415  (it imports this module)
+
+            return HunyuanVideo15LongVideoPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property

@@ -444,6 +444,7 @@ class MoCAttnProcessorBase:
         padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
         parallel_config=_OWN,
+        layout: ChunkLayout | None = None,
     ) -> torch.Tensor:
         r"""
         The MoC attention step: `(B, L, H, D)` query, key and value of a `[video]`, `[video, caption]` or
@@ -458,15 +459,25 @@ class MoCAttnProcessorBase:
             padding_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): False marks padded caption tokens.
             scale (`float`, *optional*): the softmax scale (default `1 / sqrt(D)`).
             parallel_config (*optional*): the context-parallel config of this call (default: the processor's).
+            layout (`ChunkLayout`, *optional*): the stream's layout when the processor builds it (per-shot caption
+                chunks of a joint stream, `diffusers_moc.core.joint_stream`); replaces the one built from
+                `text_tokens`.
         """
         facts = self.forward_facts(attn, rotary_emb)
+        if layout is None and facts.context.caption_shots is not None:
+            raise ValueError(
+                f"the MoC context has per-shot caption segments (caption_shots), which {type(self).__name__} does not "
+                "place in its stream; per-shot captions are supported on HunyuanVideo 1.5 (joint attention) and, as "
+                "caption_spans, on Wan (cross-attention)"
+            )
         cp = ulysses_config(self._parallel_config if parallel_config is _OWN else parallel_config)
         if cp is not None:
             if padding_mask is not None or text_tokens:
                 raise NotImplementedError("MoC context parallelism supports video-only self-attention streams")
             # Each rank holds L/P tokens of all heads; route over all tokens for H/P heads, then exchange back.
             query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
-        layout = facts.stream_layout(text_tokens, text_first)
+        custom = layout is not None
+        layout = facts.stream_layout(text_tokens, text_first) if layout is None else layout
         if layout.num_tokens != query.shape[1]:
             f, h, w = facts.grid
             prefix = f"{facts.prefix_tokens} context + " if facts.prefix_tokens else ""
@@ -485,6 +496,11 @@ class MoCAttnProcessorBase:
                 scale=scale,
                 training=facts.regularise,
                 padding_mask=padding_mask,
+            )
+        elif custom:
+            raise NotImplementedError(
+                "routing maps (moc_routing_map) do not record streams with per-shot caption chunks yet; record "
+                "without caption_shots in the MoC context"
             )
         else:
             video_start = (text_tokens if text_first else 0) + facts.prefix_tokens

@@ -6,8 +6,10 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..joint_stream import joint_stream
 from .base import qkv_heads, video_padding_mask
 from .hunyuan_video import HunyuanProcessorBase
+from .hunyuan_video15_captions import HunyuanVideo15Hook
 
 __all__ = ["MoCHunyuanVideo15AttnProcessor"]
 
@@ -31,9 +33,17 @@ class MoCHunyuanVideo15AttnProcessor(HunyuanProcessorBase):
     whole model does not, because diffusers' own forward branches on `torch.all(image_embeds == 0)` and packs the
     condition tokens with boolean masks (data-dependent shapes).
 
+    Per-shot captions: with `caption_shots` in the [`moc_context`] (and [`apply_moc`]), each caption segment is a
+    text chunk of its shot, the global caption and the image tokens global chunks, and MoC routes over the stream
+    in causal order (global chunks, then each shot's captions before its frames, `core.joint_stream`); the token
+    refiner refines each caption alone (`HunyuanVideo15Hook`).
+
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
     """
+
+    #: `apply_moc` installs this hook: it also runs the caption refiner per caption.
+    hook_class = HunyuanVideo15Hook
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):
@@ -71,9 +81,7 @@ class MoCHunyuanVideo15AttnProcessor(HunyuanProcessorBase):
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)
-        hidden_states = self.moc_attend(
-            attn, query, key, value, rotary_emb=image_rotary_emb, text_tokens=text_len, padding_mask=padding
-        )
+        hidden_states = self._attend(attn, query, key, value, image_rotary_emb, text_len, padding)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         hidden_states, encoder_hidden_states = hidden_states[:, :video_len], hidden_states[:, video_len:]
@@ -83,6 +91,33 @@ class MoCHunyuanVideo15AttnProcessor(HunyuanProcessorBase):
         if getattr(attn, "to_add_out", None) is not None:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+    def _attend(self, attn, query, key, value, rotary_emb, text_len: int, padding: torch.Tensor | None):
+        """MoC over `[video, condition]`: one condition chunk, or per-shot caption chunks in MoC's causal order."""
+        facts = self.forward_facts(attn, rotary_emb)
+        chunks = getattr(facts, "text_chunks", None)
+        if chunks is None:
+            if facts.context.caption_shots is not None:
+                raise ValueError(
+                    "per-shot captions (caption_shots) on HunyuanVideo 1.5 need MoC installed with "
+                    "`apply_moc(transformer, config)`, whose hook refines each caption alone"
+                )
+            return self.moc_attend(
+                attn, query, key, value, rotary_emb=rotary_emb, text_tokens=text_len, padding_mask=padding
+            )
+        stream = joint_stream(facts.layout, chunks, facts.padding)
+        if stream.layout.num_tokens != query.shape[1]:
+            raise ValueError(
+                f"the condition chunks cover {stream.layout.num_tokens - facts.layout.num_tokens} tokens but the "
+                f"attention call has {text_len}"
+            )
+        # Gathered after RoPE and scattered back: positions and the stock token order stay untouched.
+        query, key, value = (stream.to_moc(x) for x in (query, key, value))
+        padding = None if padding is None else stream.to_moc(padding)
+        out = self.moc_attend(
+            attn, query, key, value, rotary_emb=rotary_emb, padding_mask=padding, layout=stream.layout
+        )
+        return stream.to_model(out)
 
     @staticmethod
     def _padding_mask(attention_mask, batch: int, video_len: int, text_len: int) -> torch.Tensor | None:
