@@ -32,6 +32,8 @@ _PIPELINES = {
     "LTXVideoTransformer3DModel": "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
     "MochiTransformer3DModel": "MochiPipeline",
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
+    "MiniMaxH3Transformer3DModel": "MiniMaxH3ModularPipeline",
+    "MotifVideoTransformer3DModel": "MotifVideoPipeline, MotifVideoImage2VideoPipeline",
 }
 
 

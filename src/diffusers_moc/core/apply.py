@@ -20,7 +20,7 @@ from .attention_processors import (
     VideoStream,
 )
 from .config import MoCConfig
-from .streams import HELIOS
+from .streams import HELIOS, MINIMAX_H3, MOTIF_VIDEO
 
 __all__ = [
     "apply_moc",
@@ -83,7 +83,9 @@ def _registry() -> dict[type, ModelSupport]:
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
         LTXVideoTransformer3DModel,
+        MiniMaxH3Transformer3DModel,
         MochiTransformer3DModel,
+        MotifVideoTransformer3DModel,
         SkyReelsV2Transformer3DModel,
         WanTransformer3DModel,
         WanVACETransformer3DModel,
@@ -131,11 +133,30 @@ def _registry() -> dict[type, ModelSupport]:
             _FULL,
             HELIOS,
         ),
+        MiniMaxH3Transformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^transformer_blocks\.\d+\.attn$",
+            "joint: text, keyframe/reference conditions and audio before the video as one chunk, mandatory anchor; "
+            "token refiner stock",
+            "regional (the video grid is read off `position_ids` once per forward)",
+            MINIMAX_H3,
+        ),
+        MotifVideoTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$",
+            "joint: caption (and image embeddings) as one chunk after the video, mandatory anchor; padded tokens "
+            "dropped; text cross-attention dense",
+            "regional",
+            MOTIF_VIDEO,
+        ),
     }
 
 
 #: MoC processors that do the Ulysses all-to-all themselves (see `diffusers_moc.parallel`).
 _CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
+#: Models whose `MoCDispatchAttnProcessor` runs under diffusers' `_cp_plan` (the stream's facts computed from the
+#: unsharded input, `moc_attend` doing the exchange), tested with two processes.
+_CONTEXT_PARALLEL_MODELS = ("MiniMaxH3Transformer3DModel",)
 
 
 def context_parallel_support(model_cls: type) -> str:
@@ -143,7 +164,9 @@ def context_parallel_support(model_cls: type) -> str:
     support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
-    if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
+    if not (
+        issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS) or model_cls.__name__ in _CONTEXT_PARALLEL_MODELS
+    ):
         return "no"
     return "Ulysses"
 

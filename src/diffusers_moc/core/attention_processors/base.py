@@ -462,9 +462,10 @@ class MoCAttnProcessorBase:
         facts = self.forward_facts(attn, rotary_emb)
         cp = ulysses_config(self._parallel_config if parallel_config is _OWN else parallel_config)
         if cp is not None:
-            if padding_mask is not None or text_tokens:
-                raise NotImplementedError("MoC context parallelism supports video-only self-attention streams")
-            # Each rank holds L/P tokens of all heads; route over all tokens for H/P heads, then exchange back.
+            if padding_mask is not None:
+                raise NotImplementedError("MoC context parallelism does not support padded caption tokens")
+            # Each rank holds L/P tokens of all heads; route over all tokens (text chunk included, `text_tokens`
+            # counts the whole sequence's) for H/P heads, then exchange back.
             query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
         layout = facts.stream_layout(text_tokens, text_first)
         if layout.num_tokens != query.shape[1]:

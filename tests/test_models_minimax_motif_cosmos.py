@@ -1,0 +1,181 @@
+"""MoC on MiniMax-H3, Motif-Video and Cosmos 3: tiny transformers built from config, checked against their stock
+selves (the pattern of test_generic_models.py), and their stock pipelines run with `apply_moc`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from diffusers_moc import MoCConfig, apply_moc, remove_moc
+from diffusers_moc.core.attention_processors import MoCAttnProcessorBase
+from diffusers_moc.core.streams import minimax_h3_grid
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _cp_worker import tiny_minimax_h3  # noqa: E402
+
+DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
+SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
+
+
+def _minimax_h3():
+    model, inputs, _ = tiny_minimax_h3()
+    return model, inputs
+
+
+def _motif_video(decoder_layers: int = 1, single_layers: int = 2):
+    """Dual- and single-stream blocks with text cross-attention, a decoder block, and a caption with 2 padded
+    tokens."""
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MotifVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=single_layers,
+        num_decoder_layers=decoder_layers,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),
+        enable_text_cross_attention_dual=True,
+        enable_text_cross_attention_single=True,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+    }
+    return model, inputs
+
+
+BUILDERS = {
+    "minimax_h3": _minimax_h3,
+    "motif_video": _motif_video,
+    "motif_video_no_decoder": lambda: _motif_video(decoder_layers=0),
+    "motif_video_compile": lambda: _motif_video(decoder_layers=0, single_layers=1),
+}
+# The attention modules MoC must take over in each tiny model (everything else keeps its stock processor).
+TARGETS = {
+    "minimax_h3": {"transformer_blocks.0.attn", "transformer_blocks.1.attn"},
+    "motif_video": {
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    },
+    "motif_video_no_decoder": {
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    },
+    "motif_video_compile": {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"},
+}
+# One regional compile per model (the slowest tests).
+# One single-stream block for Motif-Video: in stock diffusers too, a second one recompiles (its input is a slice of
+# the first one's output, other strides), and so do decoder blocks (no mask).
+COMPILED = ["minimax_h3", "motif_video_compile"]
+
+
+def _run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return torch.cat([x.flatten() for x in out]) if isinstance(out, list) else out
+
+
+def _moc_modules(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_full_density_equals_stock_bit_for_bit(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, DENSE)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_sparse_moc_changes_the_output_and_backends_agree(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, SPARSE)
+    sparse = _run(model, inputs)
+    assert not torch.allclose(sparse, stock, atol=1e-3)
+    apply_moc(model, SPARSE.replace(backend="reference"))
+    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    apply_moc(model, SPARSE)
+    assert _moc_modules(model) == TARGETS[name]
+    remove_moc(model)
+    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_regional_compile_equals_eager_in_one_graph(name):
+    model, inputs = BUILDERS[name]()
+    apply_moc(model, SPARSE)
+    eager = _run(model, inputs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.compile_repeated_blocks(fullgraph=True)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- MiniMax-H3
+@pytest.mark.parametrize(
+    ("anchors", "audio_latents"),
+    [((), 3), (("first",), 3), (("first", "last"), 3), (("first",), 0), (("last",), 0)],
+)
+def test_minimax_h3_grid_is_the_generated_video_at_the_end_of_the_packed_sequence(anchors, audio_latents):
+    # Without audio rows a keyframe sits right before the video, at the time of its first or last frame: it stays
+    # with the conditions, not a fourth frame.
+    model, inputs, _ = tiny_minimax_h3(anchors, audio_latents)
+    assert minimax_h3_grid(model, (), inputs) == (3, 4, 4)
+    apply_moc(model, SPARSE)
+    _run(model, inputs)
+    facts = model.transformer_blocks[0].attn.processor.hook.facts
+    assert facts.layout.sizes == (16, 16, 16)
+
+
+def test_minimax_h3_without_video_rows_at_the_end_is_refused():
+    model, inputs, _ = tiny_minimax_h3()
+    video = inputs["video_indices"]
+    inputs["video_indices"] = video - 1  # the last row is no video row
+    with pytest.raises(ValueError, match="close the packed sequence"):
+        minimax_h3_grid(model, (), inputs)
+
+
+# ---------------------------------------------------------------------------------------------- Motif-Video
+def test_motif_video_padded_caption_tokens_change_nothing_in_the_video():
+    # MoC drops the padded caption tokens as keys, as the stock mask does: their values cannot reach the video.
+    model, inputs = _motif_video()
+    apply_moc(model, SPARSE)
+    out = _run(model, inputs)
+    inputs["encoder_hidden_states"][:, 4:] = 7.0
+    assert torch.equal(_run(model, inputs), out)
+
+
+def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
+    model, inputs = _motif_video()
+    apply_moc(model, SPARSE)
+    model(**inputs)  # the forward's facts
+    processor = model.transformer_blocks[0].attn.processor
+    processor._layer = model.transformer_blocks[0].attn
+    query = torch.randn(1, 54, 2, 16)
+    full = torch.ones(1, 1, 54, 54, dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        processor.attend(query, query, query, full, 0.0, False, None, None, None)
