@@ -179,3 +179,59 @@ def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
     full = torch.ones(1, 1, 54, 54, dtype=torch.bool)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         processor.attend(query, query, query, full, 0.0, False, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+def _pipeline_frames(pipe, config: MoCConfig | None, **call) -> torch.Tensor:
+    if config is not None:
+        apply_moc(pipe, config)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(num_inference_steps=2, generator=generator, output_type="pt", **call).frames
+
+
+def test_motif_video_pipeline_runs_with_moc():
+    """Stock `MotifVideoPipeline` (classifier-free guidance, tiny Wan VAE) with precomputed caption embeddings: its
+    T5Gemma 2 text encoder has no offline tiny stand-in here."""
+    from diffusers import (
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        MotifVideoPipeline,
+        MotifVideoTransformer3DModel,
+    )
+
+    from diffusers_moc.tiny import _tiny_vae
+
+    torch.manual_seed(0)
+    transformer = MotifVideoTransformer3DModel(
+        in_channels=33,  # latents, first-frame condition, its mask
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+    pipe = MotifVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(16),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+        "negative_prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "negative_prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]]),
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # 3 latent frames of 2x2 tokens
+    }
+    stock = _pipeline_frames(pipe, None, **call)
+    assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
+    assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
