@@ -55,11 +55,63 @@ def _motif_video(decoder_layers: int = 1, single_layers: int = 2):
     return model, inputs
 
 
+def _cosmos3(sound: bool = True):
+    """Grouped-query heads (2 query heads, 1 key/value head); 5 text tokens, 3 frames of 4x4 patches, 5 sound tokens."""
+    from diffusers import Cosmos3OmniTransformer
+
+    torch.manual_seed(0)
+    model = Cosmos3OmniTransformer(
+        head_dim=16,
+        hidden_size=32,
+        intermediate_size=32,
+        latent_channel=4,
+        latent_patch_size=2,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        patch_latent_dim=16,
+        vocab_size=32,
+        rope_axes_dim=(4, 2, 2),
+        sound_dim=4,
+        sound_gen=sound,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    text, frames, video, sounds = 5, 3, 48, 5 if sound else 0
+    length = text + video + sounds
+    vision = torch.arange(text, text + video)
+    inputs = {
+        "input_ids": torch.randint(0, 32, (text,), generator=g),
+        "text_indexes": torch.arange(text),
+        "position_ids": torch.arange(length).expand(3, length).clone(),
+        "und_len": text,
+        "sequence_length": length,
+        "vision_tokens": [torch.randn(1, 4, frames, 8, 8, generator=g)],
+        "vision_token_shapes": [(frames, 4, 4)],
+        "vision_sequence_indexes": vision,
+        "vision_mse_loss_indexes": vision,
+        "vision_timesteps": torch.full((video,), 500.0),
+        "vision_noisy_frame_indexes": [torch.arange(frames)],
+    }
+    if sound:
+        audio = torch.arange(text + video, length)
+        inputs.update(
+            sound_tokens=[torch.randn(4, sounds, generator=g)],
+            sound_token_shapes=[(sounds, 1, 1)],
+            sound_sequence_indexes=audio,
+            sound_mse_loss_indexes=audio,
+            sound_timesteps=torch.full((sounds,), 500.0),
+            sound_noisy_frame_indexes=[torch.arange(sounds)],
+        )
+    return model, inputs
+
+
 BUILDERS = {
     "minimax_h3": _minimax_h3,
     "motif_video": _motif_video,
     "motif_video_no_decoder": lambda: _motif_video(decoder_layers=0),
     "motif_video_compile": lambda: _motif_video(decoder_layers=0, single_layers=1),
+    "cosmos3": _cosmos3,
+    "cosmos3_no_sound": lambda: _cosmos3(sound=False),
 }
 # The attention modules MoC must take over in each tiny model (everything else keeps its stock processor).
 TARGETS = {
@@ -75,11 +127,13 @@ TARGETS = {
         "single_transformer_blocks.1.attn",
     },
     "motif_video_compile": {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"},
+    "cosmos3": {"layers.0.self_attn", "layers.1.self_attn"},
+    "cosmos3_no_sound": {"layers.0.self_attn", "layers.1.self_attn"},
 }
 # One regional compile per model (the slowest tests).
 # One single-stream block for Motif-Video: in stock diffusers too, a second one recompiles (its input is a slice of
 # the first one's output, other strides), and so do decoder blocks (no mask).
-COMPILED = ["minimax_h3", "motif_video_compile"]
+COMPILED = ["minimax_h3", "motif_video_compile", "cosmos3"]
 
 
 def _run(model, inputs) -> torch.Tensor:
@@ -179,6 +233,23 @@ def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
     full = torch.ones(1, 1, 54, 54, dtype=torch.bool)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         processor.attend(query, query, query, full, 0.0, False, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- Cosmos 3
+def test_cosmos3_layout_is_text_video_frames_then_sound():
+    model, inputs = _cosmos3()
+    apply_moc(model, SPARSE)
+    _run(model, inputs)
+    facts = model.layers[0].self_attn.processor.hook.facts
+    assert facts.grid == (3, 4, 4) and facts.layout.sizes == (16, 16, 16)
+
+
+def test_cosmos3_with_several_vision_items_is_refused():
+    model, inputs = _cosmos3(sound=False)
+    apply_moc(model, SPARSE)
+    inputs["vision_token_shapes"] = [(1, 4, 4), (2, 4, 4)]
+    with pytest.raises(NotImplementedError, match="one video per Cosmos 3 sequence, but it has 2"):
+        _run(model, inputs)
 
 
 # ---------------------------------------------------------------------------------------------- pipelines

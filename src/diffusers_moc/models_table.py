@@ -34,6 +34,7 @@ _PIPELINES = {
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
     "MiniMaxH3Transformer3DModel": "MiniMaxH3ModularPipeline",
     "MotifVideoTransformer3DModel": "MotifVideoPipeline, MotifVideoImage2VideoPipeline",
+    "Cosmos3OmniTransformer": "Cosmos3OmniPipeline",
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
+    MoCCosmos3AttnProcessor,
     MoCDispatchAttnProcessor,
     MoCHook,
     MoCHunyuanVideo15AttnProcessor,
@@ -79,6 +80,7 @@ def _registry() -> dict[type, ModelSupport]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
+        Cosmos3OmniTransformer,
         HeliosTransformer3DModel,
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
@@ -148,6 +150,13 @@ def _registry() -> dict[type, ModelSupport]:
             "dropped; text cross-attention dense",
             "regional",
             MOTIF_VIDEO,
+        ),
+        Cosmos3OmniTransformer: ModelSupport(
+            MoCCosmos3AttnProcessor,
+            r"^layers\.\d+\.self_attn$",
+            "joint: the causal text prefix as one chunk before the video (its own pathway stock), sound and action "
+            "tokens as one chunk after it, mandatory anchors",
+            "regional",
         ),
     }
 
