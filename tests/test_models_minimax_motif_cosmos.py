@@ -306,3 +306,51 @@ def test_motif_video_pipeline_runs_with_moc():
     stock = _pipeline_frames(pipe, None, **call)
     assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
     assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
+
+
+def test_minimax_h3_modular_pipeline_denoising_runs_with_moc():
+    """`MiniMaxH3ModularPipeline` of its `t2va` core denoise blocks (layout, noise, timestep plan, denoising loop):
+    precomputed caption embeddings, latents out (its Qwen3-VL encoder and VAEs are not built in the tests). The
+    shortest video it makes, 5 s at 24 fps on a 64x64 canvas: 37 latent frames of 2x2 tokens, 414 audio rows."""
+    from diffusers import MiniMaxH3Scheduler, MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.modular_blocks_minimax_h3 import MiniMaxH3CoreDenoiseStep
+
+    torch.manual_seed(0)
+    transformer = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        ffn_dim=32,
+        in_channels=24,
+        audio_in_channels=32,
+        text_dim=16,
+        freq_dim=16,
+        time_embed_hidden_dim=32,
+        time_embed_dim=32,
+        rope_freq_dim=2,
+    ).eval()
+    pipe = MiniMaxH3CoreDenoiseStep().init_pipeline()
+    pipe.update_components(
+        transformer=transformer, scheduler=MiniMaxH3Scheduler(), audio_scheduler=MiniMaxH3Scheduler()
+    )
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1)),
+        "text_token_tags": torch.ones(6, dtype=torch.long),
+        "height": 64,
+        "width": 64,
+        "num_frames": 124,
+    }
+
+    def generate(config: MoCConfig | None) -> torch.Tensor:
+        if config is not None:
+            apply_moc(pipe, config)
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(**call, num_inference_steps=2, generator=generator, output=["latents", "audio_latents"])
+        return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
+
+    stock = generate(None)
+    assert torch.equal(generate(DENSE), stock)
+    assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
+    assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
