@@ -96,11 +96,56 @@ def tiny_helios():
     return model, inputs, "blocks.0.attn1.to_q.weight"
 
 
+def tiny_minimax_h3(anchors: tuple[str, ...] = ("first",), audio_latents: int = 3):
+    r"""
+    A tiny MiniMax-H3 transformer and inputs packed as its pipeline packs them, `[text | keyframes | audio | video]`:
+    6 text rows, one 4x4 keyframe per anchor, `audio_latents` x 2 audio rows, 3 generated frames of 4x4 (76 rows).
+    """
+    from diffusers import MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    torch.manual_seed(0)
+    model = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        ffn_dim=32,
+        in_channels=4,
+        audio_in_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        time_embed_hidden_dim=32,
+        time_embed_dim=32,
+        rope_freq_dim=2,
+    ).eval()
+    positions, tags, video, audio, text, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+        torch.ones(6), 3, 8, 8, audio_latents, (1, 2, 2), 2, 2, 0, anchors
+    )
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, video.numel(), 16, generator=g),
+        "audio_hidden_states": torch.randn(1, audio.numel(), 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, text.numel(), 16, generator=g),
+        "timestep": torch.tensor([0.4, 0.9]),
+        # Keyframe rows at their own noise level, as the pipeline plans them.
+        "timestep_indices": (torch.arange(positions.shape[0]) < 6 + 16 * len(anchors)).long(),
+        "token_tags": tags,
+        "position_ids": positions.float(),
+        "video_indices": video,
+        "audio_indices": audio,
+        "text_indices": text,
+    }
+    return model, inputs, "transformer_blocks.0.attn.to_q.weight"
+
+
 #: Transformer class name -> builder; the models whose MoC context parallelism is tested.
 MODELS = {
     "WanTransformer3DModel": tiny_wan,
     "LTXVideoTransformer3DModel": tiny_ltx,
     "HeliosTransformer3DModel": tiny_helios,
+    "MiniMaxH3Transformer3DModel": tiny_minimax_h3,
 }
 #: Models whose context parallelism is tested forward only: under diffusers 0.42.1's own Helios plan even the stock
 #: model's parameter gradients differ from one process (its block-level splits and gathers), so MoC's cannot be
@@ -114,6 +159,7 @@ DENSE_UNDER_CP = {
     "WanTransformer3DModel": None,
     "LTXVideoTransformer3DModel": FULL_DENSITY,
     "HeliosTransformer3DModel": None,
+    "MiniMaxH3Transformer3DModel": None,
 }
 
 

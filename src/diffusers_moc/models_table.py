@@ -33,6 +33,9 @@ _PIPELINES = {
     "MochiTransformer3DModel": "MochiPipeline",
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
     "WanAnimateTransformer3DModel": "WanAnimatePipeline",
+    "MiniMaxH3Transformer3DModel": "MiniMaxH3ModularPipeline",
+    "MotifVideoTransformer3DModel": "MotifVideoPipeline, MotifVideoImage2VideoPipeline",
+    "Cosmos3OmniTransformer": "Cosmos3OmniPipeline",
 }
 
 

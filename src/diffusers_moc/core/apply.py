@@ -10,6 +10,7 @@ import torch
 from .attention_processors import (
     MoCAttnProcessorBase,
     MoCCogVideoXAttnProcessor,
+    MoCCosmos3AttnProcessor,
     MoCDispatchAttnProcessor,
     MoCHook,
     MoCHunyuanVideo15AttnProcessor,
@@ -20,7 +21,7 @@ from .attention_processors import (
     VideoStream,
 )
 from .config import MoCConfig
-from .streams import HELIOS, WAN_ANIMATE
+from .streams import HELIOS, MINIMAX_H3, MOTIF_VIDEO, WAN_ANIMATE
 
 __all__ = [
     "apply_moc",
@@ -79,11 +80,14 @@ def _registry() -> dict[type, ModelSupport]:
     # Imported here so that importing diffusers_moc stays cheap.
     from diffusers import (
         CogVideoXTransformer3DModel,
+        Cosmos3OmniTransformer,
         HeliosTransformer3DModel,
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
         LTXVideoTransformer3DModel,
+        MiniMaxH3Transformer3DModel,
         MochiTransformer3DModel,
+        MotifVideoTransformer3DModel,
         SkyReelsV2Transformer3DModel,
         WanAnimateTransformer3DModel,
         WanTransformer3DModel,
@@ -139,11 +143,37 @@ def _registry() -> dict[type, ModelSupport]:
             _FULL,
             WAN_ANIMATE,
         ),
+        MiniMaxH3Transformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^transformer_blocks\.\d+\.attn$",
+            "joint: text, keyframe/reference conditions and audio before the video as one chunk, mandatory anchor; "
+            "token refiner stock",
+            "regional (the video grid is read off `position_ids` once per forward)",
+            MINIMAX_H3,
+        ),
+        MotifVideoTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn$",
+            "joint: caption (and image embeddings) as one chunk after the video, mandatory anchor; padded tokens "
+            "dropped; text cross-attention dense",
+            "regional",
+            MOTIF_VIDEO,
+        ),
+        Cosmos3OmniTransformer: ModelSupport(
+            MoCCosmos3AttnProcessor,
+            r"^layers\.\d+\.self_attn$",
+            "joint: the causal text prefix as one chunk before the video (its own pathway stock), sound and action "
+            "tokens as one chunk after it, mandatory anchors",
+            "regional",
+        ),
     }
 
 
 #: MoC processors that do the Ulysses all-to-all themselves (see `diffusers_moc.parallel`).
-_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor, MoCDispatchAttnProcessor)
+_CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
+#: Models whose `MoCDispatchAttnProcessor` runs under diffusers' `_cp_plan` (the stream's facts computed from the
+#: unsharded input, `moc_attend` doing the exchange), tested with two processes.
+_CONTEXT_PARALLEL_MODELS = ("HeliosTransformer3DModel", "MiniMaxH3Transformer3DModel")
 
 
 def context_parallel_support(model_cls: type) -> str:
@@ -151,9 +181,9 @@ def context_parallel_support(model_cls: type) -> str:
     support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
-    if support.stream is not None and support.stream.text != "none":
-        return "no (MoC's Ulysses exchange covers video-only streams)"
-    if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
+    if not (
+        issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS) or model_cls.__name__ in _CONTEXT_PARALLEL_MODELS
+    ):
         return "no"
     return "Ulysses"
 

@@ -8,6 +8,7 @@ from .base import (
     frames_from_rotary,
 )
 from .cogvideox import MoCCogVideoXAttnProcessor
+from .cosmos3 import MoCCosmos3AttnProcessor
 from .generic import MoCDispatchAttnProcessor, VideoStream, dispatch_calls
 from .hunyuan_video import MoCHunyuanVideoAttnProcessor
 from .hunyuan_video15 import MoCHunyuanVideo15AttnProcessor
@@ -18,6 +19,7 @@ from .wan import MoCWanAttnProcessor, video_grid_from_rotary
 __all__ = [
     "MoCAttnProcessorBase",
     "MoCCogVideoXAttnProcessor",
+    "MoCCosmos3AttnProcessor",
     "MoCDispatchAttnProcessor",
     "MoCForwardFacts",
     "MoCHook",

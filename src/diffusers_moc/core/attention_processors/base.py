@@ -392,8 +392,8 @@ class MoCAttnProcessorBase:
         """Raise when diffusers' context parallelism is on: `model` has no context-parallel plan in diffusers."""
         if ulysses_config(self._parallel_config) is not None:
             raise NotImplementedError(
-                f"{model} has no context-parallel plan in diffusers; MoC context parallelism is supported on Wan and "
-                "LTX-Video"
+                f"{model} has no context-parallel plan in diffusers; MoC context parallelism is supported on Wan, "
+                "LTX-Video and MiniMax-H3"
             )
 
     def forward_facts(self, attn: torch.nn.Module, rotary_emb=None) -> MoCForwardFacts:
@@ -472,9 +472,10 @@ class MoCAttnProcessorBase:
             )
         cp = ulysses_config(self._parallel_config if parallel_config is _OWN else parallel_config)
         if cp is not None:
-            if padding_mask is not None or text_tokens:
-                raise NotImplementedError("MoC context parallelism supports video-only self-attention streams")
-            # Each rank holds L/P tokens of all heads; route over all tokens for H/P heads, then exchange back.
+            if padding_mask is not None:
+                raise NotImplementedError("MoC context parallelism does not support padded caption tokens")
+            # Each rank holds L/P tokens of all heads; route over all tokens (text chunk included, `text_tokens`
+            # counts the whole sequence's) for H/P heads, then exchange back.
             query, key, value = (sequence_to_heads(x, cp) for x in (query, key, value))
         custom = layout is not None
         layout = facts.stream_layout(text_tokens, text_first) if layout is None else layout

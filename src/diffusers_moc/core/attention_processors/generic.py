@@ -94,6 +94,17 @@ def _moc_dispatch(
     return backend.attend(query, key, value, attn_mask, dropout_p, is_causal, scale, attention_kwargs, parallel_config)
 
 
+def _key_padding(attn_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    """A boolean mask that only hides keys (shaped `(B, 1, 1, L)`, as models with padded captions pass it) as MoC's
+    `(B, L)` padding mask; `None` for no mask or any other mask."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.ndim != 4:
+        return None
+    batch, length = key.shape[0], key.shape[1]
+    if tuple(attn_mask.shape) != (batch, 1, 1, length):
+        return None
+    return attn_mask.reshape(batch, length)
+
+
 # Stock processor class -> its `__call__` with `dispatch_attention_fn` resolving to `_moc_dispatch`.
 _REBOUND: dict[type, types.FunctionType] = {}
 
@@ -142,8 +153,9 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
     `set_attn_processor` alone it runs the model's default processor and, having no stream, refuses to guess the
     frame grid.
 
-    The attention call must be plain self-attention: no mask, no dropout, not causal, as many key as query heads.
-    Anything else raises `NotImplementedError` naming the argument, never a silently different attention.
+    The attention call must be plain self-attention: no dropout, not causal, as many key as query heads, and no mask
+    but a boolean key padding mask shaped `(B, 1, 1, L)` (padded caption tokens: MoC's `padding_mask`, their outputs
+    zero). Anything else raises `NotImplementedError` naming the argument, never a silently different attention.
 
     Args:
         config (`MoCConfig`, *optional*): routing settings (defaults to `MoCConfig()`).
@@ -212,8 +224,9 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
                 f"{type(attn).__name__}; MoC needs a processor of its own for this model"
             )
         self._attended = True
+        padding = _key_padding(attn_mask, key)
         refused = {
-            "attn_mask": attn_mask is not None,
+            "attn_mask": attn_mask is not None and padding is None,
             "dropout_p": dropout_p != 0.0,
             "is_causal": bool(is_causal),
             "attention_kwargs": bool(attention_kwargs),
@@ -229,7 +242,13 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         if self._dense_here(attn, text_tokens):
             # MoC is dense attention here: diffusers' own call is the same function, faster, and bit-identical.
             return dispatch_attention_fn(
-                query, key, value, scale=scale, backend=self._attention_backend, parallel_config=parallel_config
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                scale=scale,
+                backend=self._attention_backend,
+                parallel_config=parallel_config,
             )
         return self.moc_attend(
             attn,
@@ -238,6 +257,7 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
             value,
             text_tokens=text_tokens,
             text_first=text_first,
+            padding_mask=padding,
             scale=scale,
             parallel_config=parallel_config,
         )

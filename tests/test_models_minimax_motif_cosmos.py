@@ -1,0 +1,356 @@
+"""MoC on MiniMax-H3, Motif-Video and Cosmos 3: tiny transformers built from config, checked against their stock
+selves (the pattern of test_generic_models.py), and their stock pipelines run with `apply_moc`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from diffusers_moc import MoCConfig, apply_moc, remove_moc
+from diffusers_moc.core.attention_processors import MoCAttnProcessorBase
+from diffusers_moc.core.streams import minimax_h3_grid
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _cp_worker import tiny_minimax_h3  # noqa: E402
+
+DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
+SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
+
+
+def _minimax_h3():
+    model, inputs, _ = tiny_minimax_h3()
+    return model, inputs
+
+
+def _motif_video(decoder_layers: int = 1, single_layers: int = 2):
+    """Dual- and single-stream blocks with text cross-attention, a decoder block, and a caption with 2 padded
+    tokens."""
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MotifVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=single_layers,
+        num_decoder_layers=decoder_layers,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),
+        enable_text_cross_attention_dual=True,
+        enable_text_cross_attention_single=True,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+    }
+    return model, inputs
+
+
+def _cosmos3(sound: bool = True):
+    """Grouped-query heads (2 query heads, 1 key/value head); 5 text tokens, 3 frames of 4x4 patches, 5 sound tokens."""
+    from diffusers import Cosmos3OmniTransformer
+
+    torch.manual_seed(0)
+    model = Cosmos3OmniTransformer(
+        head_dim=16,
+        hidden_size=32,
+        intermediate_size=32,
+        latent_channel=4,
+        latent_patch_size=2,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        patch_latent_dim=16,
+        vocab_size=32,
+        rope_axes_dim=(4, 2, 2),
+        sound_dim=4,
+        sound_gen=sound,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    text, frames, video, sounds = 5, 3, 48, 5 if sound else 0
+    length = text + video + sounds
+    vision = torch.arange(text, text + video)
+    inputs = {
+        "input_ids": torch.randint(0, 32, (text,), generator=g),
+        "text_indexes": torch.arange(text),
+        "position_ids": torch.arange(length).expand(3, length).clone(),
+        "und_len": text,
+        "sequence_length": length,
+        "vision_tokens": [torch.randn(1, 4, frames, 8, 8, generator=g)],
+        "vision_token_shapes": [(frames, 4, 4)],
+        "vision_sequence_indexes": vision,
+        "vision_mse_loss_indexes": vision,
+        "vision_timesteps": torch.full((video,), 500.0),
+        "vision_noisy_frame_indexes": [torch.arange(frames)],
+    }
+    if sound:
+        audio = torch.arange(text + video, length)
+        inputs.update(
+            sound_tokens=[torch.randn(4, sounds, generator=g)],
+            sound_token_shapes=[(sounds, 1, 1)],
+            sound_sequence_indexes=audio,
+            sound_mse_loss_indexes=audio,
+            sound_timesteps=torch.full((sounds,), 500.0),
+            sound_noisy_frame_indexes=[torch.arange(sounds)],
+        )
+    return model, inputs
+
+
+BUILDERS = {
+    "minimax_h3": _minimax_h3,
+    "motif_video": _motif_video,
+    "motif_video_no_decoder": lambda: _motif_video(decoder_layers=0),
+    "motif_video_compile": lambda: _motif_video(decoder_layers=0, single_layers=1),
+    "cosmos3": _cosmos3,
+    "cosmos3_no_sound": lambda: _cosmos3(sound=False),
+}
+# The attention modules MoC must take over in each tiny model (everything else keeps its stock processor).
+TARGETS = {
+    "minimax_h3": {"transformer_blocks.0.attn", "transformer_blocks.1.attn"},
+    "motif_video": {
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    },
+    "motif_video_no_decoder": {
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    },
+    "motif_video_compile": {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"},
+    "cosmos3": {"layers.0.self_attn", "layers.1.self_attn"},
+    "cosmos3_no_sound": {"layers.0.self_attn", "layers.1.self_attn"},
+}
+# One regional compile per model (the slowest tests).
+# One single-stream block for Motif-Video: in stock diffusers too, a second one recompiles (its input is a slice of
+# the first one's output, other strides), and so do decoder blocks (no mask).
+COMPILED = ["minimax_h3", "motif_video_compile", "cosmos3"]
+
+
+def _run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return torch.cat([x.flatten() for x in out]) if isinstance(out, list) else out
+
+
+def _moc_modules(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_full_density_equals_stock_bit_for_bit(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, DENSE)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_sparse_moc_changes_the_output_and_backends_agree(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    apply_moc(model, SPARSE)
+    sparse = _run(model, inputs)
+    assert not torch.allclose(sparse, stock, atol=1e-3)
+    apply_moc(model, SPARSE.replace(backend="reference"))
+    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
+    model, inputs = BUILDERS[name]()
+    stock = _run(model, inputs)
+    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    apply_moc(model, SPARSE)
+    assert _moc_modules(model) == TARGETS[name]
+    remove_moc(model)
+    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_regional_compile_equals_eager_in_one_graph(name):
+    model, inputs = BUILDERS[name]()
+    apply_moc(model, SPARSE)
+    eager = _run(model, inputs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.compile_repeated_blocks(fullgraph=True)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- MiniMax-H3
+@pytest.mark.parametrize(
+    ("anchors", "audio_latents"),
+    [((), 3), (("first",), 3), (("first", "last"), 3), (("first",), 0), (("last",), 0)],
+)
+def test_minimax_h3_grid_is_the_generated_video_at_the_end_of_the_packed_sequence(anchors, audio_latents):
+    # Without audio rows a keyframe sits right before the video, at the time of its first or last frame: it stays
+    # with the conditions, not a fourth frame.
+    model, inputs, _ = tiny_minimax_h3(anchors, audio_latents)
+    assert minimax_h3_grid(model, (), inputs) == (3, 4, 4)
+    apply_moc(model, SPARSE)
+    _run(model, inputs)
+    facts = model.transformer_blocks[0].attn.processor.hook.facts
+    assert facts.layout.sizes == (16, 16, 16)
+
+
+def test_minimax_h3_without_video_rows_at_the_end_is_refused():
+    model, inputs, _ = tiny_minimax_h3()
+    video = inputs["video_indices"]
+    inputs["video_indices"] = video - 1  # the last row is no video row
+    with pytest.raises(ValueError, match="close the packed sequence"):
+        minimax_h3_grid(model, (), inputs)
+
+
+# ---------------------------------------------------------------------------------------------- Motif-Video
+def test_motif_video_padded_caption_tokens_change_nothing_in_the_video():
+    # MoC drops the padded caption tokens as keys, as the stock mask does: their values cannot reach the video.
+    model, inputs = _motif_video()
+    apply_moc(model, SPARSE)
+    out = _run(model, inputs)
+    inputs["encoder_hidden_states"][:, 4:] = 7.0
+    assert torch.equal(_run(model, inputs), out)
+
+
+def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
+    model, inputs = _motif_video()
+    apply_moc(model, SPARSE)
+    model(**inputs)  # the forward's facts
+    processor = model.transformer_blocks[0].attn.processor
+    processor._layer, processor._attended = model.transformer_blocks[0].attn, False
+    query = torch.randn(1, 54, 2, 16)
+    full = torch.ones(1, 1, 54, 54, dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        processor.attend(query, query, query, full, 0.0, False, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- Cosmos 3
+def test_cosmos3_layout_is_text_video_frames_then_sound():
+    model, inputs = _cosmos3()
+    apply_moc(model, SPARSE)
+    _run(model, inputs)
+    facts = model.layers[0].self_attn.processor.hook.facts
+    assert facts.grid == (3, 4, 4) and facts.layout.sizes == (16, 16, 16)
+
+
+def test_cosmos3_with_several_vision_items_is_refused():
+    model, inputs = _cosmos3(sound=False)
+    apply_moc(model, SPARSE)
+    inputs["vision_token_shapes"] = [(1, 4, 4), (2, 4, 4)]
+    with pytest.raises(NotImplementedError, match="one video per Cosmos 3 sequence, but it has 2"):
+        _run(model, inputs)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+def _pipeline_frames(pipe, config: MoCConfig | None, **call) -> torch.Tensor:
+    if config is not None:
+        apply_moc(pipe, config)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(num_inference_steps=2, generator=generator, output_type="pt", **call).frames
+
+
+def test_motif_video_pipeline_runs_with_moc():
+    """Stock `MotifVideoPipeline` (classifier-free guidance, tiny Wan VAE) with precomputed caption embeddings: its
+    T5Gemma 2 text encoder has no offline tiny stand-in here."""
+    from diffusers import (
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        MotifVideoPipeline,
+        MotifVideoTransformer3DModel,
+    )
+
+    from diffusers_moc.tiny import _tiny_vae
+
+    torch.manual_seed(0)
+    transformer = MotifVideoTransformer3DModel(
+        in_channels=33,  # latents, first-frame condition, its mask
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+    pipe = MotifVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(16),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+        "negative_prompt_embeds": torch.randn(1, 6, 16, generator=g),
+        "negative_prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]]),
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # 3 latent frames of 2x2 tokens
+    }
+    stock = _pipeline_frames(pipe, None, **call)
+    assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
+    assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
+
+
+def test_minimax_h3_modular_pipeline_denoising_runs_with_moc():
+    """`MiniMaxH3ModularPipeline` of its `t2va` core denoise blocks (layout, noise, timestep plan, denoising loop):
+    precomputed caption embeddings, latents out (its Qwen3-VL encoder and VAEs are not built in the tests). The
+    shortest video it makes, 5 s at 24 fps on a 64x64 canvas: 37 latent frames of 2x2 tokens, 414 audio rows."""
+    from diffusers import MiniMaxH3Scheduler, MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.modular_blocks_minimax_h3 import MiniMaxH3CoreDenoiseStep
+
+    torch.manual_seed(0)
+    transformer = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        ffn_dim=32,
+        in_channels=24,
+        audio_in_channels=32,
+        text_dim=16,
+        freq_dim=16,
+        time_embed_hidden_dim=32,
+        time_embed_dim=32,
+        rope_freq_dim=2,
+    ).eval()
+    pipe = MiniMaxH3CoreDenoiseStep().init_pipeline()
+    pipe.update_components(
+        transformer=transformer, scheduler=MiniMaxH3Scheduler(), audio_scheduler=MiniMaxH3Scheduler()
+    )
+    call = {
+        "prompt_embeds": torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1)),
+        "text_token_tags": torch.ones(6, dtype=torch.long),
+        "height": 64,
+        "width": 64,
+        "num_frames": 124,
+    }
+
+    def generate(config: MoCConfig | None) -> torch.Tensor:
+        if config is not None:
+            apply_moc(pipe, config)
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(**call, num_inference_steps=2, generator=generator, output=["latents", "audio_latents"])
+        return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
+
+    stock = generate(None)
+    assert torch.equal(generate(DENSE), stock)
+    assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
+    assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
