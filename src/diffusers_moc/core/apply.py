@@ -20,7 +20,7 @@ from .attention_processors import (
     VideoStream,
 )
 from .config import MoCConfig
-from .streams import HELIOS
+from .streams import HELIOS, KANDINSKY5, LTX2
 
 __all__ = [
     "apply_moc",
@@ -82,6 +82,8 @@ def _registry() -> dict[type, ModelSupport]:
         HeliosTransformer3DModel,
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
+        Kandinsky5Transformer3DModel,
+        LTX2VideoTransformer3DModel,
         LTXVideoTransformer3DModel,
         MochiTransformer3DModel,
         SkyReelsV2Transformer3DModel,
@@ -131,6 +133,20 @@ def _registry() -> dict[type, ModelSupport]:
             _FULL,
             HELIOS,
         ),
+        LTX2VideoTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^transformer_blocks\.\d+\.attn1$",
+            "cross-attention (dense, not routed); audio self-attention and audio-video cross-attention dense (stock)",
+            _FULL + " (with `num_frames`, `height`, `width`)",
+            LTX2,
+        ),
+        Kandinsky5Transformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^visual_transformer_blocks\.\d+\.self_attention$",
+            "cross-attention (dense, not routed); text encoder blocks stock; NABLA mode refused",
+            _FULL,
+            KANDINSKY5,
+        ),
     }
 
 
@@ -143,9 +159,14 @@ def context_parallel_support(model_cls: type) -> str:
     support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
-    if not issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
-        return "no"
-    return "Ulysses"
+    if issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS):
+        return "Ulysses"
+    # The generic processor does the Ulysses exchange in `moc_attend` for a video-only stream.
+    stream = support.stream
+    if issubclass(support.processor, MoCDispatchAttnProcessor) and stream is not None:
+        if stream.text == "none" and stream.prefix is None:
+            return "Ulysses"
+    return "no"
 
 
 def registered_models() -> dict[type, ModelSupport]:

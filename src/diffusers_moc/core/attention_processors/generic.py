@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dis
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -129,6 +130,34 @@ def _rebound_call(stock_cls: type) -> types.FunctionType:
     return call
 
 
+# Stock processor class -> the MoC processor class that shows its call's parameters.
+_SIGNED: dict[type, type] = {}
+
+
+def _signed_class(stock_cls: type) -> type:
+    r"""
+    [`MoCDispatchAttnProcessor`] with the signature of `stock_cls.__call__` (same name and behaviour). Several
+    diffusers attention modules pass on only the keyword arguments that `inspect.signature(processor.__call__)` names
+    (LTX-2's STG `perturbation_mask`); a processor running `stock_cls` is of this class, so those arguments keep
+    coming. A class, not an attribute of the instance: torch.compile calls processors through their class.
+    """
+    cls = _SIGNED.get(stock_cls)
+    if cls is None:
+
+        def __call__(self, attn, *args, **kwargs):
+            return MoCDispatchAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(_own_call(stock_cls))
+        name = MoCDispatchAttnProcessor.__name__
+        cls = type(name, (MoCDispatchAttnProcessor,), {"__call__": __call__, "__module__": __name__})
+        _SIGNED[stock_cls] = cls
+    return cls
+
+
+def _new_processor() -> MoCDispatchAttnProcessor:
+    return MoCDispatchAttnProcessor.__new__(MoCDispatchAttnProcessor)
+
+
 class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
     r"""
     The MoC processor of every model whose stock processor makes one `dispatch_attention_fn` call per
@@ -171,6 +200,16 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         """Run a copy of `original` (the processor `apply_moc` replaced), its attention call leading back here."""
         self.stock = copy.copy(original)
         self.stock._attention_backend = self
+        self.__class__ = _signed_class(type(self.stock))
+
+    def __reduce_ex__(self, protocol):
+        # The class `use_stock` gives is made at run time: pickled (and copied) as the public class, given again.
+        return _new_processor, (), dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.stock is not None:
+            self.__class__ = _signed_class(type(self.stock))
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         if self.stock is None:  # set with `set_attn_processor` alone: the model's own processor
