@@ -55,10 +55,11 @@ def test_ulysses_two_processes_equal_single_process(cp_results, model_name):
 
     cp_out, cp_grad = cp_results[model_name, "moc"]
     torch.testing.assert_close(cp_out, moc_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
     # Dense control under CP: diffusers' own Ulysses attention (LTX-Video: MoC at full density, see DENSE_UNDER_CP).
     torch.testing.assert_close(cp_results[model_name, "dense"][0], dense_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
+    if grad_param is not None:  # LTX-2 runs forward only (see tiny_ltx2)
+        torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
 
 
 def _parallel_config(ring: int = 1, ulysses: int = 2, anything: bool = False):

@@ -4,6 +4,7 @@ against their stock selves."""
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,3 +227,17 @@ def test_regional_compile_equals_eager_in_one_graph(name):
         model.compile_repeated_blocks(fullgraph=True)
         torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_kandinsky5_context_parallelism_is_refused_by_name():
+    """diffusers has no `_cp_plan` for Kandinsky 5 (`enable_parallelism` without a plan raises); under a plan of the
+    user's own, MoC refuses rather than guess how the stream is split."""
+    model, inputs = _kandinsky5()
+    assert Kandinsky5Transformer3DModel._cp_plan is None
+    apply_moc(model, SPARSE)
+    cp = SimpleNamespace(ring_degree=1, ulysses_degree=2, ulysses_anything=False)
+    model.visual_transformer_blocks[0].self_attention.processor._parallel_config = SimpleNamespace(
+        context_parallel_config=cp
+    )
+    with pytest.raises(NotImplementedError, match="Kandinsky5Transformer3DModel has no context-parallel plan"):
+        _run(model, inputs)

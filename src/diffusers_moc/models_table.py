@@ -32,6 +32,8 @@ _PIPELINES = {
     "LTXVideoTransformer3DModel": "LTXPipeline, LTXImageToVideoPipeline, LTXConditionPipeline",
     "MochiTransformer3DModel": "MochiPipeline",
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
+    "LTX2VideoTransformer3DModel": "LTX2Pipeline, LTX2ImageToVideoPipeline",
+    "Kandinsky5Transformer3DModel": "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline",
 }
 
 

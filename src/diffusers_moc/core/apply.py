@@ -137,14 +137,14 @@ def _registry() -> dict[type, ModelSupport]:
             MoCDispatchAttnProcessor,
             r"^transformer_blocks\.\d+\.attn1$",
             "cross-attention (dense, not routed); audio self-attention and audio-video cross-attention dense (stock)",
-            _FULL + " (with `num_frames`, `height`, `width`)",
+            "regional (with `num_frames`, `height`, `width`)",
             LTX2,
         ),
         Kandinsky5Transformer3DModel: ModelSupport(
             MoCDispatchAttnProcessor,
             r"^visual_transformer_blocks\.\d+\.self_attention$",
             "cross-attention (dense, not routed); text encoder blocks stock; NABLA mode refused",
-            _FULL,
+            "regional",
             KANDINSKY5,
         ),
     }

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..parallel import sequence_shard
+from ..parallel import sequence_shard, ulysses_config
 from ..recording import active_routing_map
 from .base import MoCAttnProcessorBase
 
@@ -189,6 +189,9 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
                 f"{type(self).__name__} has no video stream description for {type(transformer).__name__}; install MoC "
                 "with `apply_moc(transformer, config)`"
             )
+        if getattr(transformer, "_cp_plan", None) is None and ulysses_config(self._parallel_config) is not None:
+            # A plan of the user's own (diffusers has none for this model): where it splits the stream is unknown.
+            self.refuse_context_parallel(type(transformer).__name__)
         return self.stream.grid(transformer, args, kwargs)
 
     def input_prefix(self, transformer, args, kwargs) -> tuple[int, ...]:
