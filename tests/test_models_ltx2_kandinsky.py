@@ -33,10 +33,9 @@ def _ltx2(**config):
         audio_attention_head_dim=4,
         audio_cross_attention_dim=8,
         num_layers=2,
-        caption_channels=16,
         rope_double_precision=False,
         rope_type="split",
-        **config,
+        **{"caption_channels": 16, **config},
     ).eval()
     g = torch.Generator().manual_seed(1)
     inputs = {
@@ -241,3 +240,170 @@ def test_kandinsky5_context_parallelism_is_refused_by_name():
     )
     with pytest.raises(NotImplementedError, match="Kandinsky5Transformer3DModel has no context-parallel plan"):
         _run(model, inputs)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+def _ltx2_pipeline():
+    """`LTX2Pipeline` of tiny components built here: a Gemma 3 text encoder from config with the word-level
+    tokenizer of `diffusers_moc.tiny`, video and audio VAEs, connectors, vocoder."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from diffusers_moc.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision)).eval()
+    transformer, _ = _ltx2(caption_channels=32)
+    torch.manual_seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=3,  # the text encoder's layers + 1
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_theta=10000.0,
+        rope_double_precision=False,
+        causal_temporal_positioning=False,
+        rope_type="split",
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    torch.manual_seed(0)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        dropout=0.0,
+        mid_block_add_attention=False,
+        sample_rate=16000,
+        mel_hop_length=160,
+        is_causal=True,
+        mel_bins=8,
+    )
+    torch.manual_seed(0)
+    vocoder = LTX2Vocoder(
+        in_channels=16,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+    call = {"prompt": "a red car drives along a street", "negative_prompt": "", "guidance_scale": 1.0}
+    return pipe, dict(call, num_frames=9, frame_rate=25.0, max_sequence_length=16)
+
+
+def _kandinsky5_pipeline():
+    """`Kandinsky5T2VPipeline` of tiny components, given precomputed caption embeddings: its Qwen2.5-VL processor
+    (chat template, vision tokens) has no offline stand-in, so the text encoders are left out."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+    ).eval()
+    transformer, _ = _kandinsky5()
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    g = torch.Generator().manual_seed(3)
+    call = {
+        "prompt": None,
+        "prompt_embeds_qwen": torch.randn(1, 4, 16, generator=g),
+        "prompt_embeds_clip": torch.randn(1, 8, generator=g),
+        "prompt_cu_seqlens": torch.tensor([0, 4], dtype=torch.int32),
+        "guidance_scale": 1.0,
+    }
+    return pipe, dict(call, num_frames=9)  # 3 latent frames
+
+
+@pytest.mark.parametrize("build", [_ltx2_pipeline, _kandinsky5_pipeline], ids=["LTX2Pipeline", "Kandinsky5T2VPipeline"])
+def test_pipeline_with_moc_equals_stock_at_full_density_and_differs_sparse(build):
+    pipe, call = build()
+
+    def frames():
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(**call, height=32, width=32, num_inference_steps=2, output_type="pt", generator=generator)
+        return out.frames
+
+    stock = frames()
+    apply_moc(pipe, DENSE)
+    assert torch.equal(frames(), stock)
+    apply_moc(pipe, SPARSE)
+    assert not torch.allclose(frames(), stock, atol=1e-3)
