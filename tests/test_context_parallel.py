@@ -61,8 +61,9 @@ def test_ulysses_two_processes_equal_single_process(cp_results, model_name):
         # The stock model's own gradients under its plan differ from one process: nothing to compare MoC's with.
         assert not torch.allclose(cp_results[model_name, "dense"][1], dense_grad, atol=1e-3)
         return
-    torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
+    if grad_param is not None:  # LTX-2 runs forward only (see tiny_ltx2)
+        torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
 
 
 def _parallel_config(ring: int = 1, ulysses: int = 2, anything: bool = False):

@@ -36,6 +36,8 @@ _PIPELINES = {
     "MiniMaxH3Transformer3DModel": "MiniMaxH3ModularPipeline",
     "MotifVideoTransformer3DModel": "MotifVideoPipeline, MotifVideoImage2VideoPipeline",
     "Cosmos3OmniTransformer": "Cosmos3OmniPipeline",
+    "LTX2VideoTransformer3DModel": "LTX2Pipeline, LTX2ImageToVideoPipeline",
+    "Kandinsky5Transformer3DModel": "Kandinsky5T2VPipeline, Kandinsky5I2VPipeline",
 }
 
 

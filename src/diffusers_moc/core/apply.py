@@ -21,7 +21,7 @@ from .attention_processors import (
     VideoStream,
 )
 from .config import MoCConfig
-from .streams import HELIOS, MINIMAX_H3, MOTIF_VIDEO, WAN_ANIMATE
+from .streams import HELIOS, KANDINSKY5, LTX2, MINIMAX_H3, MOTIF_VIDEO, WAN_ANIMATE
 
 __all__ = [
     "apply_moc",
@@ -84,6 +84,8 @@ def _registry() -> dict[type, ModelSupport]:
         HeliosTransformer3DModel,
         HunyuanVideo15Transformer3DModel,
         HunyuanVideoTransformer3DModel,
+        Kandinsky5Transformer3DModel,
+        LTX2VideoTransformer3DModel,
         LTXVideoTransformer3DModel,
         MiniMaxH3Transformer3DModel,
         MochiTransformer3DModel,
@@ -166,6 +168,20 @@ def _registry() -> dict[type, ModelSupport]:
             "tokens as one chunk after it, mandatory anchors",
             "regional",
         ),
+        LTX2VideoTransformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^transformer_blocks\.\d+\.attn1$",
+            "cross-attention (dense, not routed); audio self-attention and audio-video cross-attention dense (stock)",
+            "regional (with `num_frames`, `height`, `width`)",
+            LTX2,
+        ),
+        Kandinsky5Transformer3DModel: ModelSupport(
+            MoCDispatchAttnProcessor,
+            r"^visual_transformer_blocks\.\d+\.self_attention$",
+            "cross-attention (dense, not routed); text encoder blocks stock; NABLA mode refused",
+            "regional",
+            KANDINSKY5,
+        ),
     }
 
 
@@ -173,7 +189,7 @@ def _registry() -> dict[type, ModelSupport]:
 _CONTEXT_PARALLEL_PROCESSORS = (MoCWanAttnProcessor, MoCLTXVideoAttnProcessor)
 #: Models whose `MoCDispatchAttnProcessor` runs under diffusers' `_cp_plan` (the stream's facts computed from the
 #: unsharded input, `moc_attend` doing the exchange), tested with two processes.
-_CONTEXT_PARALLEL_MODELS = ("HeliosTransformer3DModel", "MiniMaxH3Transformer3DModel")
+_CONTEXT_PARALLEL_MODELS = ("HeliosTransformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel")
 
 
 def context_parallel_support(model_cls: type) -> str:
@@ -181,11 +197,9 @@ def context_parallel_support(model_cls: type) -> str:
     support = _registry()[model_cls]
     if getattr(model_cls, "_cp_plan", None) is None:
         return "no (diffusers has no `_cp_plan` for this model)"
-    if not (
-        issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS) or model_cls.__name__ in _CONTEXT_PARALLEL_MODELS
-    ):
-        return "no"
-    return "Ulysses"
+    if issubclass(support.processor, _CONTEXT_PARALLEL_PROCESSORS) or model_cls.__name__ in _CONTEXT_PARALLEL_MODELS:
+        return "Ulysses"
+    return "no"
 
 
 def registered_models() -> dict[type, ModelSupport]:

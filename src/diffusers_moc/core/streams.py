@@ -7,9 +7,10 @@ import math
 
 import torch
 
+from .attention_processors.base import frames_from_rotary
 from .attention_processors.generic import VideoStream
 
-__all__ = ["call_arg", "grid_5d", "helios_history", "minimax_h3_grid"]
+__all__ = ["call_arg", "grid_5d", "helios_history", "kandinsky5_grid", "ltx2_grid", "minimax_h3_grid"]
 
 
 def call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
@@ -106,3 +107,51 @@ chunk."""
 MOTIF_VIDEO = VideoStream(grid=grid_5d, text="after")
 """Motif-Video: its joint attention concatenates the caption (and image embeddings) after the video; the decoder
 blocks' context (the encoder's video output) takes the caption's place."""
+
+
+def ltx2_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    r"""
+    LTX-2's video grid: its `hidden_states` come patchified, `(B, L, C)`, so the grid is the forward's latent
+    `num_frames`, `height` and `width` (what `LTX2Pipeline` passes) in patches, as its RoPE lays them out; a call that
+    gives only `video_coords` has its grid read off their time coordinates (a host read, in eager mode only).
+    """
+    grid = tuple(call_arg(args, kwargs, name, i) for name, i in (("num_frames", 10), ("height", 11), ("width", 12)))
+    if all(n is not None for n in grid):
+        p_t, p_h, p_w = _patch(transformer)
+        return tuple(-(-int(n) // p) for n, p in zip(grid, (p_t, p_h, p_w)))  # the RoPE's `arange(0, n, p)`
+    coords = call_arg(args, kwargs, "video_coords", 15)
+    if coords is None:
+        raise ValueError(
+            "MoC on LTX-2 needs the latent grid of the call: pass num_frames, height and width (as LTX2Pipeline does) "
+            "or video_coords"
+        )
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "under torch.compile / torch.export MoC on LTX-2 needs num_frames, height and width (the grid of "
+            "video_coords can only be read on the host)"
+        )
+    time = coords[0, 0, :, 0].float()[:, None]  # (L, 1): each token's first pixel frame
+    frames, per_frame = frames_from_rotary((time, torch.zeros_like(time)))
+    return frames, 1, per_frame
+
+
+LTX2 = VideoStream(grid=ltx2_grid)
+
+
+def kandinsky5_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    r"""
+    Kandinsky 5's video grid: `hidden_states` are channels-last, `(B, F, H, W, C)`, patchified by `config.patch_size`
+    and flattened in `(frame, row, column)` order. Its NABLA mode (`sparse_params`, for `attention_type="nabla"`) is
+    sparse attention already, with a block mask MoC cannot add to: it is refused by name.
+    """
+    if call_arg(args, kwargs, "sparse_params", 7) is not None:
+        raise NotImplementedError(
+            "MoC does not combine with Kandinsky 5's NABLA sparse attention (`sparse_params`, set by pipelines for "
+            "`attention_type='nabla'`): both are sparse attention; use the model with `attention_type='regular'`"
+        )
+    _, frames, height, width, _ = call_arg(args, kwargs, "hidden_states").shape
+    p_t, p_h, p_w = _patch(transformer)
+    return frames // p_t, height // p_h, width // p_w
+
+
+KANDINSKY5 = VideoStream(grid=kandinsky5_grid)

@@ -392,8 +392,8 @@ class MoCAttnProcessorBase:
         """Raise when diffusers' context parallelism is on: `model` has no context-parallel plan in diffusers."""
         if ulysses_config(self._parallel_config) is not None:
             raise NotImplementedError(
-                f"{model} has no context-parallel plan in diffusers; MoC context parallelism is supported on Wan, "
-                "LTX-Video and MiniMax-H3"
+                f"{model} has no context-parallel plan in diffusers; MoC context parallelism runs on the models "
+                "marked Ulysses in `diffusers_moc.supported_models_table()`"
             )
 
     def forward_facts(self, attn: torch.nn.Module, rotary_emb=None) -> MoCForwardFacts:

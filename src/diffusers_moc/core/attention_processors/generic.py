@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dis
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..parallel import sequence_shard
+from ..parallel import sequence_shard, ulysses_config
 from ..recording import active_routing_map
 from .base import MoCAttnProcessorBase
 
@@ -140,12 +141,40 @@ def _rebound_call(stock_cls: type) -> types.FunctionType:
     return call
 
 
+# Stock processor class -> the MoC processor class that shows its call's parameters.
+_SIGNED: dict[type, type] = {}
+
+
+def _signed_class(stock_cls: type) -> type:
+    r"""
+    [`MoCDispatchAttnProcessor`] with the signature of `stock_cls.__call__` (same name and behaviour). Several
+    diffusers attention modules pass on only the keyword arguments that `inspect.signature(processor.__call__)` names
+    (LTX-2's STG `perturbation_mask`); a processor running `stock_cls` is of this class, so those arguments keep
+    coming. A class, not an attribute of the instance: torch.compile calls processors through their class.
+    """
+    cls = _SIGNED.get(stock_cls)
+    if cls is None:
+
+        def __call__(self, attn, *args, **kwargs):
+            return MoCDispatchAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(_own_call(stock_cls))
+        name = MoCDispatchAttnProcessor.__name__
+        cls = type(name, (MoCDispatchAttnProcessor,), {"__call__": __call__, "__module__": __name__})
+        _SIGNED[stock_cls] = cls
+    return cls
+
+
+def _new_processor() -> MoCDispatchAttnProcessor:
+    return MoCDispatchAttnProcessor.__new__(MoCDispatchAttnProcessor)
+
+
 class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
     r"""
     The MoC processor of every model whose stock processor makes one `dispatch_attention_fn` call per
     self-attention: the stock processor runs as it is, with MoC in place of that call.
 
-    Each layer call must make exactly one `dispatch_attention_fn` call (a stock processor may have others on paths
+    Each layer call may make at most one `dispatch_attention_fn` call (a stock processor may have others on paths
     the layer does not take, such as Wan's image branch of cross-attention); otherwise it raises `TypeError`.
 
     [`apply_moc`] sets it on the layers its registry names, with the model's [`VideoStream`]; a copy of the processor
@@ -176,6 +205,9 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
                 f"{type(self).__name__} has no video stream description for {type(transformer).__name__}; install MoC "
                 "with `apply_moc(transformer, config)`"
             )
+        if getattr(transformer, "_cp_plan", None) is None and ulysses_config(self._parallel_config) is not None:
+            # A plan of the user's own (diffusers has none for this model): where it splits the stream is unknown.
+            self.refuse_context_parallel(type(transformer).__name__)
         return self.stream.grid(transformer, args, kwargs)
 
     def input_prefix(self, transformer, args, kwargs) -> tuple[int, ...]:
@@ -187,19 +219,24 @@ class MoCDispatchAttnProcessor(MoCAttnProcessorBase):
         """Run a copy of `original` (the processor `apply_moc` replaced), its attention call leading back here."""
         self.stock = copy.copy(original)
         self.stock._attention_backend = self
+        self.__class__ = _signed_class(type(self.stock))
+
+    def __reduce_ex__(self, protocol):
+        # The class `use_stock` gives is made at run time: pickled (and copied) as the public class, given again.
+        return _new_processor, (), dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.stock is not None:
+            self.__class__ = _signed_class(type(self.stock))
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         if self.stock is None:  # set with `set_attn_processor` alone: the model's own processor
             self.use_stock(attn._default_processor_cls())
         self.stock._parallel_config = self._parallel_config
+        # A call without attention is the stock processor's choice (LTX-2's perturbed blocks pass the values through).
         self._layer, self._attended = attn, False
-        out = _rebound_call(type(self.stock))(self.stock, attn, *args, **kwargs)
-        if not self._attended:
-            raise TypeError(
-                f"{type(self.stock).__name__} ran without a `dispatch_attention_fn` call on {type(attn).__name__}; "
-                "MoC needs a processor of its own for this model"
-            )
-        return out
+        return _rebound_call(type(self.stock))(self.stock, attn, *args, **kwargs)
 
     def attend(
         self,
