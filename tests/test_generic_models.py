@@ -6,17 +6,16 @@ from __future__ import annotations
 import copy
 import pickle
 
+import _model_contract as contract
 import pytest
 import torch
+from _model_contract import SPARSE, run
 from diffusers import HeliosTransformer3DModel, WanAnimateTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from diffusers_moc import MoCConfig, apply_moc, remove_moc
-from diffusers_moc.core.attention_processors import MoCDispatchAttnProcessor, dispatch_calls
+from diffusers_moc import apply_moc
+from diffusers_moc.core.attention_processors import dispatch_calls
 from diffusers_moc.core.streams import helios_history
-
-DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
-SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 
 
 def _helios(history: bool = True):
@@ -103,55 +102,33 @@ TARGETS = {
 }
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
-
-
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_full_density_equals_stock_bit_for_bit(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, DENSE)
-    assert torch.equal(_run(model, inputs), stock)
+    contract.full_density_equals_stock(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_sparse_moc_changes_the_output_and_backends_agree(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, SPARSE)
-    sparse = _run(model, inputs)
-    assert not torch.allclose(sparse, stock, atol=1e-3)
-    apply_moc(model, SPARSE.replace(backend="reference"))
-    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+    contract.sparse_changes_output_and_backends_agree(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
-    apply_moc(model, SPARSE)
-    moc = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCDispatchAttnProcessor)}
-    assert moc == TARGETS[name]
-    remove_moc(model)
-    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
-    assert torch.equal(_run(model, inputs), stock)
+    contract.apply_and_remove(BUILDERS[name], TARGETS[name])
 
 
 @pytest.mark.parametrize("name", ["helios"])
 def test_copies_run_their_own_weights(name):
     model, inputs = BUILDERS[name]()
     apply_moc(model, SPARSE)
-    sparse = _run(model, inputs)
+    sparse = run(model, inputs)
     twin, restored = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
     for clone in (twin, restored):
-        assert torch.equal(_run(clone, inputs), sparse)
+        assert torch.equal(run(clone, inputs), sparse)
         with torch.no_grad():
             clone.blocks[0].attn1.to_q.weight.mul_(2)
-        assert not torch.equal(_run(clone, inputs), sparse)
-    assert torch.equal(_run(model, inputs), sparse)
+        assert not torch.equal(run(clone, inputs), sparse)
+    assert torch.equal(run(model, inputs), sparse)
 
 
 def test_helios_history_chunks_follow_the_coarse_patches():
@@ -160,7 +137,7 @@ def test_helios_history_chunks_follow_the_coarse_patches():
     # frames of 2x2; short: patch 1x2x2 -> 2 frames of 4x4. Oldest first, as the model concatenates them.
     assert helios_history(model, (), inputs) == (1, 4, 4, 16, 16)
     apply_moc(model, SPARSE)
-    _run(model, inputs)
+    run(model, inputs)
     facts = model.blocks[0].attn1.processor.hook.facts
     assert facts.prefix_tokens == 41 and facts.layout.sizes == (1, 4, 4, 16, 16, 16, 16, 16)
 
@@ -183,7 +160,7 @@ def test_a_stock_processor_with_two_attention_calls_is_refused():
     processor = model.blocks[0].attn1.processor
     processor.use_stock(_TwoCalls())
     with pytest.raises(TypeError, match="more than one `dispatch_attention_fn` call"):
-        _run(model, inputs)
+        run(model, inputs)
 
 
 def test_masked_attention_is_refused_by_name():
@@ -198,11 +175,4 @@ def test_masked_attention_is_refused_by_name():
 
 @pytest.mark.parametrize("name", ["helios", "wan_animate"])
 def test_regional_compile_equals_eager_in_one_graph(name):
-    model, inputs = BUILDERS[name]()
-    apply_moc(model, SPARSE)
-    eager = _run(model, inputs)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        model.compile_repeated_blocks(fullgraph=True)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+    contract.regional_compile_equals_eager(BUILDERS[name])

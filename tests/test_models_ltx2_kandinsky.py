@@ -6,15 +6,14 @@ from __future__ import annotations
 import pickle
 from types import SimpleNamespace
 
+import _model_contract as contract
 import pytest
 import torch
+from _model_contract import DENSE, SPARSE, run
 from diffusers import Kandinsky5Transformer3DModel, LTX2VideoTransformer3DModel
 
-from diffusers_moc import MoCConfig, apply_moc, remove_moc
-from diffusers_moc.core.attention_processors import MoCDispatchAttnProcessor
+from diffusers_moc import MoCConfig, apply_moc
 
-DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
-SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 # Each frame attends only to itself: what a frame's output depends on shows where the chunks are.
 OWN_FRAME = MoCConfig(top_k=0, local_window=0, causal=False, backend="torch")
 
@@ -97,54 +96,29 @@ TARGETS = {
 }
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
-
-
-def _moc_modules(model) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCDispatchAttnProcessor)}
-
-
-@pytest.mark.parametrize("name", list(BUILDERS))
-def test_full_density_equals_stock_bit_for_bit(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, DENSE)
-    assert torch.equal(_run(model, inputs), stock)
-
-
 def test_stg_perturbation_reaches_the_stock_processor():
     """`LTX2Attention` passes on only the keyword arguments its processor's signature names: MoC shows the stock
     processor's, so the STG pass stays the STG pass (not silently the plain one)."""
     model, inputs = _ltx2(perturbed_attn=True)
-    plain, stg = _run(model, inputs), _run(model, dict(inputs, spatio_temporal_guidance_blocks=[0]))
+    plain, stg = run(model, inputs), run(model, dict(inputs, spatio_temporal_guidance_blocks=[0]))
     assert not torch.equal(plain, stg)
     apply_moc(model, SPARSE)
-    assert not torch.equal(_run(model, inputs), _run(model, dict(inputs, spatio_temporal_guidance_blocks=[0])))
+    assert not torch.equal(run(model, inputs), run(model, dict(inputs, spatio_temporal_guidance_blocks=[0])))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_full_density_equals_stock_bit_for_bit(name):
+    contract.full_density_equals_stock(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_sparse_moc_changes_the_output_and_backends_agree(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, SPARSE)
-    sparse = _run(model, inputs)
-    assert not torch.allclose(sparse, stock, atol=1e-3)
-    apply_moc(model, SPARSE.replace(backend="reference"))
-    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+    contract.sparse_changes_output_and_backends_agree(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
-    apply_moc(model, SPARSE)
-    assert _moc_modules(model) == TARGETS[name]
-    remove_moc(model)
-    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
-    assert torch.equal(_run(model, inputs), stock)
+    contract.apply_and_remove(BUILDERS[name], TARGETS[name])
 
 
 def _frames(out: torch.Tensor, name: str) -> torch.Tensor:
@@ -161,7 +135,7 @@ def test_chunks_are_whole_latent_frames(name):
     if name == "ltx2":
         inputs["isolate_modalities"] = True
     apply_moc(model, OWN_FRAME)
-    out = _frames(_run(model, inputs), name)
+    out = _frames(run(model, inputs), name)
     changed = dict(inputs)
     hidden = inputs["hidden_states"].clone()
     if name == "ltx2":
@@ -169,7 +143,7 @@ def test_chunks_are_whole_latent_frames(name):
     else:
         hidden[:, 2] += 1.0
     changed["hidden_states"] = hidden
-    other = _frames(_run(model, changed), name)
+    other = _frames(run(model, changed), name)
     assert torch.equal(other[:2], out[:2]) and not torch.allclose(other[2], out[2])
     layer = sorted(TARGETS[name])[0]
     assert model.get_submodule(layer).processor.hook.facts.layout.sizes == (16, 16, 16)
@@ -178,54 +152,44 @@ def test_chunks_are_whole_latent_frames(name):
 def test_ltx2_grid_from_video_coords_alone():
     model, inputs = _ltx2()
     apply_moc(model, SPARSE)
-    expected = _run(model, inputs)
+    expected = run(model, inputs)
     coords = model.rope.prepare_video_coords(1, 3, 4, 4, torch.device("cpu"))
     without_grid = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
-    torch.testing.assert_close(_run(model, dict(without_grid, video_coords=coords)), expected, atol=0, rtol=0)
+    torch.testing.assert_close(run(model, dict(without_grid, video_coords=coords)), expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="num_frames, height and width"):
-        _run(model, without_grid)
+        run(model, without_grid)
 
 
 def test_ltx2_video_self_attention_mask_is_refused_by_name():
     model, inputs = _ltx2()
     apply_moc(model, SPARSE)
     with pytest.raises(NotImplementedError, match="attn_mask"):
-        _run(model, dict(inputs, video_self_attention_mask=torch.ones(1, 48, 48)))
+        run(model, dict(inputs, video_self_attention_mask=torch.ones(1, 48, 48)))
 
 
 def test_kandinsky5_nabla_is_refused_by_name():
     model, inputs = _kandinsky5()
     apply_moc(model, SPARSE)
     with pytest.raises(NotImplementedError, match="NABLA"):
-        _run(model, dict(inputs, sparse_params={"to_fractal": True, "sta_mask": None, "P": 0.9}))
+        run(model, dict(inputs, sparse_params={"to_fractal": True, "sta_mask": None, "P": 0.9}))
 
 
 def test_copies_run_their_own_weights():
     model, inputs = _ltx2(perturbed_attn=True)
     inputs["spatio_temporal_guidance_blocks"] = [0]
     apply_moc(model, SPARSE)
-    sparse = _run(model, inputs)
+    sparse = run(model, inputs)
     restored = pickle.loads(pickle.dumps(model))
-    assert torch.equal(_run(restored, inputs), sparse)
+    assert torch.equal(run(restored, inputs), sparse)
     with torch.no_grad():
         restored.transformer_blocks[1].attn1.to_q.weight.mul_(2)
-    assert not torch.equal(_run(restored, inputs), sparse)
+    assert not torch.equal(run(restored, inputs), sparse)
 
 
 @pytest.mark.parametrize("name", ["ltx2", "kandinsky5"])
 def test_regional_compile_equals_eager_in_one_graph(name):
-    model, inputs = BUILDERS[name]()
-    apply_moc(model, SPARSE)
-    eager = _run(model, inputs)
-    torch._dynamo.reset()
-    # Kandinsky 5 rounds its rotated queries and keys to bfloat16; inductor keeps that rounding only when asked.
-    with (
-        torch._dynamo.config.patch(error_on_recompile=True),
-        torch._inductor.config.patch(emulate_precision_casts=True),
-    ):
-        model.compile_repeated_blocks(fullgraph=True)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+    # Kandinsky 5 rounds its rotated queries and keys to bfloat16 on purpose.
+    contract.regional_compile_equals_eager(BUILDERS[name], precision_casts=True)
 
 
 def test_kandinsky5_context_parallelism_is_refused_by_name():
@@ -239,7 +203,7 @@ def test_kandinsky5_context_parallelism_is_refused_by_name():
         context_parallel_config=cp
     )
     with pytest.raises(NotImplementedError, match="Kandinsky5Transformer3DModel has no context-parallel plan"):
-        _run(model, inputs)
+        run(model, inputs)
 
 
 # ---------------------------------------------------------------------------------------------- pipelines

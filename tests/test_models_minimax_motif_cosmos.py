@@ -6,18 +6,16 @@ from __future__ import annotations
 import os
 import sys
 
+import _model_contract as contract
 import pytest
 import torch
+from _model_contract import DENSE, SPARSE, run
 
-from diffusers_moc import MoCConfig, apply_moc, remove_moc
-from diffusers_moc.core.attention_processors import MoCAttnProcessorBase
+from diffusers_moc import MoCConfig, apply_moc
 from diffusers_moc.core.streams import minimax_h3_grid
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _cp_worker import tiny_minimax_h3  # noqa: E402
-
-DENSE = MoCConfig(top_k=100, causal=False, backend="reference")
-SPARSE = MoCConfig(top_k=1, local_window=0, backend="torch")
 
 
 def _minimax_h3():
@@ -136,57 +134,24 @@ TARGETS = {
 COMPILED = ["minimax_h3", "motif_video_compile", "cosmos3"]
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]
-    return torch.cat([x.flatten() for x in out]) if isinstance(out, list) else out
-
-
-def _moc_modules(model) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoCAttnProcessorBase)}
-
-
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_full_density_equals_stock_bit_for_bit(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, DENSE)
-    assert torch.equal(_run(model, inputs), stock)
+    contract.full_density_equals_stock(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_sparse_moc_changes_the_output_and_backends_agree(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    apply_moc(model, SPARSE)
-    sparse = _run(model, inputs)
-    assert not torch.allclose(sparse, stock, atol=1e-3)
-    apply_moc(model, SPARSE.replace(backend="reference"))
-    torch.testing.assert_close(_run(model, inputs), sparse, atol=1e-5, rtol=1e-5)
+    contract.sparse_changes_output_and_backends_agree(BUILDERS[name])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_apply_takes_the_video_self_attention_and_remove_restores_stock(name):
-    model, inputs = BUILDERS[name]()
-    stock = _run(model, inputs)
-    before = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
-    apply_moc(model, SPARSE)
-    assert _moc_modules(model) == TARGETS[name]
-    remove_moc(model)
-    assert {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")} == before
-    assert torch.equal(_run(model, inputs), stock)
+    contract.apply_and_remove(BUILDERS[name], TARGETS[name])
 
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_regional_compile_equals_eager_in_one_graph(name):
-    model, inputs = BUILDERS[name]()
-    apply_moc(model, SPARSE)
-    eager = _run(model, inputs)
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        model.compile_repeated_blocks(fullgraph=True)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(_run(model, inputs), eager, atol=1e-5, rtol=1e-5)
+    contract.regional_compile_equals_eager(BUILDERS[name])
 
 
 # ---------------------------------------------------------------------------------------------- MiniMax-H3
@@ -200,7 +165,7 @@ def test_minimax_h3_grid_is_the_generated_video_at_the_end_of_the_packed_sequenc
     model, inputs, _ = tiny_minimax_h3(anchors, audio_latents)
     assert minimax_h3_grid(model, (), inputs) == (3, 4, 4)
     apply_moc(model, SPARSE)
-    _run(model, inputs)
+    run(model, inputs)
     facts = model.transformer_blocks[0].attn.processor.hook.facts
     assert facts.layout.sizes == (16, 16, 16)
 
@@ -218,9 +183,9 @@ def test_motif_video_padded_caption_tokens_change_nothing_in_the_video():
     # MoC drops the padded caption tokens as keys, as the stock mask does: their values cannot reach the video.
     model, inputs = _motif_video()
     apply_moc(model, SPARSE)
-    out = _run(model, inputs)
+    out = run(model, inputs)
     inputs["encoder_hidden_states"][:, 4:] = 7.0
-    assert torch.equal(_run(model, inputs), out)
+    assert torch.equal(run(model, inputs), out)
 
 
 def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
@@ -239,7 +204,7 @@ def test_generic_processor_refuses_a_mask_that_is_not_a_key_padding_mask():
 def test_cosmos3_layout_is_text_video_frames_then_sound():
     model, inputs = _cosmos3()
     apply_moc(model, SPARSE)
-    _run(model, inputs)
+    run(model, inputs)
     facts = model.layers[0].self_attn.processor.hook.facts
     assert facts.grid == (3, 4, 4) and facts.layout.sizes == (16, 16, 16)
 
@@ -249,7 +214,7 @@ def test_cosmos3_with_several_vision_items_is_refused():
     apply_moc(model, SPARSE)
     inputs["vision_token_shapes"] = [(1, 4, 4), (2, 4, 4)]
     with pytest.raises(NotImplementedError, match="one video per Cosmos 3 sequence, but it has 2"):
-        _run(model, inputs)
+        run(model, inputs)
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
