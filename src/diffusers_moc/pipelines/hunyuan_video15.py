@@ -165,7 +165,8 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
         height, width = self.video_processor.calculate_default_height_width(
             height, width, self.transformer.config.target_size
         )
-        return {**self.family.defaults, "height": height, "width": width, "guidance_scale": self.guider.guidance_scale}
+        chosen = dict(height=height, width=width, guidance_scale=self.guider.guidance_scale)
+        return {**self.family.defaults, **chosen, "max_sequence_length": self.tokenizer_max_length}
 
     def _check_image(self, image, guidance_scale_2) -> None:
         family = self.family
