@@ -165,7 +165,6 @@ HUNYUAN_VIDEO15_FAMILIES: dict[str, WanFamily] = {
             "hunyuanvideo1.5-t2v",
             "HunyuanVideo 1.5 T2V",
             tuple(f"hunyuanvideo-community/HunyuanVideo-1.5-{v}_t2v" for v in _HV15_VARIANTS),
-            trainable=True,
             defaults=_HV15,
         ),
         WanFamily(
