@@ -228,6 +228,6 @@ def test_a_repo_id_the_hub_cannot_answer_is_a_named_input_error(board, tmp_path,
     assert "no connection to the Hub and not in the cache" in err and "Traceback" not in err
     # --tiny downloads nothing: an unknown id runs the default tiny model, and says so.
     assert main([*argv, "--tiny"]) == 0
-    assert "is not a known Wan checkpoint id and --tiny downloads nothing, so the tiny model is Wan 2.1 T2V" in (
+    assert "is not a known checkpoint id and --tiny downloads nothing, so the tiny model is Wan 2.1 T2V" in (
         capsys.readouterr().err
     )

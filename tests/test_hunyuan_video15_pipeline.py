@@ -169,4 +169,5 @@ def test_output_types_callbacks_decoding_and_checks(monkeypatch):
         "height": 32,
         "width": 32,
         "guidance_scale": 6.0,
+        "max_sequence_length": 1000,
     }

@@ -59,14 +59,22 @@ def test_context_parallel_column_claims_only_tested_models():
 
 def test_pipeline_feature_columns_claim_only_the_wan_families():
     """Multi-shot, image start and LoRA training are diffusers-moc pipelines for Wan (tested in
-    test_long_video_pipeline.py and test_training.py); every other model says no."""
-    from diffusers_moc.model_families import WAN_FAMILIES
+    test_long_video_pipeline.py and test_training.py) and HunyuanVideo 1.5 (test_hunyuan_video15_pipeline.py:
+    multi-shot text- and image-to-video); every other model says no."""
+    from diffusers_moc.model_families import HUNYUAN_VIDEO15_FAMILIES, WAN_FAMILIES
 
     features = [TABLE_COLUMNS.index(c) for c in TABLE_COLUMNS if c.startswith(("Multi-shot", "Image", "LoRA"))]
-    titles = {f.title for f in WAN_FAMILIES.values()}
+    multi, image, lora = features
+    tested = {
+        "`WanTransformer3DModel`": {c: {f.title for f in WAN_FAMILIES.values()} for c in features},
+        "`HunyuanVideo15Transformer3DModel`": {
+            multi: {"HunyuanVideo 1.5 T2V", "HunyuanVideo 1.5 I2V"},
+            image: {"HunyuanVideo 1.5 I2V"},
+            lora: {f.title for f in HUNYUAN_VIDEO15_FAMILIES.values() if f.trainable},
+        },
+    }
     for row in _rows(supported_models_table()):
         for column in features:
-            if row[0] == "`WanTransformer3DModel`":
-                assert row[column] != "no" and set(row[column].split(", ")) <= titles
-            else:
-                assert row[column] == "no", (row[0], TABLE_COLUMNS[column])
+            allowed = tested.get(row[0], {}).get(column, set())
+            if row[column] != "no" or allowed:
+                assert row[column] != "no" and set(row[column].split(", ")) <= allowed, (row[0], row[column])

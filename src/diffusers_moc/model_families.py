@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ALL_FAMILIES",
     "HUNYUAN_VIDEO15_FAMILIES",
     "WanFamily",
     "WAN_FAMILIES",
@@ -145,32 +146,47 @@ WAN_FAMILIES: dict[str, WanFamily] = {
 
 #: HunyuanVideo 1.5 (`HunyuanVideo15LongVideoPipeline`): a joint-attention MMDiT whose captions are text chunks of
 #: the stream. Height and width default to diffusers' pipeline's (16:9 at the transformer's `target_size`, or the
-#: start image's aspect), guidance to the `guider` component's scale.
+#: start image's aspect), guidance to the `guider` component's scale: `None` here, "the loaded model's", and the
+#: Qwen caption length to diffusers' 1000 tokens.
+_HV15 = dict(
+    num_frames=121,
+    fps=24,
+    num_inference_steps=50,
+    height=None,
+    width=None,
+    guidance_scale=None,
+    max_sequence_length=1000,
+)
+_HV15_VARIANTS = ("Diffusers-480p", "Diffusers-720p", "480p", "720p")
 HUNYUAN_VIDEO15_FAMILIES: dict[str, WanFamily] = {
     f.name: f
     for f in (
         WanFamily(
             "hunyuanvideo1.5-t2v",
             "HunyuanVideo 1.5 T2V",
-            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",),
-            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
+            tuple(f"hunyuanvideo-community/HunyuanVideo-1.5-{v}_t2v" for v in _HV15_VARIANTS),
+            defaults=_HV15,
         ),
         WanFamily(
             "hunyuanvideo1.5-i2v",
             "HunyuanVideo 1.5 I2V",
-            ("hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",),
+            tuple(f"hunyuanvideo-community/HunyuanVideo-1.5-{v}_i2v" for v in _HV15_VARIANTS),
             image="required",
-            defaults=dict(num_frames=121, fps=24, num_inference_steps=50),
+            defaults=_HV15,
         ),
     )
 }
 
 _BY_REPO = {repo.lower(): f for f in WAN_FAMILIES.values() for repo in f.repo_ids}
+#: Every family the command line and training know: the Wan families and HunyuanVideo 1.5's.
+ALL_FAMILIES: dict[str, WanFamily] = {**WAN_FAMILIES, **HUNYUAN_VIDEO15_FAMILIES}
+_BY_REPO_ALL = {repo.lower(): f for f in ALL_FAMILIES.values() for repo in f.repo_ids}
 
 
 def family_of_repo_id(name: str | None) -> WanFamily | None:
-    """The family of a known Hub checkpoint id (`WanFamily.repo_ids`, any case), without any download; else `None`."""
-    return _BY_REPO.get(name.lower()) if isinstance(name, str) else None
+    """The family of a known Hub checkpoint id (`WanFamily.repo_ids`, any case, Wan or HunyuanVideo 1.5), without
+    any download; else `None`."""
+    return _BY_REPO_ALL.get(name.lower()) if isinstance(name, str) else None
 
 
 def family_from_configs(
@@ -262,21 +278,26 @@ def family_of_source(source: str | os.PathLike, **hub_kwargs) -> WanFamily:
     """
     source = os.fspath(source)
     local = os.path.isdir(source)
-    if not local and source.lower() in _BY_REPO:
-        return _BY_REPO[source.lower()]
+    if not local and source.lower() in _BY_REPO_ALL:
+        return _BY_REPO_ALL[source.lower()]
     index = _read_json(source, "model_index.json", local, hub_kwargs)
     if index is None:
         raise OSError(f"{source} has no model_index.json: not a diffusers pipeline")
     name = index.get("_class_name")
-    if name not in PIPELINE_CLASSES:
-        raise UnsupportedModelError(
-            f"{source} is a {name} model; LongVideoPipeline runs the Wan families "
-            f"{', '.join(f.title for f in WAN_FAMILIES.values())}"
-        )
 
     def present(component: str) -> bool:
         entry = index.get(component)
         return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+    if name in HUNYUAN_VIDEO15_PIPELINE_CLASSES:
+        i2v = name == "HunyuanVideo15ImageToVideoPipeline" or present("image_encoder")
+        return HUNYUAN_VIDEO15_FAMILIES["hunyuanvideo1.5-i2v" if i2v else "hunyuanvideo1.5-t2v"]
+    if name not in PIPELINE_CLASSES:
+        raise UnsupportedModelError(
+            f"{source} is a {name} model; LongVideoPipeline runs the Wan families "
+            f"{', '.join(f.title for f in WAN_FAMILIES.values())} and "
+            f"{', '.join(f.title for f in HUNYUAN_VIDEO15_FAMILIES.values())}"
+        )
 
     first = "transformer" if present("transformer") else "transformer_2"
     transformer = _read_json(source, f"{first}/config.json", local, hub_kwargs)

@@ -4,7 +4,7 @@ pipelines and commands run it."""
 from __future__ import annotations
 
 from .core.apply import context_parallel_support, registered_models
-from .model_families import WAN_FAMILIES
+from .model_families import HUNYUAN_VIDEO15_FAMILIES, WAN_FAMILIES
 
 __all__ = ["TABLE_COLUMNS", "supported_models_table"]
 
@@ -41,15 +41,21 @@ _PIPELINES = {
 }
 
 
-def _families(keep) -> str:
-    return ", ".join(f.title for f in WAN_FAMILIES.values() if keep(f)) or "no"
+#: The families of the application's pipelines and training, by the transformer they share.
+_FAMILIES = {
+    "WanTransformer3DModel": WAN_FAMILIES,
+    "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO15_FAMILIES,
+}
 
 
 def _features(model_name: str) -> tuple[str, str, str]:
-    """Multi-shot, image start, LoRA training: the Wan families that have each (they share one transformer class)."""
-    if model_name != "WanTransformer3DModel":
-        return "no", "no", "no"
-    return _families(lambda f: True), _families(lambda f: f.takes_image), _families(lambda f: f.trainable)
+    """Multi-shot, image start, LoRA training: the families of `model_name` that have each."""
+    families = _FAMILIES.get(model_name, {}).values()
+
+    def titles(keep) -> str:
+        return ", ".join(f.title for f in families if keep(f)) or "no"
+
+    return titles(lambda f: True), titles(lambda f: f.takes_image), titles(lambda f: f.trainable)
 
 
 def supported_models_table() -> str:

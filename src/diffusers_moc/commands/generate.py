@@ -35,7 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     group = p.add_mutually_exclusive_group()
     group.add_argument(
-        "--model", help="model id or folder (a Wan 2.1 or 2.2 diffusers pipeline); default: the storyboard's model"
+        "--model",
+        help="model id or folder (a Wan 2.1, Wan 2.2 or HunyuanVideo 1.5 diffusers pipeline); default: the "
+        "storyboard's model",
     )
     group.add_argument(
         "--tiny",
@@ -44,7 +46,8 @@ def register(subparsers) -> None:
         metavar="FAMILY",
         help="tiny random-weight model built in-process (offline smoke run; "
         f"{TINY_SIZE}x{TINY_SIZE}, {TINY_STEPS} steps unless overridden), standing in for the storyboard's model "
-        "family, or for FAMILY: wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b",
+        "family, or for FAMILY: wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, "
+        "hunyuanvideo1.5-t2v, hunyuanvideo1.5-i2v",
     )
     p.add_argument("--image", help="start image of the first shot (overrides the storyboard's image:)")
     p.add_argument(
@@ -118,14 +121,14 @@ def _storyboard(args):
 
 
 def _family(args, storyboard):
-    """The model family, known before any model loads (a named error for a model that is not a Wan family)."""
-    from ..model_families import WAN_FAMILIES, UnsupportedModelError, family_of_repo_id, family_of_source
+    """The model family, known before any model loads (a named error for a model of no known family)."""
+    from ..model_families import ALL_FAMILIES, WAN_FAMILIES, UnsupportedModelError, family_of_repo_id, family_of_source
 
     if args.tiny is not None:
         if args.tiny != "auto":
-            if args.tiny not in WAN_FAMILIES:
-                raise InputError(f"--tiny {args.tiny}: no such model family; choose one of {list(WAN_FAMILIES)}")
-            return WAN_FAMILIES[args.tiny]
+            if args.tiny not in ALL_FAMILIES:
+                raise InputError(f"--tiny {args.tiny}: no such model family; choose one of {list(ALL_FAMILIES)}")
+            return ALL_FAMILIES[args.tiny]
         # The storyboard's model family, when it can be told without a download; Wan 2.1 otherwise (said so).
         model = storyboard.model
         if model and os.path.isdir(model):
@@ -136,7 +139,7 @@ def _family(args, storyboard):
         family = family_of_repo_id(model)
         if family is None and model:
             print(
-                f"note: model {model!r} is not a known Wan checkpoint id and --tiny downloads nothing, so the tiny "
+                f"note: model {model!r} is not a known checkpoint id and --tiny downloads nothing, so the tiny "
                 f"model is {WAN_FAMILIES['wan2.1-t2v'].title}; choose one with --tiny FAMILY",
                 file=sys.stderr,
             )
@@ -181,7 +184,7 @@ def _resolve(args, storyboard, family):
     if args.tiny is None:  # a real checkpoint takes long to load: its size rule is checked first (a tiny one: built)
         multiple = family.size_multiple
         for name in ("height", "width"):
-            if getattr(storyboard, name) % multiple:
+            if getattr(storyboard, name) is not None and getattr(storyboard, name) % multiple:
                 raise InputError(
                     f"{source}: {name}: {family.title} takes multiples of {multiple} (VAE compression x patch "
                     f"size), got {getattr(storyboard, name)}"
@@ -214,9 +217,20 @@ def _device(args, torch) -> str:
 def _load_pipeline(args, storyboard, family, device, dtype):
     import torch
 
+    from ..model_families import HUNYUAN_VIDEO15_FAMILIES
     from ..pipelines import LongVideoPipeline
 
-    if args.tiny is not None:
+    if args.tiny is not None and family.name in HUNYUAN_VIDEO15_FAMILIES:
+        from ..pipelines import HunyuanVideo15LongVideoPipeline
+        from ..tiny import cast_like_from_pretrained
+        from ..tiny_hunyuan_video15 import tiny_hunyuan_video15_components
+
+        components = tiny_hunyuan_video15_components(model=family.name)
+        for name in ("transformer", "text_encoder", "text_encoder_2", "image_encoder"):
+            if components.get(name) is not None and dtype != torch.float32:
+                cast_like_from_pretrained(components[name], dtype)
+        pipe = HunyuanVideo15LongVideoPipeline(**components)
+    elif args.tiny is not None:
         from ..tiny import tiny_wan_components
 
         # The tiny transformer's RoPE must cover every latent frame of the storyboard (up to Wan 2.1's 1024; past
@@ -291,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     pipe = _load_pipeline(args, storyboard, family, device, dtype)
+    if storyboard.model_chosen:  # HunyuanVideo 1.5: the size and guidance the loaded model picks
+        storyboard = storyboard.with_model_settings(pipe.default_settings(storyboard.load_image()), args.storyboard)
     _check_fits(pipe, storyboard, args.storyboard)
     pipe.set_progress_bar_config(disable=args.quiet)
     generator = None

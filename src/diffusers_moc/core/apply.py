@@ -110,6 +110,7 @@ def _registry() -> dict[type, ModelSupport]:
             MoCHunyuanVideo15AttnProcessor,
             _HUNYUAN_TARGETS,
             "joint: valid condition tokens (image, glyph, caption) as one chunk after the video, mandatory anchor; "
+            "with per-shot captions (`caption_shots`) each caption its own chunk of its shot, before its frames; "
             "padded tokens dropped",
             "regional (diffusers' forward is data-dependent)",
         ),

@@ -34,10 +34,13 @@ class JointStream:
             then the padding (one text chunk, dropped by the padding mask).
         order (`tuple[int, ...]`): for each position in MoC's order, the position of that token in the model's
             stream (`moc_tokens = model_tokens[:, order]`).
+        text_index (`tuple[int | None, ...]`): for each chunk of `layout`, its position in the `text_chunks` the
+            stream was built from; `None` for video chunks and the padding (what a routing map labels its rows by).
     """
 
     layout: ChunkLayout
     order: tuple[int, ...]
+    text_index: tuple[int | None, ...] = ()
     _tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def _index(self, key: str, device: torch.device, build) -> torch.Tensor:
@@ -69,22 +72,23 @@ def _build(
 ) -> JointStream:
     video_start = 0 if video_first else sum(n for n, _ in text_chunks) + padding
     text_start = video.num_tokens if video_first else 0
-    # (position in the model's stream, tokens, shot, is_text) of every chunk, in the model's order.
+    # (position in the model's stream, tokens, shot, is_text, index in text_chunks) of every chunk, in the model's
+    # order.
     pieces = []
     for offset, size, shot in zip(video.offsets, video.sizes, video.shots):
-        pieces.append((video_start + offset, size, shot, False))
+        pieces.append((video_start + offset, size, shot, False, None))
     start = text_start
-    for size, shot in text_chunks:
-        pieces.append((start, size, shot, True))
+    for i, (size, shot) in enumerate(text_chunks):
+        pieces.append((start, size, shot, True, i))
         start += size
     # MoC's order: global text first, then per shot its text before its frames (a stable sort keeps each group's
     # model order), so a caption only ever routes back to earlier shots and the global chunks.
     pieces.sort(key=lambda p: (p[2] != GLOBAL_SHOT, p[2], not p[3]))
     if padding:
-        pieces.append((start, padding, GLOBAL_SHOT, True))
-    order = tuple(i for pos, size, _, _ in pieces for i in range(pos, pos + size))
+        pieces.append((start, padding, GLOBAL_SHOT, True, None))
+    order = tuple(i for pos, size, *_ in pieces for i in range(pos, pos + size))
     layout = ChunkLayout.from_chunks([p[1] for p in pieces], [p[2] for p in pieces], [p[3] for p in pieces])
-    return JointStream(layout, order)
+    return JointStream(layout, order, tuple(p[4] for p in pieces))
 
 
 _cached_build = lru_cache(maxsize=64)(_build)

@@ -155,15 +155,18 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
     def _denoiser(self) -> torch.nn.Module:
         return self.transformer
 
-    def default_settings(self) -> dict[str, Any]:
-        r"""`num_frames` (121), `fps` (24), `num_inference_steps` (50), the guider's `guidance_scale`, and `height`
-        / `width` as diffusers' text-to-video pipeline picks them (16:9 at the transformer's `target_size`; with a
-        start image the image's aspect is used instead)."""
+    def default_settings(self, image: PIL.Image.Image | None = None) -> dict[str, Any]:
+        r"""`num_frames` (121), `fps` (24), `num_inference_steps` (50), the guider's `guidance_scale`, the Qwen
+        caption length (1000) and `height` / `width` as diffusers' pipelines pick them: 16:9 at the transformer's
+        `target_size`, or with a start `image` the image's aspect."""
         width, height = self.default_aspect_ratio
+        if image is not None:
+            width, height = image.size
         height, width = self.video_processor.calculate_default_height_width(
             height, width, self.transformer.config.target_size
         )
-        return {**self.family.defaults, "height": height, "width": width, "guidance_scale": self.guider.guidance_scale}
+        chosen = dict(height=height, width=width, guidance_scale=self.guider.guidance_scale)
+        return {**self.family.defaults, **chosen, "max_sequence_length": self.tokenizer_max_length}
 
     def _check_image(self, image, guidance_scale_2) -> None:
         family = self.family
@@ -268,11 +271,7 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
     def _size(self, image, height: int | None, width: int | None):
         """Height, width and the resized start image: the image's aspect at `target_size` when not given, as
         `HunyuanVideo15ImageToVideoPipeline` picks them."""
-        if image is not None and height is None and width is None:
-            height, width = self.video_processor.calculate_default_height_width(
-                image.size[1], image.size[0], self.transformer.config.target_size
-            )
-        defaults = self.default_settings()
+        defaults = self.default_settings(image if height is None and width is None else None)
         height = defaults["height"] if height is None else height
         width = defaults["width"] if width is None else width
         if image is not None:

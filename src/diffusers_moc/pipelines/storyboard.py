@@ -55,7 +55,18 @@ TOP_LEVEL_KEYS: dict[str, Any] = {
     "moc": None,
 }
 #: Keys whose defaults come from the model's family (`WanFamily.defaults`).
-MODEL_DEFAULT_KEYS = ("fps", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2")
+MODEL_DEFAULT_KEYS = (
+    "fps",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "max_sequence_length",
+)
+#: Keys a family may default to `None`: the loaded model's own value (HunyuanVideo 1.5's size from its
+#: `target_size`, its guider's scale), filled in by [`Storyboard.with_model_settings`] once it is loaded.
+MODEL_CHOSEN_KEYS = ("height", "width", "guidance_scale")
 SHOT_KEYS = ("prompt", "num_frames", "seconds")
 #: Pixel multiple of height/width for Wan (8x VAE, 2x2 patches).
 SIZE_MULTIPLE = 16
@@ -88,7 +99,8 @@ class Storyboard:
         negative_prompt (`str`, *optional*): negative prompt for classifier-free guidance.
         model (`str`, *optional*): model id or folder to load (the CLI's `--model` overrides it).
         fps (`float`): frame rate of the video (and of `seconds` -> frames).
-        height (`int`) / width (`int`): size in pixels, multiples of 16.
+        height (`int`) / width (`int`): size in pixels, multiples of 16 (`None`, with `guidance_scale`: the loaded
+            model picks it, where its family says so; see `MODEL_CHOSEN_KEYS`).
         num_inference_steps (`int`), guidance_scale (`float`), seed (`int`, *optional*), max_sequence_length (`int`).
         guidance_scale_2 (`float`, *optional*): guidance of the low-noise expert (Wan 2.2 A14B).
         image (`str`, *optional*): the start image of the first shot (a checked path; relative paths in a file are
@@ -112,6 +124,7 @@ class Storyboard:
     guidance_scale_2: float | None = None
     image: str | None = None
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
+    model_chosen: frozenset[str] = field(default=frozenset(), compare=False)
 
     @classmethod
     def from_dict(
@@ -149,8 +162,10 @@ class Storyboard:
         if "guidance_scale" in data and "guidance_scale_2" not in data:
             # As `WanPipeline` and `LongVideoPipeline`: the low-noise expert takes the given guidance_scale.
             values["guidance_scale_2"] = data["guidance_scale"] if model_defaults.get("guidance_scale_2") else None
+        # Left to the loaded model: what its family defaults to None and the storyboard leaves out.
+        chosen = {k for k in MODEL_CHOSEN_KEYS if k in model_defaults and model_defaults[k] is None and k not in data}
 
-        cls._check_settings(values, fail)
+        cls._check_settings({k: v for k, v in values.items() if k not in chosen}, fail)
         image = cls._image(values["image"], base_dir, fail)
         fps, seed = values["fps"], values["seed"]
 
@@ -183,13 +198,14 @@ class Storyboard:
             height=values["height"],
             width=values["width"],
             num_inference_steps=values["num_inference_steps"],
-            guidance_scale=float(values["guidance_scale"]),
+            guidance_scale=None if values["guidance_scale"] is None else float(values["guidance_scale"]),
             seed=seed,
             max_sequence_length=values["max_sequence_length"],
             moc=moc_config,
             guidance_scale_2=None if values["guidance_scale_2"] is None else float(values["guidance_scale_2"]),
             image=image,
             explicit=frozenset(map(str, data)),
+            model_chosen=frozenset(chosen),
         )
 
     @staticmethod
@@ -219,6 +235,17 @@ class Storyboard:
         data = {k: v for k, v in self.to_dict().items() if k in self.explicit or k in ("shots", "moc")}
         return type(self).from_dict(data, source or "storyboard", defaults=defaults)
 
+    def with_model_settings(self, settings: Mapping[str, Any], source: str | None = None) -> Storyboard:
+        r"""
+        This storyboard with the settings left to the loaded model (`model_chosen`) taken from `settings` (e.g.
+        `HunyuanVideo15LongVideoPipeline.default_settings(image)`), validated again.
+        """
+        if not self.model_chosen:
+            return self
+        overrides = {k: settings[k] for k in self.model_chosen}
+        board = self.with_overrides(overrides, source or "storyboard")
+        return dataclasses.replace(board, explicit=self.explicit)
+
     def check_model(self, family, source: str = "storyboard") -> None:
         r"""
         Refuse what the model `family` (`WanFamily`) cannot do, naming the field: an image on a text-to-video
@@ -227,7 +254,7 @@ class Storyboard:
         if self.image is not None and not family.takes_image:
             raise StoryboardError(
                 f"{source}: image: {family.title} is a text-to-video model; an image start needs an image-to-video "
-                "model (Wan 2.1 I2V, Wan 2.2 I2V-A14B or TI2V-5B)"
+                "model (Wan 2.1 I2V, Wan 2.2 I2V-A14B or TI2V-5B, HunyuanVideo 1.5 I2V)"
             )
         if self.image is None and family.image == "required":
             raise StoryboardError(
@@ -266,6 +293,8 @@ class Storyboard:
         if not MIN_FPS <= fps <= MAX_FPS:
             raise fail("fps", f"must be between {MIN_FPS} and {MAX_FPS} frames per second, got {short_repr(fps)}")
         for name in ("height", "width"):
+            if name not in values:  # left to the loaded model
+                continue
             v = values[name]
             if not _is_int(v) or v <= 0 or v % SIZE_MULTIPLE:
                 raise fail(name, f"must be a positive multiple of {SIZE_MULTIPLE}, got {short_repr(v)}")
@@ -274,6 +303,8 @@ class Storyboard:
             if not _is_int(v) or v < 1:
                 raise fail(name, f"must be a positive integer, got {short_repr(v)}")
         for name in ("guidance_scale", "guidance_scale_2"):
+            if name not in values:
+                continue
             v = values[name]
             if (v is not None or name == "guidance_scale") and (not _is_number(v) or v < 0):
                 raise fail(name, f"must be a number >= 0, got {short_repr(v)}")
@@ -367,8 +398,11 @@ class Storyboard:
         return {**out, "shots": shots, "moc": self.moc.to_dict()}
 
     def with_overrides(self, overrides: Mapping[str, Any], source: str) -> Storyboard:
-        """This storyboard with some settings replaced (validated again; the replaced keys count as set)."""
-        board = type(self).from_dict({**self.to_dict(), **overrides}, source)
+        """This storyboard with some settings replaced (validated again; the replaced keys count as set, the
+        settings still left to the loaded model stay so)."""
+        chosen = self.model_chosen - set(overrides)
+        data = {k: v for k, v in self.to_dict().items() if k not in chosen}
+        board = type(self).from_dict({**data, **overrides}, source, defaults=dict.fromkeys(chosen))
         return dataclasses.replace(board, explicit=self.explicit | set(overrides))
 
 

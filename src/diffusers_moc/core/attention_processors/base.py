@@ -445,6 +445,7 @@ class MoCAttnProcessorBase:
         scale: float | None = None,
         parallel_config=_OWN,
         layout: ChunkLayout | None = None,
+        text_rows: tuple[str | None, ...] | None = None,
     ) -> torch.Tensor:
         r"""
         The MoC attention step: `(B, L, H, D)` query, key and value of a `[video]`, `[video, caption]` or
@@ -462,6 +463,9 @@ class MoCAttnProcessorBase:
             layout (`ChunkLayout`, *optional*): the stream's layout when the processor builds it (per-shot caption
                 chunks of a joint stream, `diffusers_moc.core.joint_stream`); replaces the one built from
                 `text_tokens`.
+            text_rows (`tuple[str | None, ...]`, *optional*): with `layout`, while a routing map records: per chunk,
+                the label of a text chunk the map shows as its own row and column (`None`: a video chunk, or
+                padding left out). A custom layout records only with it.
         """
         facts = self.forward_facts(attn, rotary_emb)
         if layout is None and facts.context.caption_shots is not None:
@@ -498,19 +502,20 @@ class MoCAttnProcessorBase:
                 training=facts.regularise,
                 padding_mask=padding_mask,
             )
-        elif custom:
+        elif custom and text_rows is None:
             raise NotImplementedError(
-                "routing maps (moc_routing_map) do not record streams with per-shot caption chunks yet; record "
-                "without caption_shots in the MoC context"
+                f"{type(self).__name__} builds its own stream layout and does not label its text chunks for a "
+                "routing map (moc_routing_map); record without it"
             )
         else:
             video_start = (text_tokens if text_first else 0) + facts.prefix_tokens
             out = self._attend_recording(
-                recorder, attn, query, key, value, layout, facts, video_start, padding_mask=padding_mask, scale=scale
-            )
+                recorder, attn, query, key, value, layout, facts, video_start, text_rows,
+                padding_mask=padding_mask, scale=scale,
+            )  # fmt: skip
         return heads_to_sequence(out, cp) if cp is not None else out
 
-    def _attend_recording(self, recorder, attn, query, key, value, layout, facts, video_start, **kw):
+    def _attend_recording(self, recorder, attn, query, key, value, layout, facts, video_start, text_rows, **kw):
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 "a routing map (moc_routing_map) cannot record a torch.compile'd model: counting what each frame "
@@ -522,5 +527,5 @@ class MoCAttnProcessorBase:
         )
         frames, height, width = facts.grid
         layer = None if self.hook is None else self.hook.layer_name(attn)
-        recorder.record(layer, routing, video_start, frames, height * width, owner=self.hook)
+        recorder.record(layer, routing, video_start, frames, height * width, owner=self.hook, text_rows=text_rows)
         return out

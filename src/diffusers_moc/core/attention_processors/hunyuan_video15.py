@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..joint_stream import joint_stream
+from ..recording import active_routing_map
 from .base import qkv_heads, video_padding_mask
 from .hunyuan_video import HunyuanProcessorBase
 from .hunyuan_video15_captions import HunyuanVideo15Hook
@@ -114,8 +115,10 @@ class MoCHunyuanVideo15AttnProcessor(HunyuanProcessorBase):
         # Gathered after RoPE and scattered back: positions and the stock token order stay untouched.
         query, key, value = (stream.to_moc(x) for x in (query, key, value))
         padding = None if padding is None else stream.to_moc(padding)
+        # A routing map shows each condition chunk as its own row and column, labelled by what it is.
+        rows = facts.text_labels(stream.text_index) if active_routing_map() is not None else None
         out = self.moc_attend(
-            attn, query, key, value, rotary_emb=rotary_emb, padding_mask=padding, layout=stream.layout
+            attn, query, key, value, rotary_emb=rotary_emb, padding_mask=padding, layout=stream.layout, text_rows=rows
         )
         return stream.to_model(out)
 

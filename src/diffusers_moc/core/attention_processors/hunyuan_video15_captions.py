@@ -35,10 +35,25 @@ class CaptionedFacts(MoCForwardFacts):
             packs the condition tokens: the image tokens (image-to-video, global), the glyph-text segments, the
             caption segments.
         padding (`int`): the padded condition tokens after them.
+        text_kinds (`tuple[str, ...]`): what each of `text_chunks` is: `"image"`, `"glyph text"` or `"caption"`
+            (how a routing map labels their rows).
     """
 
     text_chunks: tuple[tuple[int, int], ...] = ()
     padding: int = 0
+    text_kinds: tuple[str, ...] = ()
+
+    def text_labels(self, text_index: tuple[int | None, ...]) -> tuple[str | None, ...]:
+        """Per chunk of a joint stream (its `text_index`), the label of each condition chunk: `"caption (shot
+        1)"`, `"glyph text (global)"`, `"image (global)"`; `None` for video chunks and the padding."""
+        labels = []
+        for i in text_index:
+            if i is None:
+                labels.append(None)
+                continue
+            shot = self.text_chunks[i][1]
+            labels.append(f"{self.text_kinds[i]} ({'global' if shot == GLOBAL_SHOT else f'shot {shot}'})")
+        return tuple(labels)
 
 
 def _check_mask(name: str, mask: torch.Tensor | None, real: int, length: int) -> None:
@@ -57,9 +72,9 @@ def _check_mask(name: str, mask: torch.Tensor | None, real: int, length: int) ->
         )
 
 
-def _condition_chunks(args: tuple, kwargs: dict, context) -> tuple[tuple[tuple[int, int], ...], int]:
-    """The condition chunks of one forward in diffusers' packing order, and the padding after them. Reads the masks
-    and `image_embeds` once (diffusers' own forward reads both too)."""
+def _condition_chunks(args: tuple, kwargs: dict, context) -> tuple[tuple[tuple[int, int], ...], int, tuple[str, ...]]:
+    """The condition chunks of one forward in diffusers' packing order, the padding after them and what each chunk
+    is. Reads the masks and `image_embeds` once (diffusers' own forward reads both too)."""
     get = MoCAttnProcessorBase._call_arg
     if len(context.caption_tokens) != 2:
         raise ValueError(
@@ -72,14 +87,17 @@ def _condition_chunks(args: tuple, kwargs: dict, context) -> tuple[tuple[tuple[i
     for name, index, counts, tokens in (("", 3, qwen, text), ("_2", 6, byt5, text_2)):
         mask = get(args, kwargs, f"encoder_attention_mask{name}", index)
         _check_mask(f"encoder_attention_mask{name}", mask, sum(counts), tokens.shape[1])
-    chunks = []
+    chunks, kinds = [], []
     if not bool(torch.all(image == 0)):  # diffusers' test for image-to-video: the image tokens are real
         chunks.append((image.shape[1], GLOBAL_SHOT))
+        kinds.append("image")
     # diffusers packs the real tokens as [image, ByT5, Qwen], then the padding.
-    chunks += [(n, shot) for shot, n in zip(context.caption_shots, byt5) if n]
-    chunks += [(n, shot) for shot, n in zip(context.caption_shots, qwen) if n]
+    for kind, counts in (("glyph text", byt5), ("caption", qwen)):
+        segments = [(n, shot) for shot, n in zip(context.caption_shots, counts) if n]
+        chunks += segments
+        kinds += [kind] * len(segments)
     total = text.shape[1] + text_2.shape[1] + image.shape[1]
-    return tuple(chunks), total - sum(n for n, _ in chunks)
+    return tuple(chunks), total - sum(n for n, _ in chunks), tuple(kinds)
 
 
 class _RefinerPerCaption:
@@ -155,7 +173,7 @@ class HunyuanVideo15Hook(MoCHook):
         facts = self.facts
         if facts is None or facts.context.caption_shots is None or not self._in_use():
             return
-        chunks, padding = _condition_chunks(args, kwargs, facts.context)
+        chunks, padding, kinds = _condition_chunks(args, kwargs, facts.context)
         self.facts = CaptionedFacts(
             facts.grid,
             facts.layout,
@@ -164,4 +182,5 @@ class HunyuanVideo15Hook(MoCHook):
             facts.prefix_tokens,
             text_chunks=chunks,
             padding=padding,
+            text_kinds=kinds,
         )
