@@ -319,3 +319,78 @@ def test_minimax_h3_modular_pipeline_denoising_runs_with_moc():
     assert torch.equal(generate(DENSE), stock)
     assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
     assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+
+
+# Cosmos 3's chat template, rendered as word-level tokens: each message between `<|im_start|>` and `<|im_end|>`.
+_COSMOS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+)
+
+
+def _cosmos3_tokenizer():
+    """A word-level fast tokenizer standing in for Cosmos 3's Qwen one, trained here: a chat template, and the
+    `<|vision_start|>` token the pipeline appends to open the generation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from diffusers_moc.tiny import _WORDS
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>"]
+    tok.train_from_iterator([_WORDS], trainer=trainers.WordLevelTrainer(special_tokens=special))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        chat_template=_COSMOS3_CHAT_TEMPLATE,
+    )
+
+
+def test_cosmos3_omni_pipeline_text_to_video_runs_with_moc():
+    """Stock `Cosmos3OmniPipeline`, text to video with classifier-free guidance: a tiny Wan 2.1 VAE, a tokenizer built
+    here (the transformer reads token ids, there is no separate text encoder), no safety checker, no sound. 9 frames
+    of 64x64 pixels: 3 latent frames of 4x4 patches."""
+    from diffusers import Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
+
+    from diffusers_moc.tiny import _tiny_vae
+
+    tokenizer = _cosmos3_tokenizer()
+    torch.manual_seed(0)
+    transformer = Cosmos3OmniTransformer(
+        head_dim=16,
+        hidden_size=32,
+        intermediate_size=32,
+        latent_channel=16,
+        latent_patch_size=2,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        patch_latent_dim=64,
+        vocab_size=len(tokenizer),
+        rope_axes_dim=(4, 2, 2),
+    ).eval()
+    pipe = Cosmos3OmniPipeline(
+        transformer=transformer,
+        text_tokenizer=tokenizer,
+        vae=_tiny_vae(16),
+        scheduler=UniPCMultistepScheduler(),
+        sound_tokenizer=None,
+        enable_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(config: MoCConfig | None) -> torch.Tensor:
+        if config is not None:
+            apply_moc(pipe, config)
+        generator = torch.Generator().manual_seed(0)
+        call = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "pt"}
+        return pipe("a cat walks on the beach", generator=generator, **call).video
+
+    stock = generate(None)
+    assert torch.equal(generate(DENSE), stock)
+    assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
+    facts = transformer.layers[0].self_attn.processor.hook.facts
+    assert facts.grid == (3, 4, 4)
