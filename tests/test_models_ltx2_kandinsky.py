@@ -7,6 +7,7 @@ import pickle
 from types import SimpleNamespace
 
 import _model_contract as contract
+import PIL.Image
 import pytest
 import torch
 from _model_contract import DENSE, SPARSE, run
@@ -207,10 +208,17 @@ def test_kandinsky5_context_parallelism_is_refused_by_name():
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-def _ltx2_pipeline():
-    """`LTX2Pipeline` of tiny components built here: a Gemma 3 text encoder from config with the word-level
-    tokenizer of `diffusers_moc.tiny`, video and audio VAEs, connectors, vocoder."""
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+def _ltx2_pipeline(image_to_video: bool = False):
+    """`LTX2Pipeline` (or, from a start image, `LTX2ImageToVideoPipeline`) of tiny components built here: a Gemma 3
+    text encoder from config with the word-level tokenizer of `diffusers_moc.tiny`, video and audio VAEs,
+    connectors, vocoder."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2ImageToVideoPipeline,
+        LTX2Pipeline,
+    )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
@@ -306,7 +314,7 @@ def _ltx2_pipeline():
         leaky_relu_negative_slope=0.1,
         output_sampling_rate=16000,
     )
-    pipe = LTX2Pipeline(
+    pipe = (LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         audio_vae=audio_vae,
@@ -317,6 +325,9 @@ def _ltx2_pipeline():
         vocoder=vocoder,
     )
     call = {"prompt": "a red car drives along a street", "negative_prompt": "", "guidance_scale": 1.0}
+    if image_to_video:
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+        call["image"] = PIL.Image.fromarray(pixels.numpy())  # a PIL image: the pipeline re-compresses it as trained
     return pipe, dict(call, num_frames=9, frame_rate=25.0, max_sequence_length=16)
 
 
@@ -357,7 +368,14 @@ def _kandinsky5_pipeline():
     return pipe, dict(call, num_frames=9)  # 3 latent frames
 
 
-@pytest.mark.parametrize("build", [_ltx2_pipeline, _kandinsky5_pipeline], ids=["LTX2Pipeline", "Kandinsky5T2VPipeline"])
+PIPELINES = {
+    "LTX2Pipeline": _ltx2_pipeline,
+    "LTX2ImageToVideoPipeline": lambda: _ltx2_pipeline(image_to_video=True),
+    "Kandinsky5T2VPipeline": _kandinsky5_pipeline,
+}
+
+
+@pytest.mark.parametrize("build", list(PIPELINES.values()), ids=list(PIPELINES))
 def test_pipeline_with_moc_equals_stock_at_full_density_and_differs_sparse(build):
     pipe, call = build()
 
