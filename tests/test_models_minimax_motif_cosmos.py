@@ -226,8 +226,8 @@ def _pipeline_frames(pipe, config: MoCConfig | None, **call) -> torch.Tensor:
 
 
 def test_motif_video_pipeline_runs_with_moc():
-    """Stock `MotifVideoPipeline` (classifier-free guidance, tiny Wan VAE) with precomputed caption embeddings: its
-    T5Gemma 2 text encoder has no offline tiny stand-in here."""
+    """Stock `MotifVideoPipeline` (classifier-free guidance, tiny Wan VAE) with precomputed caption embeddings, padded
+    differently for the two guidance branches (the image-to-video test builds a tiny T5Gemma 2 encoder)."""
     from diffusers import (
         ClassifierFreeGuidance,
         FlowMatchEulerDiscreteScheduler,
@@ -271,6 +271,87 @@ def test_motif_video_pipeline_runs_with_moc():
     stock = _pipeline_frames(pipe, None, **call)
     assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
     assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
+
+
+def _t5gemma2_encoder(vocab_size: int):
+    """A tiny T5Gemma 2 encoder from config: a one-layer text model over the word-level tokenizer's vocabulary and
+    a one-layer SigLIP vision tower (8x8 pixels in 4x4 patches: 4 image tokens of width 8)."""
+    from transformers import SiglipVisionConfig, T5Gemma2EncoderConfig, T5Gemma2TextConfig
+    from transformers.models.t5gemma2.modeling_t5gemma2 import T5Gemma2Encoder
+
+    text = T5Gemma2TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
+        query_pre_attn_scalar=8,
+    )
+    text.dropout_rate = 0.0  # the full T5Gemma 2 config sets it on its encoder's text config
+    vision = SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    torch.manual_seed(0)
+    return T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text, vision_config=vision)).eval()
+
+
+def test_motif_video_image_to_video_pipeline_runs_with_moc():
+    """Stock `MotifVideoImage2VideoPipeline` from a start image: a tiny T5Gemma 2 encoder built here encodes the
+    caption and, through its SigLIP tower, the image embeddings the transformer puts before the caption; the start
+    frame's latents condition the video. 9 frames of 32x32 pixels: 3 latent frames of 2x2 tokens."""
+    import PIL.Image
+    from diffusers import (
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        MotifVideoImage2VideoPipeline,
+        MotifVideoTransformer3DModel,
+    )
+    from transformers import SiglipImageProcessor
+
+    from diffusers_moc.tiny import _tiny_vae, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    text_encoder = _t5gemma2_encoder(len(tokenizer))
+    torch.manual_seed(0)
+    transformer = MotifVideoTransformer3DModel(
+        in_channels=33,  # latents, first-frame condition, its mask
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+    pipe = MotifVideoImage2VideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(16),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+        feature_extractor=SiglipImageProcessor(size={"height": 8, "width": 8}),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    call = {
+        "image": PIL.Image.fromarray(pixels.numpy()),
+        "prompt": "a dog runs on the beach",
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,
+        "max_sequence_length": 8,
+    }
+    stock = _pipeline_frames(pipe, None, **call)
+    assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
+    assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
+    assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (3, 2, 2)
 
 
 def test_minimax_h3_modular_pipeline_denoising_runs_with_moc():
