@@ -52,10 +52,13 @@ def _ltx2(**config):
     return model, inputs
 
 
-def _kandinsky5():
+def _kandinsky5(visual_cond: bool = False):
+    """`visual_cond`: the image-to-video model, its input the latents, the start frame's and a mask (the inputs
+    returned are then for the pipeline to replace)."""
     torch.manual_seed(0)
     model = Kandinsky5Transformer3DModel(
         in_visual_dim=4,
+        visual_cond=visual_cond,
         in_text_dim=16,
         in_text_dim2=8,
         time_dim=16,
@@ -208,6 +211,11 @@ def test_kandinsky5_context_parallelism_is_refused_by_name():
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
+def _start_image() -> PIL.Image.Image:
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    return PIL.Image.fromarray(pixels.numpy())
+
+
 def _ltx2_pipeline(image_to_video: bool = False):
     """`LTX2Pipeline` (or, from a start image, `LTX2ImageToVideoPipeline`) of tiny components built here: a Gemma 3
     text encoder from config with the word-level tokenizer of `diffusers_moc.tiny`, video and audio VAEs,
@@ -326,15 +334,20 @@ def _ltx2_pipeline(image_to_video: bool = False):
     )
     call = {"prompt": "a red car drives along a street", "negative_prompt": "", "guidance_scale": 1.0}
     if image_to_video:
-        pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-        call["image"] = PIL.Image.fromarray(pixels.numpy())  # a PIL image: the pipeline re-compresses it as trained
+        call["image"] = _start_image()  # a PIL image: the LTX-2 pipeline re-compresses it as trained
     return pipe, dict(call, num_frames=9, frame_rate=25.0, max_sequence_length=16)
 
 
-def _kandinsky5_pipeline():
-    """`Kandinsky5T2VPipeline` of tiny components, given precomputed caption embeddings: its Qwen2.5-VL processor
-    (chat template, vision tokens) has no offline stand-in, so the text encoders are left out."""
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+def _kandinsky5_pipeline(image_to_video: bool = False):
+    """`Kandinsky5T2VPipeline` (or, from a start image, `Kandinsky5I2VPipeline`) of tiny components, given
+    precomputed caption embeddings: its Qwen2.5-VL processor (chat template, vision tokens) has no offline stand-in,
+    so the text encoders are left out."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        Kandinsky5I2VPipeline,
+        Kandinsky5T2VPipeline,
+    )
 
     torch.manual_seed(0)
     vae = AutoencoderKLHunyuanVideo(
@@ -347,8 +360,8 @@ def _kandinsky5_pipeline():
         layers_per_block=1,
         norm_num_groups=4,
     ).eval()
-    transformer, _ = _kandinsky5()
-    pipe = Kandinsky5T2VPipeline(
+    transformer, _ = _kandinsky5(visual_cond=image_to_video)
+    pipe = (Kandinsky5I2VPipeline if image_to_video else Kandinsky5T2VPipeline)(
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
@@ -365,6 +378,9 @@ def _kandinsky5_pipeline():
         "prompt_cu_seqlens": torch.tensor([0, 4], dtype=torch.int32),
         "guidance_scale": 1.0,
     }
+    if image_to_video:
+        # 5 latent frames: the pipeline renormalises the first 4 to the statistics of those after them (NaN if none).
+        return pipe, dict(call, image=_start_image(), num_frames=17)
     return pipe, dict(call, num_frames=9)  # 3 latent frames
 
 
@@ -372,6 +388,7 @@ PIPELINES = {
     "LTX2Pipeline": _ltx2_pipeline,
     "LTX2ImageToVideoPipeline": lambda: _ltx2_pipeline(image_to_video=True),
     "Kandinsky5T2VPipeline": _kandinsky5_pipeline,
+    "Kandinsky5I2VPipeline": lambda: _kandinsky5_pipeline(image_to_video=True),
 }
 
 
