@@ -335,6 +335,8 @@ def _ltx2_pipeline(image_to_video: bool = False):
     call = {"prompt": "a red car drives along a street", "negative_prompt": "", "guidance_scale": 1.0}
     if image_to_video:
         call["image"] = _start_image()  # a PIL image: the LTX-2 pipeline re-compresses it as trained
+        # One transformer pass per step: the guidance passes (spatio-temporal, modality) are the text-to-video test's.
+        call.update(stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0)
     return pipe, dict(call, num_frames=9, frame_rate=25.0, max_sequence_length=16)
 
 
