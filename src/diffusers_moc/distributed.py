@@ -218,8 +218,20 @@ def _failure(launch: Launch, error: BaseException) -> BaseException:
         return DistributedRunError(f"rank {launch.rank} stopped because {first}")
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or the launcher stopping every process
         return error
+    if _is_collective_error(error):
+        # Not recorded: this process did not fail, it lost the others (one died without a word, e.g. killed).
+        return DistributedRunError(
+            f"rank {launch.rank} stopped: a collective failed, so another process died without reporting an error "
+            f"(killed, or out of memory; the launcher's summary names it): {_one_line(error)}"
+        )
     text = f"rank {launch.rank} failed: {_one_line(error)}"
     _record_failure(store, text)
-    if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
-        text += " (a collective failed: another process may have died; the launcher's summary names it)"
     return DistributedRunError(text)
+
+
+def _is_collective_error(error: BaseException) -> bool:
+    # gloo reports a lost peer as a plain RuntimeError naming its transport; NCCL and timeouts as DistError.
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset")
+    )
