@@ -24,9 +24,23 @@ CASES = {
 }
 #: Wan 2.1 T2V returns decoded frames (rank 0 decodes); the others their latents (every rank).
 OUTPUT = {"wan2.1-t2v": "np"}
-#: `diffusers-moc generate` on TI2V-5B from a start image: 3 shots, per-shot captions, causal routing.
-GENERATE = ["generate", os.path.join(ROOT, "examples", "storyboard_wan22.yaml"), "--tiny", "--quiet"]
-GENERATE += ["--image", os.path.join(ROOT, "examples", "start.png")]
+#: `diffusers-moc generate` on TI2V-5B from a start image: 2 short shots, per-shot captions, causal routing.
+STORYBOARD_YAML = """\
+model: Wan-AI/Wan2.2-TI2V-5B-Diffusers
+global_prompt: a red car
+negative_prompt: blue
+seed: 0
+max_sequence_length: 16
+moc: {top_k: 2, local_window: 1, anchor_own_shot: true, causal: true}
+shots:
+  - {prompt: a cat walks in the city, num_frames: 5}
+  - {prompt: a dog runs on the beach, num_frames: 9}
+"""
+
+
+def generate_args(storyboard: str, output: str) -> list[str]:
+    start = os.path.join(ROOT, "examples", "start.png")
+    return ["generate", storyboard, "--tiny", "--quiet", "--image", start, "-o", output]
 
 
 def run_case(model: str, context_parallel: bool):
@@ -60,7 +74,7 @@ def run_case(model: str, context_parallel: bool):
     ).frames
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world_size: int, port: int, out_dir: str, storyboard: str) -> None:
     # What torchrun sets: `diffusers-moc generate` reads it (and uses the group initialized here).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ["WORLD_SIZE"] = str(world_size)
@@ -72,7 +86,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results = {model: run_case(model, context_parallel=True) for model in CASES}
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            results["generate"] = main([*GENERATE, "-o", os.path.join(out_dir, "cp.mp4")])
+            results["generate"] = main(generate_args(storyboard, os.path.join(out_dir, "cp.mp4")))
         results["generate_stdout"] = stdout.getvalue()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

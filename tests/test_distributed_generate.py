@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _cp_long_video_worker import CASES, GENERATE, ROOT, run_case, worker  # noqa: E402
+from _cp_long_video_worker import CASES, ROOT, STORYBOARD_YAML, generate_args, run_case, worker  # noqa: E402
 
 from diffusers_moc.cli import main  # noqa: E402
 
@@ -41,13 +41,15 @@ def _read_frames(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cp_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cp_long_video")
-    mp.spawn(worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
-    return out_dir, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    storyboard = tmp_path_factory.mktemp("storyboard") / "shots.yaml"
+    storyboard.write_text(STORYBOARD_YAML)
+    mp.spawn(worker, args=(2, _free_port(), str(out_dir), str(storyboard)), nprocs=2, join=True)
+    return out_dir, storyboard, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.mark.parametrize("model", list(CASES))
 def test_long_video_pipeline_under_ulysses_equals_one_process(cp_run, model):
-    _, ranks = cp_run
+    _, _, ranks = cp_run
     expected = run_case(model, context_parallel=False)
     if model == "wan2.1-t2v":  # decoded frames: rank 0 alone decodes, the other rank gets None
         np.testing.assert_allclose(ranks[0][model], expected, atol=1e-4)
@@ -58,15 +60,15 @@ def test_long_video_pipeline_under_ulysses_equals_one_process(cp_run, model):
 
 
 def test_generate_under_ulysses_writes_once_what_one_process_writes(cp_run, tmp_path, capsys):
-    out_dir, ranks = cp_run
+    out_dir, storyboard, ranks = cp_run
     assert [r["generate"] for r in ranks] == [0, 0]
     # Rank 0 wrote the video; rank 1 wrote nothing and said nothing.
     assert re.findall(r"^wrote (.+)$", ranks[0]["generate_stdout"], re.M) == [str(out_dir / "cp.mp4")]
     assert ranks[1]["generate_stdout"] == ""
     assert sorted(p.name for p in out_dir.iterdir()) == ["cp.mp4", "rank0.pt", "rank1.pt"]  # no leftovers
-    assert main([*GENERATE, "-o", str(tmp_path / "one.mp4")]) == 0
+    assert main(generate_args(str(storyboard), str(tmp_path / "one.mp4"))) == 0
     one, cp = _read_frames(tmp_path / "one.mp4"), _read_frames(out_dir / "cp.mp4")
-    assert one.shape == cp.shape and one.shape[0] == 73 + 49 + 73
+    assert one.shape == cp.shape and one.shape[0] == 5 + 9
     np.testing.assert_allclose(cp.astype(int), one.astype(int), atol=2)
 
 
