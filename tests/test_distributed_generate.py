@@ -162,3 +162,15 @@ def test_a_failed_process_ends_every_process_with_its_rank_named(how, tmp_path):
         assert "rank 0 stopped: a collective failed, so another process died" in proc.stderr
         assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", proc.stderr)  # torchrun's summary
     assert os.listdir(tmp_path) == []  # complete or absent: nothing, not even a temporary file
+
+
+def test_long_video_pipeline_refuses_tokens_the_degree_does_not_divide(monkeypatch):
+    from diffusers_moc.pipelines import LongVideoPipeline
+    from diffusers_moc.tiny import tiny_wan_components
+
+    pipe = LongVideoPipeline(**tiny_wan_components())
+    monkeypatch.setattr(LongVideoPipeline, "_context_parallel", lambda self: (0, 2))
+    # 48x48 pixels are 3x3 patches; 5 frames are 2 latent frames: 18 tokens split evenly, 9 frames (3) are 27.
+    pipe.check_inputs(["a cat"], None, None, 48, 48, 5, 16, 2, 1, "np", 16, None)
+    with pytest.raises(ValueError, match="27 video tokens is not divisible by 2"):
+        pipe.check_inputs(["a cat"], None, None, 48, 48, 9, 16, 2, 1, "np", 16, None)
