@@ -197,7 +197,10 @@ def process_group(launch: Launch, device: torch.device | str, timeout: float = 6
     try:
         yield
     except BaseException as error:
-        replacement = _failure(launch, error)
+        try:
+            replacement = _failure(launch, error)
+        except KeyboardInterrupt:  # the launcher stopping every process arrived while this one reported: report
+            replacement = _failure(launch, error)
         if replacement is error:
             raise
         raise replacement from error
