@@ -38,6 +38,7 @@ APP_LAYERS = {
     "captions": 2,
     "models_table": 2,
     "shot_plan": 2,
+    "distributed": 2,
     "pipelines": 3,
     "training": 3,
     "commands": 4,

@@ -14,6 +14,7 @@ import os
 import sys
 
 from ..errors import InputError
+from . import distributed
 
 __all__ = ["register", "run", "shot_paths"]
 
@@ -68,6 +69,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -285,11 +287,23 @@ def _check_fits(pipe, storyboard, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    launch = distributed.launch(args)
+    try:
+        return _run(args, launch)
+    except InputError:
+        if launch is not None and not launch.is_main:
+            raise SystemExit(2) from None  # every process refuses the same input; rank 0 says why
+        raise
+
+
+def _run(args: argparse.Namespace, launch) -> int:
     from ..video_io import check_video_writer
 
     storyboard = _storyboard(args)
     family = _family(args, storyboard)
     storyboard = _resolve(args, storyboard, family)
+    if launch is not None:
+        distributed.check_divisible(args, storyboard, family, launch)
     outputs = [args.output] + (shot_paths(args.output, len(storyboard.shots)) if args.per_shot else [])
     _check_outputs(outputs, args.overwrite, args.routing_map)
     try:
@@ -299,27 +313,42 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    device = _device(args, torch)
+    device = _device(args, torch) if launch is None else distributed.device(args, launch, torch)
     if args.dtype == "auto":
         dtype = torch.float32 if args.tiny is not None or torch.device(device).type == "cpu" else torch.bfloat16
     else:
         dtype = getattr(torch, args.dtype)
+    with distributed.session(launch, device, args.dist_timeout):
+        return _load_and_generate(args, launch, storyboard, family, device, dtype, outputs)
+
+
+def _load_and_generate(args, launch, storyboard, family, device, dtype, outputs: list[str]) -> int:
+    import torch
+
+    main = launch is None or launch.is_main
     pipe = _load_pipeline(args, storyboard, family, device, dtype)
     if storyboard.model_chosen:  # HunyuanVideo 1.5: the size and guidance the loaded model picks
         storyboard = storyboard.with_model_settings(pipe.default_settings(storyboard.load_image()), args.storyboard)
+    if launch is not None:
+        from ..distributed import enable_context_parallel
+
+        enable_context_parallel(pipe, launch.degree)
     _check_fits(pipe, storyboard, args.storyboard)
-    pipe.set_progress_bar_config(disable=args.quiet)
+    pipe.set_progress_bar_config(disable=args.quiet or not main)
     generator = None
     if storyboard.seed is not None:
         # A CPU generator gives the same noise on every device.
         generator = torch.Generator(device="cpu").manual_seed(storyboard.seed)
-    print(
-        f"generating {len(storyboard.shots)} shots, {storyboard.num_frames} frames ({storyboard.duration:.1f} s at "
-        f"{storyboard.fps:g} fps), {storyboard.width}x{storyboard.height}, {storyboard.num_inference_steps} steps, "
-        f"{family.title}{' (tiny)' if args.tiny is not None else ''}{', from an image' if storyboard.image else ''}, "
-        f"{str(dtype).removeprefix('torch.')} on {device}",
-        file=sys.stderr,
-    )
+    parallel = f", {launch.degree} processes (context parallel)" if launch is not None else ""
+    if main:
+        print(
+            f"generating {len(storyboard.shots)} shots, {storyboard.num_frames} frames ({storyboard.duration:.1f} s at "
+            f"{storyboard.fps:g} fps), {storyboard.width}x{storyboard.height}, {storyboard.num_inference_steps} steps, "
+            f"{family.title}{' (tiny)' if args.tiny is not None else ''}"
+            f"{', from an image' if storyboard.image else ''}, {str(dtype).removeprefix('torch.')} on {device}"
+            f"{parallel}",
+            file=sys.stderr,
+        )
     return _generate_and_write(args, pipe, storyboard, generator, outputs)
 
 
@@ -331,6 +360,8 @@ def _generate_and_write(args, pipe, storyboard, generator, outputs: list[str]) -
     recording = moc_routing_map() if args.routing_map else contextlib.nullcontext()
     with recording as routing_map:
         out = pipe(**storyboard.pipeline_kwargs(), generator=generator, output_type="np")
+    if out.frames is None:  # another process of the context-parallel group: rank 0 decodes and writes
+        return 0
     video = out.frames[0]
     items = [(args.output, video)]
     if args.per_shot:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 __all__ = [
     "ulysses_config",
+    "check_ulysses_divisible",
     "sequence_to_heads",
     "heads_to_sequence",
     "gather_sequence",
@@ -52,6 +53,24 @@ def ulysses_config(parallel_config: Any) -> Any | None:
     if cp.ulysses_degree <= 1:
         return None
     return cp
+
+
+def check_ulysses_divisible(degree: int, heads: int, tokens: int) -> None:
+    r"""
+    Refuse a Ulysses degree that does not divide the attention heads and the video tokens evenly.
+
+    Ulysses gives each of the `degree` ranks `tokens / degree` tokens and, around attention, `heads / degree` heads;
+    check this before loading a model rather than failing inside the first forward.
+
+    Raises:
+        `ValueError`: naming the heads or tokens and the degree.
+    """
+    bad = [f"{n} {what}" for n, what in ((heads, "attention heads"), (tokens, "video tokens")) if n % degree]
+    if bad:
+        raise ValueError(
+            f"Ulysses context parallelism over {degree} processes splits the attention heads and the video tokens "
+            f"evenly, but {' and '.join(bad)} {'are' if len(bad) > 1 else 'is'} not divisible by {degree}"
+        )
 
 
 def sequence_shard(parallel_config: Any) -> tuple[int, int]:

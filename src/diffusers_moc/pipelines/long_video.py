@@ -30,6 +30,7 @@ from ..captions import encode_caption
 from ..core.apply import apply_moc, get_moc_config, pipeline_transformers, update_moc_config
 from ..core.config import MoCConfig
 from ..core.context import moc_context
+from ..core.parallel import check_ulysses_divisible, sequence_shard
 from ..model_families import WanFamily, family_of_pipeline, is_hunyuan_video15_source
 from ..shot_plan import ShotPlan, plan_shots
 from .conditioning import ImageCondition, prepare_image_condition
@@ -43,6 +44,7 @@ __all__ = [
     "Shot",
     "check_shot_frames",
     "frames_for_seconds",
+    "video_tokens",
 ]
 
 logger = logging.get_logger(__name__)
@@ -169,6 +171,14 @@ def _as_shot(i: int, shot: Shot | dict | str, default_frames: int) -> Shot:
     raise TypeError(f"shots[{i}] must be a Shot, a dict or a prompt string, got {type(shot).__name__}")
 
 
+def video_tokens(latent_frames: int, height: int, width: int, spatial: int, patch: Sequence[int]) -> int:
+    r"""
+    Tokens of `latent_frames` latent frames of `height` x `width` pixels in the transformer's sequence: the VAE
+    compresses `spatial`x in space, the transformer cuts `patch = (t, h, w)` patches.
+    """
+    return (latent_frames // patch[0]) * (height // spatial // patch[1]) * (width // spatial // patch[2])
+
+
 # ---------------------------------------------------------------------------------------------------- output
 
 
@@ -178,15 +188,16 @@ class LongVideoPipelineOutput(BaseOutput):
     Output of [`LongVideoPipeline`].
 
     Args:
-        frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
+        frames (`np.ndarray`, `torch.Tensor`, `list[list[PIL.Image.Image]]` or `None`):
             All shots one after the other: `(batch, frames, height, width, 3)` for `"np"`, `(batch, frames, 3,
             height, width)` for `"pt"`, a list of frame lists for `"pil"`, and the latents `(batch, channels,
-            latent_frames, height, width)` for `"latent"`.
+            latent_frames, height, width)` for `"latent"`. `None` on the processes of a context-parallel group
+            other than its first, which alone decodes.
         shot_starts (`list[int]`): index along the frame axis of `frames` where each shot starts (latent frames for
             `"latent"`).
     """
 
-    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
+    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]] | None
     shot_starts: list[int]
 
 
@@ -251,6 +262,12 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     Memory: attention memory is linear in the sequence length (MoC backends), each distinct caption is encoded once,
     and the VAE decodes shot by shot.
+
+    Several GPUs: after `enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))` on every transformer
+    (both experts on Wan 2.2 A14B; [`~diffusers_moc.distributed.enable_context_parallel`] does it), every process
+    denoises the same latents as one process would, given the same seed. Only the first process of the group decodes
+    them: it returns the frames, the others return `frames=None` (with `output_type="latent"` every process returns
+    the latents).
 
     Args:
         tokenizer ([`T5Tokenizer`]): tokenizer of the text encoder.
@@ -487,6 +504,18 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise ValueError(
                     f"{name}={value} is {value // multiple} patches, more than rope_max_seq_len={rope_len}"
                 )
+        _, degree = self._context_parallel()
+        if degree > 1:
+            tokens = video_tokens(total, height, width, self.vae_scale_factor_spatial, patch)
+            check_ulysses_divisible(degree, self._denoiser().config.num_attention_heads, tokens)
+
+    def _context_parallel(self) -> tuple[int, int]:
+        """`(rank, degree)` of this process in the transformers' Ulysses group; `(0, 1)` without one."""
+        for transformer in pipeline_transformers(self).values():
+            rank, degree = sequence_shard(getattr(transformer, "_parallel_config", None))
+            if degree > 1:
+                return rank, degree
+        return 0, 1
 
     # ------------------------------------------------------------------------------------------------ latents
     def prepare_latents(
@@ -720,8 +749,11 @@ class LongVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         )
         latents = condition.replace_first_frame(latents)
 
-        # 5. Decode shot by shot.
-        video = self._decode_shots(latents, plan, output_type, batch_size)
+        # 5. Decode shot by shot. Under context parallelism every process holds the same latents: the first decodes.
+        if output_type != "latent" and self._context_parallel()[0] != 0:
+            video = None
+        else:
+            video = self._decode_shots(latents, plan, output_type, batch_size)
         shot_starts = plan.latent_starts if output_type == "latent" else plan.shot_starts
         self.maybe_free_model_hooks()
         if not return_dict:
