@@ -146,8 +146,10 @@ def test_ctrl_c_of_the_command_line_during_a_save(data_root, tmp_path):
     flag = tmp_path / "paused"
     env = {**os.environ, PAUSE_ENV: "checkpoint-2:weights-saved", PAUSE_FILE_ENV: str(flag)}
     # `python -m diffusers_moc.cli`, with SIGINT handled as in a terminal (see _fork.as_in_a_terminal).
-    start = "import runpy, _fork; _fork.as_in_a_terminal(); runpy.run_module('diffusers_moc.cli', run_name='__main__')"
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    start = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('diffusers_moc.cli', run_name='__main__')"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", start, "train", config],
         env=env,
