@@ -3,6 +3,7 @@ refused, video outputs complete or absent (writer failures, Ctrl-C, SIGTERM and 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -259,6 +260,78 @@ def test_interrupted_generate_leaves_nothing(board, tmp_path, moment, sig, code)
         assert sorted(os.listdir(tmp_path)) == ["board.yaml", "long.mp4", "long_shot01.mp4", "long_shot02.mp4"]
     else:
         assert left == ["board.yaml"]
+
+
+@pytest.mark.parametrize(
+    "moment, sig, complete",
+    [
+        ("write_videos:verified", signal.SIGINT, False),  # before the outputs are put in place: none is
+        ("write_videos:moving", signal.SIGINT, True),  # one is in place: Ctrl-C waits for the others
+    ],
+)
+def test_ctrl_c_while_generate_writes_its_outputs_says_what_it_left(board, tmp_path, capfd, moment, sig, complete):
+    pytest.importorskip("matplotlib")
+    out, picture = tmp_path / "long.mp4", tmp_path / "map.png"
+    argv = ["generate", board, "-o", str(out), "--tiny", "--quiet", "--per-shot", "--routing-map", str(picture)]
+    assert cli_until_paused(argv, moment, sig, tmp_path / "paused") == 130
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    outputs = ["long.mp4", "long_shot01.mp4", "long_shot02.mp4", "map.json", "map.png"]
+    if complete:
+        assert last.startswith("interrupted: the outputs were all written, complete, before it took effect: "), last
+        assert sorted(os.listdir(tmp_path)) == ["board.yaml", *outputs]  # no temporary file either
+        for name, frames in zip(outputs[:3], [14, 5, 9]):
+            video_io.verify_video(str(tmp_path / name), frames, 8)
+        assert json.loads((tmp_path / "map.json").read_text())
+        assert picture.read_bytes().startswith(b"\x89PNG")
+    else:
+        assert last == "interrupted: no output was written"
+        assert sorted(os.listdir(tmp_path)) == ["board.yaml"]
+
+
+# ---------------------------------------------------------------------- a full disk
+@pytest.mark.parametrize("writer", ["ffmpeg-200", "ffmpeg-5", "in-process"])
+def test_a_full_disk_while_writing_a_video_is_named_and_leaves_nothing(tmp_path, monkeypatch, writer):
+    """With ffmpeg (a subprocess), the disk is really full: the temporary file it writes, and the file this process
+    writes to find out whether the disk is full, are links to /dev/full. 200 frames: ffmpeg quits while frames are
+    still sent to it (the broken pipe imageio reports); 5 frames: it quits at the end, leaving no file. In-process
+    (PyAV): the write raises ENOSPC."""
+    if writer.startswith("ffmpeg"):
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full (writes to it fail with ENOSPC)")
+        make_folder = video_io._make_temporary_folder
+
+        def full_folder(path, folders):
+            tmp_dir = make_folder(path, folders)
+            if os.path.basename(path) == "b.mp4":
+                for name in ("b.mp4", video_io._SPACE_PROBE):
+                    os.symlink("/dev/full", os.path.join(tmp_dir, name))
+            return tmp_dir
+
+        monkeypatch.setattr(video_io, "_make_temporary_folder", full_folder)
+    else:
+        write = video_io._write
+
+        def write_until_full(path, frames, fps, writer):
+            if os.path.basename(path) != "b.mp4":
+                return write(path, frames, fps, writer)
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(video_io, "_write", write_until_full)
+    num_frames = 200 if writer == "ffmpeg-200" else 5
+    frames = np.random.default_rng(0).integers(0, 256, (num_frames, 64, 64, 3), dtype=np.uint8)
+    b = tmp_path / "b.mp4"
+    with pytest.raises(OSError) as info:
+        video_io.write_videos([(tmp_path / "a.mp4", frames), (b, frames)], fps=8)
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value) == (
+        f"[Errno {errno.ENOSPC}] No space left on device: the disk is full (writing {b} in {tmp_path}); nothing was "
+        "written"
+    )
+    if writer == "ffmpeg-200":
+        assert "Broken pipe" in str(info.value.__cause__)  # what was reported before
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- MoCConfig and the Hub

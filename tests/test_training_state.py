@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from _fork import cli_until_paused
+from _fork import TIMEOUT_S, cli_until_paused
 from _train_helpers import _config, _make_dataset, _reset_accelerate
 from safetensors.torch import load_file
 
@@ -145,20 +145,32 @@ def test_ctrl_c_of_the_command_line_during_a_save(data_root, tmp_path):
     config = _write_yaml(data_root, out, tmp_path / "train.yaml")
     flag = tmp_path / "paused"
     env = {**os.environ, PAUSE_ENV: "checkpoint-2:weights-saved", PAUSE_FILE_ENV: str(flag)}
+    # `python -m diffusers_moc.cli`, with SIGINT handled as in a terminal (see _fork.as_in_a_terminal).
+    start = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('diffusers_moc.cli', run_name='__main__')"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffusers_moc.cli", "train", config],
+        [sys.executable, "-c", start, "train", config],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 180
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S  # bounds a failure only: the pause file says when to press Ctrl-C
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not flag.exists():
+            proc.kill()
+            pytest.fail(f"the run did not reach its pause point: {proc.communicate()}")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert sorted(os.listdir(out)) == []  # nothing half-written left behind
 
 

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("interrupted", file=sys.stderr)
+        # A command may say what the interruption left (e.g. that the outputs were complete, or not written).
+        print(f"interrupted: {one_line(e)}" if e.args else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:

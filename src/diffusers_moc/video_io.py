@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from .core.atomic import deferred_interrupts, pause_point, remove_path, remove_stale_partials
 
-__all__ = ["MAX_FPS", "MIN_FPS", "VIDEO_EXTENSIONS", "check_video_writer", "to_uint8", "verify_video", "write_videos"]
+__all__ = [
+    "MAX_FPS",
+    "MIN_FPS",
+    "VIDEO_EXTENSIONS",
+    "InterruptedAfterWriting",
+    "check_video_writer",
+    "to_uint8",
+    "verify_video",
+    "write_videos",
+]
 
 #: Containers the writers below produce with H.264.
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")
@@ -127,6 +138,90 @@ def verify_video(path: str, num_frames: int, fps: float, name: str | None = None
         raise OSError(f"the video writer wrote {what} at {rate} fps instead of {fps:g}")
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    r"""
+    Ctrl-C (or SIGTERM) came while [`write_videos`] was putting the outputs in place; it took effect once they all
+    were, so they are complete.
+
+    Attributes:
+        paths (`list[str]`): the written files.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        super().__init__(f"the outputs were complete before it took effect: {', '.join(paths)}")
+        self.paths = list(paths)
+
+
+#: The file `_disk_full` writes into a temporary folder to learn whether its disk is full.
+_SPACE_PROBE = ".space-probe"
+_PROBE_BYTES = 1 << 16
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(error: BaseException, tmp_dir: str) -> int | None:
+    r"""
+    Whether a failed write into `tmp_dir` failed for lack of space: `errno.ENOSPC` or `errno.EDQUOT`, else `None`.
+
+    ffmpeg writes in a subprocess: its "No space left on device" reaches this process only as a broken pipe, or as a
+    file that reads back empty or cut short. So the disk is asked directly, by writing a little into the same folder
+    while the partial video still takes its space.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    probe = os.path.join(tmp_dir, _SPACE_PROBE)
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno if e.errno in _FULL_ERRNOS else None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
+
+
+def _make_temporary_folder(path: str, folders: list[str]) -> str:
+    """A new hidden folder next to `path` to write it in, named with the pid (see `remove_stale_partials`)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp_dir = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
+    os.mkdir(tmp_dir)
+    return tmp_dir
+
+
+@contextlib.contextmanager
+def _full_disk_named(path: str, tmp_dir: str) -> Iterator[None]:
+    """An error writing or reading back `path` in `tmp_dir` becomes one that says the disk is full, when it is."""
+    try:
+        yield
+    except Exception as e:
+        code = _disk_full(e, tmp_dir)
+        if code is None:
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        raise OSError(
+            code, f"{os.strerror(code)}: the disk is full (writing {path} in {folder}); nothing was written"
+        ) from e
+
+
+def _commit(moves: list[tuple[str, str]], on_disk: list[str]) -> None:
+    """Rename the checked temporary files into place; `on_disk` lists the destinations once all are there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with deferred_interrupts():  # Ctrl-C and SIGTERM wait for the renames: the outputs are all there, or none
+        for i, (tmp, path) in enumerate(moves):
+            os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
+            os.replace(tmp, path)
+            if i == 0:
+                pause_point("write_videos:moving")
+        on_disk[:] = [path for _, path in moves]
+
+
 def write_videos(
     outputs: Sequence[tuple[str | os.PathLike, np.ndarray]], fps: float, extra: Sequence[tuple[str, str]] = ()
 ) -> list[str]:
@@ -136,7 +231,8 @@ def write_videos(
     Each video is written into a temporary folder next to its destination, checked (frame count and rate, read back
     with PyAV) and only moved into place once all of them are written and checked; on any error or interruption the
     temporary folders are removed and no destination is touched. (A folder, not a file: ffmpeg runs in a subprocess
-    and could still create a temporary file after it was removed; it cannot create a removed folder.)
+    and could still create a temporary file after it was removed; it cannot create a removed folder.) Ctrl-C while
+    they are moved into place takes effect once all are, as [`InterruptedAfterWriting`].
 
     Args:
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
@@ -149,7 +245,9 @@ def write_videos(
         `list[str]`: the written paths (videos, then the `extra` destinations).
 
     Raises:
-        `ValueError` for bad arguments; `OSError` when a video cannot be written or reads back wrong.
+        `ValueError` for bad arguments; `OSError` when a video cannot be written (with `errno.ENOSPC` and a message
+        saying so when the disk is full) or reads back wrong; [`InterruptedAfterWriting`] (a `KeyboardInterrupt`)
+        for Ctrl-C that came once the outputs were being put in place.
     """
     writer = check_video_writer()
     fps = _check_fps(fps)
@@ -162,35 +260,32 @@ def write_videos(
             raise ValueError(f"{path}: folder {folder} does not exist")
     outputs = [(path, to_uint8(frames)) for path, frames in outputs]  # every video checked before any is written
     folders: list[str] = []
-    moves: list[tuple[str, str, int]] = []
+    on_disk: list[str] = []  # filled inside the deferred renames: the outputs are complete
     try:
-        for path, frames in outputs:
-            path = os.fspath(path)
-            folder, name = os.path.split(os.path.abspath(path))
-            remove_stale_partials(folder, name)
-            tmp_dir = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-            folders.append(tmp_dir)  # listed before it exists: an interrupt right after mkdir still removes it
-            os.mkdir(tmp_dir)
-            tmp = os.path.join(tmp_dir, name)
-            _write(tmp, frames, fps, writer)
-            moves.append((tmp, path, len(frames)))
-        pause_point("write_videos:written")
-        for tmp, path, num_frames in moves:
-            verify_video(tmp, num_frames, fps, name=path)
-        umask = os.umask(0)
-        os.umask(umask)
-        pause_point("write_videos:verified")
-        with deferred_interrupts():
-            for tmp, path, _ in moves:
-                os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
-                os.replace(tmp, path)
-            for tmp, path in extra:
-                os.chmod(tmp, 0o666 & ~umask)
-                os.replace(tmp, path)
-        return [path for _, path, _ in moves] + [path for _, path in extra]
-    finally:
-        with deferred_interrupts():
-            for tmp_dir in folders:
-                remove_path(tmp_dir)
-            for tmp, _ in extra:
-                remove_path(tmp)
+        try:
+            moves = []
+            for path, frames in outputs:
+                path = os.fspath(path)
+                remove_stale_partials(*os.path.split(os.path.abspath(path)))
+                tmp_dir = _make_temporary_folder(path, folders)
+                tmp = os.path.join(tmp_dir, os.path.basename(path))
+                with _full_disk_named(path, tmp_dir):
+                    _write(tmp, frames, fps, writer)
+                moves.append((tmp, path, len(frames)))
+            pause_point("write_videos:written")
+            for (tmp, path, num_frames), tmp_dir in zip(moves, folders):
+                with _full_disk_named(path, tmp_dir):
+                    verify_video(tmp, num_frames, fps, name=path)
+            pause_point("write_videos:verified")
+            _commit([(tmp, path) for tmp, path, _ in moves] + list(extra), on_disk)
+        finally:
+            with deferred_interrupts():
+                for tmp_dir in folders:
+                    remove_path(tmp_dir)
+                for tmp, _ in extra:
+                    remove_path(tmp)
+    except KeyboardInterrupt as e:
+        if on_disk and not isinstance(e, InterruptedAfterWriting):
+            raise InterruptedAfterWriting(on_disk) from e
+        raise
+    return on_disk

@@ -2,8 +2,9 @@
 
 Everything is checked (storyboard, output paths, video writer, device, model family and sizes) before generating,
 and the outputs (videos, and with `--routing-map` the picture and its JSON) are written to temporary files, checked
-and renamed together only at the end: on any error or Ctrl-C nothing is written. Exit codes: 0 done, 2 bad input
-(one line naming it), 1 generation failed, 130 interrupted.
+and renamed together only at the end: on any error or Ctrl-C nothing is written (Ctrl-C while they are renamed takes
+effect once all are; the message says which). Exit codes: 0 done, 2 bad input (one line naming it), 1 generation
+failed, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -349,13 +350,16 @@ def _load_and_generate(args, launch, storyboard, family, device, dtype, outputs:
             f"{parallel}",
             file=sys.stderr,
         )
-    return _generate_and_write(args, pipe, storyboard, generator, outputs)
+    try:
+        return _generate_and_write(args, pipe, storyboard, generator, outputs)
+    except KeyboardInterrupt as e:
+        raise _interrupted(e) from e
 
 
 def _generate_and_write(args, pipe, storyboard, generator, outputs: list[str]) -> int:
     from ..core.atomic import remove_path
     from ..core.recording import moc_routing_map
-    from ..video_io import write_videos
+    from ..video_io import InterruptedAfterWriting, write_videos
 
     recording = moc_routing_map() if args.routing_map else contextlib.nullcontext()
     with recording as routing_map:
@@ -368,12 +372,31 @@ def _generate_and_write(args, pipe, storyboard, generator, outputs: list[str]) -
         bounds = [*out.shot_starts, video.shape[0]]
         items += [(p, video[a:b]) for p, a, b in zip(outputs[1:], bounds[:-1], bounds[1:])]
     # The routing map is rendered first, then renamed into place together with the videos.
-    staged = routing_map.write_temporary(args.routing_map) if routing_map is not None else []
+    staged: list[tuple[str, str]] = []
+    written: list[str] = []
     try:
-        written = write_videos(items, fps=storyboard.fps, extra=staged)
-    finally:
-        for tmp, _ in staged:
-            remove_path(tmp)
-    for path in written:
-        print(f"wrote {path}")
+        try:
+            if routing_map is not None:
+                staged = routing_map.write_temporary(args.routing_map)
+            written = write_videos(items, fps=storyboard.fps, extra=staged)
+        finally:
+            for tmp, _ in staged:
+                remove_path(tmp)
+        for path in written:
+            print(f"wrote {path}")
+    except KeyboardInterrupt as e:
+        if written and not isinstance(e, InterruptedAfterWriting):  # Ctrl-C after write_videos returned
+            raise InterruptedAfterWriting(written) from e
+        raise
     return 0
+
+
+def _interrupted(error: KeyboardInterrupt) -> KeyboardInterrupt:
+    """Ctrl-C (or SIGTERM) during `generate`, saying whether the outputs were written: all of them, or none."""
+    from ..video_io import InterruptedAfterWriting
+
+    if isinstance(error, InterruptedAfterWriting):
+        return KeyboardInterrupt(
+            f"the outputs were all written, complete, before it took effect: {', '.join(error.paths)}"
+        )
+    return KeyboardInterrupt("no output was written")

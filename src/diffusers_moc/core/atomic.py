@@ -2,7 +2,8 @@
 
 An output is written under a temporary name and renamed into place once complete (a rename is atomic on one file
 system), so an interrupted command leaves either the old state or the complete new one. The few steps that must not
-be cut in the middle by Ctrl-C (a rename pair, the removal of temporary files) run inside `deferred_interrupts()`.
+be cut in the middle by Ctrl-C or SIGTERM (a rename pair, the removal of temporary files) run inside
+`deferred_interrupts()`.
 """
 
 from __future__ import annotations
@@ -38,31 +39,70 @@ def pause_point(name: str) -> None:
     A named moment inside a multi-step write, where interruption tests stop the process.
 
     When the environment variable `DIFFUSERS_MOC_PAUSE_AT` equals `name`, this creates the file named by
-    `DIFFUSERS_MOC_PAUSE_FILE` and waits until that file is removed (or the process is interrupted or killed), so a
-    test can send SIGINT or SIGKILL exactly there. Otherwise it does nothing.
+    `DIFFUSERS_MOC_PAUSE_FILE` (complete, holding the pid and `name`) and waits until that file is removed (or the
+    process is interrupted or killed), so a test can send SIGINT or SIGKILL exactly there. Otherwise it does nothing.
     """
     if os.environ.get(PAUSE_ENV) != name:
         return
     flag = os.environ.get(PAUSE_FILE_ENV)
     if not flag:
         raise RuntimeError(f"{PAUSE_ENV}={name} needs {PAUSE_FILE_ENV} (the file to create when paused)")
-    with open(flag, "w") as f:
+    # Renamed into place: once the test sees the file, this process is paused (not still writing the file).
+    with open(f"{flag}.{os.getpid()}.tmp", "w") as f:
         f.write(f"{os.getpid()} {name}\n")
+    os.replace(f.name, flag)
     while os.path.exists(flag):
         time.sleep(0.01)
 
 
+#: The signals `deferred_interrupts` holds back: Ctrl-C, and SIGTERM (`kill`), which the command line unwinds alike.
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) until the block ends; it is raised then, as `KeyboardInterrupt`, as usual."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+    r"""
+    Hold back SIGINT (Ctrl-C) and SIGTERM until the block ends; then they take effect as usual (`KeyboardInterrupt`
+    for Ctrl-C, the handler or the default action of SIGTERM). Signals that are ignored stay ignored.
+
+    The Python handlers are swapped for one that only records the signal. Blocking the signals
+    (`pthread_sigmask`) would not do: it blocks them in this thread only, the process has others (torch's thread
+    pool, a subprocess' reader), and Python runs the handler of a signal any thread received in the main thread,
+    in the middle of the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread, where they also run
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[int] = []
+    previous: dict[int, object] = {}
+    holding = True
+
+    def hold(signum, frame):
+        if holding:
+            held.append(signum)
+        else:  # past the block, before its handler is restored: as the handler would
+            _deliver(signum, previous[signum], frame)
+
     try:
+        for signum in _HELD_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python, left alone
+                previous[signum] = signal.signal(signum, hold)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        holding = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            _deliver(signum, previous[signum], None)
+
+
+def _deliver(signum: int, handler, frame) -> None:
+    """Act on a held signal as `handler` (a Python handler, or the default action) would have."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler is signal.SIG_DFL:
+        signal.raise_signal(signum)  # the handler is the default again: the default action happens now
 
 
 def remove_path(path: str) -> None:
