@@ -44,8 +44,9 @@ def _reset_accelerator_state() -> None:
 
     AcceleratorState._reset_state(False)
     GradientState._reset_state()
-    if PartialState().distributed_type == DistributedType.FSDP:  # set by `force_fsdp_on_cpu`
-        PartialState().distributed_type = DistributedType.MULTI_CPU
+    # Set by `force_fsdp_on_cpu`. (`PartialState()` itself would initialise it, for one process, before the first run.)
+    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
 
 
 def worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str, flag: str) -> None:

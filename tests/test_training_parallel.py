@@ -124,3 +124,22 @@ def test_distributed_run_killed_while_saving_resumes_from_its_last_checkpoint(da
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(single[0][2:]), atol=1e-5, rtol=1e-4)
     _assert_same_weights(_weights(result.final_dir), weights)
     assert sorted(n for n in os.listdir(run) if n.startswith(".")) == []  # the partial checkpoint was cleaned up
+
+
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        ({"context_parallel": 2}, r"training.context_parallel: must divide the number of processes \(1\), got 2"),
+        ({"fsdp": True}, "training.fsdp: accelerate runs this job as NO, not FSDP"),
+    ],
+)
+def test_parallel_settings_are_checked_against_the_processes(data_root, tmp_path, training, message):
+    from diffusers_moc.training import ConfigError
+
+    _reset_accelerate()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            MoCLoRATrainer(_config(data_root, tmp_path / "out", training=training)).train()
+    finally:
+        _reset_accelerate()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
