@@ -37,16 +37,15 @@ def force_fsdp_on_cpu() -> None:
 KILL_AT = "checkpoint-4:weights-saved"
 
 
-def _reset_accelerator_state() -> None:
-    # Between runs: accelerate's singletons, but not the process group (resetting `PartialState` would tear it down).
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DistributedType
+def _reset_accelerator_state(port: int) -> None:
+    # Between runs: a run ends with `accelerator.end_training()`, which destroys the process group; the next
+    # `Accelerator` creates a new one, on a new port (the old rendezvous store is gone).
+    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(False)
+    AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    # Set by `force_fsdp_on_cpu`. (`PartialState()` itself would initialise it, for one process, before the first run.)
-    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by an `Accelerator` given an FSDP plugin
 
 
 def worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str, flag: str) -> None:
@@ -77,9 +76,9 @@ def worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str, 
             {"training": {**cp, "fsdp": True}, "checkpointing": {"every": 2, "resume_from": "latest"}},
         ),
     ]
-    for name, out, sections in runs:
+    for i, (name, out, sections) in enumerate(runs):
         sections.setdefault("checkpointing", {"every": 2})
-        _reset_accelerator_state()
+        _reset_accelerator_state(port + i)
         result = MoCLoRATrainer(_config(data_root, out, **sections)).train()
         results[name] = {"losses": result.losses, "step": result.global_step, "final": result.final_dir}
     if rank == 0:
@@ -88,7 +87,7 @@ def worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str, 
     from diffusers_moc.core.atomic import PAUSE_ENV, PAUSE_FILE_ENV
 
     os.environ[PAUSE_ENV], os.environ[PAUSE_FILE_ENV] = KILL_AT, flag
-    _reset_accelerator_state()
+    _reset_accelerator_state(port + len(runs))
     config = _config(data_root, os.path.join(out_dir, "killed"), training=cp, checkpointing={"every": 2})
     MoCLoRATrainer(config).train()
     raise AssertionError(f"the run went past {KILL_AT}")

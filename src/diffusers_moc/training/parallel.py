@@ -87,24 +87,15 @@ def parallelism(accelerator, degree: int, fsdp: bool) -> Parallelism:
         raise ConfigError("training.fsdp", "needs FSDP2: set `fsdp_version: 2` in the accelerate config")
     if world % degree:
         raise ConfigError("training.context_parallel", f"must divide the number of processes ({world}), got {degree}")
-    mesh = _mesh(accelerator.device.type, world, degree) if degree > 1 else None
-    return Parallelism(degree, rank // degree, world // degree, sharded, mesh)
-
-
-_MESHES: dict[tuple[str, int, int], Any] = {}
-
-
-def _mesh(device_type: str, world: int, degree: int):
-    # Groups of `degree` consecutive ranks split a sample; data parallelism runs across the groups. One mesh per
-    # process and shape: its process groups are made once (a collective), however many runs a process starts.
-    key = (device_type, world, degree)
-    if key not in _MESHES:
+    mesh = None
+    if degree > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[key] = init_device_mesh(
-            device_type, (world // degree, 1, degree), mesh_dim_names=("dp", "ring", "ulysses")
+        # Groups of `degree` consecutive ranks split a sample; data parallelism runs across the groups.
+        mesh = init_device_mesh(
+            accelerator.device.type, (world // degree, 1, degree), mesh_dim_names=("dp", "ring", "ulysses")
         )
-    return _MESHES[key]
+    return Parallelism(degree, rank // degree, world // degree, sharded, mesh)
 
 
 def check_context_parallel(transformer: torch.nn.Module, degree: int, tokens: int) -> None:
