@@ -224,6 +224,20 @@ def run_model(model, inputs: dict, grad_param: str | None) -> tuple[torch.Tensor
     return out.detach().clone(), model.get_parameter(grad_param).grad.detach().clone()
 
 
+#: Drop-off and drop-in on, strong enough to change the output of the tiny Wan model (4 frames, 2 heads).
+REGULARISED = {"top_k": 2, "local_window": 0, "causal": False, "drop_off": 0.9, "drop_in": 1.0, "backend": "torch"}
+
+
+def run_regularised(model, inputs: dict, grad_param: str, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run_model` in a training-mode forward with drop-off and drop-in, drawn from the global RNG seeded `seed`."""
+    from diffusers_moc import moc_context
+
+    model.train()
+    torch.manual_seed(seed)
+    with moc_context(regularise=True):
+        return run_model(model, inputs, grad_param)
+
+
 def worker(rank: int, world_size: int, port: int, out_dir: str, moc_config: dict) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -257,6 +271,13 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, moc_config: dict
                 if grad is not None:
                     dist.all_reduce(grad)
                 results[model_name, variant] = (out, grad)
+        # Drop-off and drop-in draw for all heads and keep this rank's: the same draws as one process.
+        model, inputs, grad_param = tiny_wan()
+        apply_moc(model, MoCConfig(**REGULARISED))
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+        out, grad = run_regularised(model, inputs, grad_param)
+        dist.all_reduce(grad)
+        results["WanTransformer3DModel", "regularised"] = (out, grad)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "cp_results.pt"))
     finally:

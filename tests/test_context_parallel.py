@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _cp_worker import FORWARD_ONLY, MODELS, run_model, worker  # noqa: E402
+from _cp_worker import FORWARD_ONLY, MODELS, REGULARISED, run_model, run_regularised, tiny_wan, worker  # noqa: E402
 
 from diffusers_moc import MoCConfig, apply_moc  # noqa: E402
 from diffusers_moc.core.attention_processors import (  # noqa: E402
@@ -64,6 +64,53 @@ def test_ulysses_two_processes_equal_single_process(cp_results, model_name):
     if grad_param is not None:  # LTX-2 runs forward only (see tiny_ltx2)
         torch.testing.assert_close(cp_grad, moc_grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cp_results[model_name, "dense"][1], dense_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_drop_off_and_drop_in_under_ulysses_draw_as_one_process(cp_results):
+    # Same seed, degree 2 vs degree 1, training-mode forward with drop-off and drop-in: same outputs and gradients.
+    def single(seed: int):
+        model, inputs, grad_param = tiny_wan()
+        return run_regularised(apply_moc(model, MoCConfig(**REGULARISED)), inputs, grad_param, seed=seed)
+
+    out, grad = single(7)
+    cp_out, cp_grad = cp_results["WanTransformer3DModel", "regularised"]
+    torch.testing.assert_close(cp_out, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cp_grad, grad, atol=1e-5, rtol=1e-4)
+    # The draws matter: another seed, or no regularisers, gives other outputs.
+    assert not torch.allclose(single(8)[0], out, atol=1e-3)
+    model, inputs, grad_param = tiny_wan()
+    assert not torch.allclose(
+        run_model(apply_moc(model, MoCConfig(**REGULARISED)), inputs, grad_param)[0], out, atol=1e-3
+    )
+
+
+def test_head_shards_draw_the_slices_of_the_whole_model_draw():
+    from diffusers_moc.core.layout import ChunkLayout
+    from diffusers_moc.core.routing import route
+
+    layout = ChunkLayout.for_video(6, 4)
+    config = MoCConfig(top_k=3, local_window=0, causal=False, drop_off=0.9, drop_in=1.5)
+    q, k = torch.randn(2, 2, 24, 4, 8).unbind(0)
+    whole = route(q, k, layout, config, training=True, generator=torch.Generator().manual_seed(3)).selected
+    for first in (0, 2):
+        g = torch.Generator().manual_seed(3)
+        part = route(
+            q[:, :, first : first + 2],
+            k[:, :, first : first + 2],
+            layout,
+            config,
+            training=True,
+            generator=g,
+            head_shard=(first, 4),
+        ).selected
+        torch.testing.assert_close(part, whole[:, first : first + 2])
+    # Without the shard, a rank's two heads draw like heads 0 and 1.
+    g = torch.Generator().manual_seed(3)
+    alone = route(q[:, :, 2:], k[:, :, 2:], layout, config, training=True, generator=g).selected
+    assert not torch.equal(alone, whole[:, 2:])
+    with pytest.raises(ValueError, match="head_shard"):
+        route(q, k, layout, config, training=True, head_shard=(2, 4))
 
 
 def _parallel_config(ring: int = 1, ulysses: int = 2, anything: bool = False):

@@ -771,6 +771,11 @@ def test_config_errors_name_the_field(tmp_path):
         ({"validation": {"seed": -1}}, "validation.seed: must be an integer in"),
         ({"validation": {"fps": 5000}}, "validation.fps: must be at most 1000"),
         ({"training": {"compile_fullgraph": True}}, "training.compile_fullgraph: needs training.compile: true"),
+        ({"training": {"context_parallel": 0}}, "training.context_parallel: must be > 0, got 0"),
+        (
+            {"training": {"context_parallel": 2}, "validation": {"every": 1, "prompts": ["a"]}},
+            "validation.every: must be 0 with training.context_parallel > 1",
+        ),
         ({"training": {"compile": "yes"}}, "training.compile: must be true or false"),
         (
             {"data": {"metadata": ["a"] * 10_000}},

@@ -61,6 +61,7 @@ def save_moc_lora(
     repo_id: str | None = None,
     training_info: dict[str, Any] | None = None,
     pipeline_cls: type | None = None,
+    lora_layers: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
     r"""
     Save the LoRA adapter of a PEFT-adapted transformer (or of Wan 2.2 A14B's experts) as a diffusers LoRA, with its
@@ -83,6 +84,10 @@ def save_moc_lora(
         training_info (`dict`, *optional*): training settings listed in the model card.
         pipeline_cls (`type`, *optional*): the diffusers pipeline class whose `save_lora_weights` is used
             (default `WanPipeline`).
+        lora_layers (`dict`, *optional*): the adapter weights of each transformer by component name
+            (`"transformer"`, `"transformer_2"`), PEFT names as `get_peft_model_state_dict` gives them; for models
+            whose parameters are sharded (FSDP), whose adapters must first be gathered. Read off the models when
+            omitted.
 
     Returns:
         `str`: the folder.
@@ -104,7 +109,11 @@ def save_moc_lora(
     for name, model in adapted.items():
         _pipeline_cls(pipeline_cls).save_lora_weights(
             save_directory,
-            transformer_lora_layers=get_peft_model_state_dict(model, adapter_name=adapter_name),
+            transformer_lora_layers=(
+                lora_layers[name]
+                if lora_layers is not None
+                else get_peft_model_state_dict(model, adapter_name=adapter_name)
+            ),
             # Stores rank, alpha and target modules so that loading rebuilds the same LoRA scale (alpha / rank).
             transformer_lora_adapter_metadata=peft_configs[name].to_dict(),
             weight_name=ADAPTER_FILES[name],

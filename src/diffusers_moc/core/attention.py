@@ -282,6 +282,7 @@ def moc_attention(
     routing: MoCRouting | None = None,
     return_routing: bool = False,
     padding_mask: torch.Tensor | None = None,
+    head_shard: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, MoCRouting]:
     r"""
     Mixture-of-Contexts attention (`docs/semantics.md`): each query attends to its mandatory anchors plus the `top_k`
@@ -307,6 +308,9 @@ def moc_attention(
         padding_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): False marks padded caption tokens (text
             chunks only), which differ per sample. They are dropped: neither keys nor part of a chunk mean, and
             their outputs are zero.
+        head_shard (`tuple[int, int]`, *optional*): `(first, total)` when the heads given are heads
+            `first : first + H` of `total` (Ulysses context parallelism): drop-off and drop-in draw as on one device
+            (see [`route`]).
 
     Returns:
         `torch.Tensor` of shape `(B, L, H, Dv)` in the dtype of `query` (and the routing if asked).
@@ -314,7 +318,16 @@ def moc_attention(
     config = MoCConfig() if config is None else config
     _check_inputs(query, key, value, layout, scale, padding_mask)
     if routing is None:
-        routing = route(query, key, layout, config, training=training, generator=generator, padding_mask=padding_mask)
+        routing = route(
+            query,
+            key,
+            layout,
+            config,
+            training=training,
+            generator=generator,
+            padding_mask=padding_mask,
+            head_shard=head_shard,
+        )
     elif routing.layout != layout:
         raise ValueError("the routing passed was computed for another layout")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

@@ -22,6 +22,7 @@ __all__ = [
     "heads_to_sequence",
     "gather_sequence",
     "all_gather_sequence",
+    "head_shard",
 ]
 
 
@@ -81,6 +82,18 @@ def sequence_shard(parallel_config: Any) -> tuple[int, int]:
         return 0, 1
     group, world = _group_and_size(cp)
     return dist.get_rank(group), world
+
+
+def head_shard(cp: Any, local_heads: int) -> tuple[int, int]:
+    r"""
+    `(first, total)`: after [`sequence_to_heads`] this rank holds heads `first : first + local_heads` of `total`
+    (rank `r` of the Ulysses group gets the `r`-th group of heads). MoC's drop-off and drop-in draw for all `total`
+    heads and keep this slice, so a context-parallel run draws what one device draws.
+    """
+    rank = getattr(cp, "_ulysses_local_rank", None)  # set by diffusers' `ContextParallelConfig.setup`: a plain int
+    if rank is None:
+        rank = dist.get_rank(_group_and_size(cp)[0])
+    return rank * local_heads, cp.ulysses_degree * local_heads
 
 
 def _group_and_size(cp: Any) -> tuple[Any, int]:

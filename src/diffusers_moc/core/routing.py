@@ -222,6 +222,7 @@ def route(
     training: bool = False,
     generator: torch.Generator | None = None,
     padding_mask: torch.Tensor | None = None,
+    head_shard: tuple[int, int] | None = None,
 ) -> MoCRouting:
     r"""
     Route every query token, per head, to its chunks (`docs/semantics.md` section 2).
@@ -235,11 +236,16 @@ def route(
         generator (`torch.Generator`, *optional*): random source for drop-off / drop-in, on `q.device`.
         padding_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): False marks padded tokens (e.g. caption
             padding), left out of the chunk means; a chunk with no valid token in a sample is never routed to.
+        head_shard (`tuple[int, int]`, *optional*): `(first, total)`: the `H` heads given are heads
+            `first : first + H` of a model with `total` heads (Ulysses context parallelism). Drop-off and drop-in
+            then draw for all `total` heads and keep this slice, so that every head draws what it draws on one
+            device with the same generator state, whatever the number of ranks.
 
     Returns:
         [`MoCRouting`]
     """
     _check_inputs(q, k, layout, padding_mask)
+    _check_head_shard(head_shard, q.shape[2])
     B, L, H, D = q.shape
     device = q.device
     C = layout.num_chunks
@@ -278,7 +284,7 @@ def route(
             allowed = cands[tok_chunk][None, None]
             if padding_mask is not None:
                 allowed = allowed & ~empty[:, None, None, :]
-            selected = _regularise(selected, allowed, config, generator)
+            selected = _regularise(selected, allowed, config, generator, head_shard)
     return MoCRouting(layout=layout, selected=selected, anchors=anchors)
 
 
@@ -322,27 +328,47 @@ def _query_units(
     return sums / counts.clamp(min=1)[..., None, None], block_chunk
 
 
+def _check_head_shard(head_shard: tuple[int, int] | None, num_heads: int) -> None:
+    if head_shard is None:
+        return
+    first, total = head_shard
+    if not (0 <= first and first + num_heads <= total):
+        raise ValueError(f"head_shard={head_shard!r} does not hold the {num_heads} heads given")
+
+
 def _regularise(
-    selected: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, generator: torch.Generator | None
+    selected: torch.Tensor,
+    allowed: torch.Tensor,
+    config: MoCConfig,
+    generator: torch.Generator | None,
+    head_shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Context drop-off and drop-in (`docs/semantics.md` section 3); anchors are untouched."""
+    """Context drop-off and drop-in (`docs/semantics.md` section 3); anchors are untouched. With `head_shard`,
+    every draw covers all heads of the model and keeps this shard's (see [`route`])."""
     B, H, L, S = selected.shape
     C = allowed.shape[-1]
     device = selected.device
+    first, total = (0, H) if head_shard is None else head_shard
+
+    def draw(fn, *shape, **kw) -> torch.Tensor:
+        # The whole model's heads, then this shard's: the generator advances as on one device.
+        out = fn(B, total, *shape, device=device, generator=generator, **kw)
+        return out if total == H else out[:, first : first + H]
+
     if config.drop_off > 0 and S > 0:
-        p = torch.rand(B, H, L, 1, device=device, generator=generator) * config.drop_off
+        p = draw(torch.rand, L, 1) * config.drop_off
         valid = selected >= 0
         # k is what this query actually routed to (min(top_k, candidates)), not top_k.
         n_drop = torch.floor(p * valid.sum(-1, keepdim=True)).long()
-        keys = torch.rand(B, H, L, S, device=device, generator=generator).masked_fill(~valid, 2.0)
+        keys = draw(torch.rand, L, S).masked_fill(~valid, 2.0)
         rank = keys.argsort(-1).argsort(-1)  # random order among the valid slots first
         selected = selected.masked_fill((rank < n_drop) & valid, -1)
     extra = drop_in_slots(config.drop_in, C)
     if extra > 0:
-        rate = torch.full((B, H, L), float(config.drop_in), device=device)
-        m = torch.poisson(rate, generator=generator).long().clamp(max=extra)
+        rate = torch.full((B, total, L), float(config.drop_in), device=device)
+        m = torch.poisson(rate, generator=generator)[:, first : first + H].long().clamp(max=extra)
         eligible = allowed.expand(B, H, L, C) & ~_selected_mask(selected, C)
-        keys = torch.rand(B, H, L, C, device=device, generator=generator).masked_fill(~eligible, -1.0)
+        keys = draw(torch.rand, L, C).masked_fill(~eligible, -1.0)
         vals, idx = keys.topk(extra, dim=-1)
         keep = (vals >= 0) & (torch.arange(extra, device=device) < m[..., None])
         selected = torch.cat([selected, torch.where(keep, idx, -1)], dim=-1)

@@ -156,6 +156,13 @@ class OptimConfig:
     asks for one graph per block without graph breaks (`fullgraph=True`, as diffusers recommends); MoC attention
     traces whole (one custom op), so Wan blocks compile in one graph. Off by default: compiling takes minutes for a
     large model and pays off over long runs.
+
+    `context_parallel: N` splits each sample's tokens over `N` ranks with diffusers' Ulysses context parallelism
+    (groups of `N` ranks train on the same samples; data parallelism runs across the groups): the number of
+    processes, the model's heads and a sample's video tokens must divide by `N`. `fsdp: true` shards the parameters
+    with accelerate's FSDP2 plugin (several processes on accelerators); `accelerate launch --config_file` with an
+    FSDP2 config does the same. Validation videos need `validation.every: 0` with either (they are rendered on the
+    main process alone).
     """
 
     max_steps: int = 2000
@@ -182,6 +189,8 @@ class OptimConfig:
     first_frame_condition: float = 0.0
     compile: bool = False
     compile_fullgraph: bool = False
+    context_parallel: int = 1
+    fsdp: bool = False
 
 
 @dataclass
@@ -426,6 +435,12 @@ def _check(c: TrainConfig) -> None:
     _check_data(c)
     _check_training(c.training)
     _check_validation(c.validation)
+    if c.validation.every and (c.training.context_parallel > 1 or c.training.fsdp):
+        raise ConfigError(
+            "validation.every",
+            "must be 0 with training.context_parallel > 1 or training.fsdp: validation videos are rendered on the "
+            "main process alone; render them from a checkpoint with `diffusers-moc generate`",
+        )
     allowed = {"tensorboard", "wandb", "auto", "none"}
     for i, name in enumerate(c.logging.report_to):
         if name not in allowed:
@@ -496,6 +511,7 @@ def _check_training(t: OptimConfig) -> None:
             raise ConfigError(f"training.{name}", f"must be in [0, 1), got {getattr(t, name)!r}")
     if t.compile_fullgraph and not t.compile:
         raise ConfigError("training.compile_fullgraph", "needs training.compile: true")
+    _positive("training.context_parallel", t.context_parallel)
 
 
 def _check_validation(v: ValidationConfig) -> None:

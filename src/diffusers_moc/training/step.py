@@ -55,6 +55,9 @@ class FlowMatchingStep:
         cached (`bool`): batches hold cached latents and text contexts instead of pixels and captions.
         patch (`tuple[int, int, int]`, *optional*): the transformer's patch size; given, timesteps are passed per
             token (`expand_timesteps`, Wan 2.2 TI2V-5B).
+        grad_scale (`int`, defaults to 1): the loss is multiplied by this for the backward only: the context-parallel
+            degree, so that DDP's average over all ranks is the average of whole-sample gradients (see
+            `training.parallel`).
     """
 
     def __init__(
@@ -64,11 +67,12 @@ class FlowMatchingStep:
         config: OptimConfig,
         cached: bool,
         patch: tuple[int, int, int] | None = None,
+        grad_scale: int = 1,
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.accelerator, self.encoder, self.config = accelerator, encoder, config
-        self.cached, self.patch = cached, patch
+        self.cached, self.patch, self.grad_scale = cached, patch, grad_scale
         device = accelerator.device
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.flow_shift)
         self.timesteps = self.scheduler.timesteps.to(device)
@@ -182,6 +186,6 @@ class FlowMatchingStep:
                 )[0]
                 err = noised.weighting[sel].float() * (pred.float() - noised.target[sel].float()) ** 2
                 loss = self._loss(err, None if first is None else first[idx]) / bsz
-                accelerator.backward(loss)
+                accelerator.backward(loss * self.grad_scale if self.grad_scale != 1 else loss)
             total = total + loss.detach()
         return total

@@ -60,6 +60,14 @@ from .config import ConfigError, TrainConfig
 from .data import CachedLatentDataset, StepBatchSampler, VideoClipDataset, collate_samples
 from .encoding import SampleEncoder
 from .experts import Expert, expert_for_step, needed_components, timestep_ranges, trained_components
+from .parallel import (
+    Parallelism,
+    check_context_parallel,
+    enable_context_parallel,
+    fsdp_plugin,
+    lora_state_dict,
+    parallelism,
+)
 from .schedule import SparsitySchedule, routed_density
 from .step import FlowMatchingStep
 from .validation import render_validation
@@ -118,6 +126,7 @@ class _Setup:
     weight_dtype: torch.dtype
     trackers: list[str]
     family: WanFamily
+    par: Parallelism = field(default_factory=Parallelism)
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,7 @@ class MoCLoRATrainer:
             return TrainResult(global_step=setup.plan.start_step, message=setup.plan.message)
         clips = self._clips()
         models = self._load_models(setup)
-        self._check_model_fits(models.pipe)
+        self._check_model_fits(models.pipe, setup.par)
         data = self._prepare_data(setup, models.pipe, clips)
         optim = self._prepare_optimisation(setup, models, data.encoder)
         self._resume(setup, data.dataset, optim.state)
@@ -273,6 +282,8 @@ class MoCLoRATrainer:
                     "with `hf auth login` or set HF_TOKEN"
                 )
         accelerator = Accelerator(
+            # Each Wan block is one FSDP2 unit (`accelerate launch` with an FSDP config gives the plugin instead).
+            fsdp_plugin=fsdp_plugin(["WanTransformerBlock"]) if t.fsdp else None,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision,
             log_with=trackers or None,
@@ -280,6 +291,9 @@ class MoCLoRATrainer:
                 project_dir=c.output_dir, logging_dir=os.path.join(c.output_dir, "logs")
             ),
         )
+        par = parallelism(accelerator, t.context_parallel, t.fsdp)
+        if par.fsdp and c.validation.every:
+            raise ConfigError("validation.every", "must be 0 under FSDP: validation videos render on one process")
         # Every process checks (so all raise together); only the main one cleans up after interrupted runs.
         prepare_output_dir(c.output_dir, clean_up=accelerator.is_main_process)
         if c.data.cache:
@@ -292,7 +306,9 @@ class MoCLoRATrainer:
             if plan.action == "export":
                 logger.warning(plan.message)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        return _Setup(accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers, family=family)
+        return _Setup(
+            accelerator=accelerator, plan=plan, weight_dtype=weight_dtype, trackers=trackers, family=family, par=par
+        )
 
     def _family(self) -> WanFamily:
         """The model's family, from its folder or Hub configs before any weights load; checked against `model`."""
@@ -381,6 +397,9 @@ class MoCLoRATrainer:
         trained = {name: transformers[name] for name in trained_components(setup.family.experts, c.model.expert)}
         for transformer in trained.values():
             self._add_lora(transformer, setup.weight_dtype)
+        # Last: diffusers' split / gather hooks then wrap the LoRA-adapted modules (`proj_out` may be a target).
+        for module in transformers.values():
+            enable_context_parallel(module, setup.par)
         pipe = self.pipeline = WanPipeline(**components)
         pipe.set_progress_bar_config(disable=True)
         return _Models(pipe, trained)
@@ -420,10 +439,13 @@ class MoCLoRATrainer:
     def _denoiser(pipe) -> torch.nn.Module:
         return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
 
-    def _check_model_fits(self, pipe) -> None:
+    def _check_model_fits(self, pipe, par: Parallelism) -> None:
         """The training and validation sizes against the model, before anything is encoded."""
         c = self.config
         config = self._denoiser(pipe).config
+        if par.context_parallel > 1:
+            frames, per_frame = self._latent_grid(pipe)
+            check_context_parallel(self._denoiser(pipe), par.context_parallel, frames * per_frame)
         rope = getattr(config, "rope_max_seq_len", None)
         p_t, p_h, p_w = config.patch_size
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
@@ -523,12 +545,12 @@ class MoCLoRATrainer:
             num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=t.max_steps * accelerator.num_processes,
         )
-        self._register_hooks(accelerator, models.trained, setup.weight_dtype)
+        self._register_hooks(accelerator, models.trained, setup.weight_dtype, setup.par.fsdp)
         state = _TrainState()
         accelerator.register_for_checkpointing(state)
         *prepared, optimizer, lr_scheduler = accelerator.prepare(*models.trained.values(), optimizer, lr_scheduler)
         patch = self._denoiser(pipe).config.patch_size if setup.family.expand_timesteps else None
-        step_fn = FlowMatchingStep(accelerator, encoder, t, c.data.cache, patch)
+        step_fn = FlowMatchingStep(accelerator, encoder, t, c.data.cache, patch, grad_scale=setup.par.context_parallel)
         ranges = timestep_ranges(step_fn.timesteps, pipe.config.get("boundary_ratio"))
         total = len(step_fn.timesteps)
         experts = [
@@ -567,14 +589,15 @@ class MoCLoRATrainer:
     def _batches(self, run: _Training) -> Iterator[dict[str, Any]]:
         """The micro-batches from the run's current step on (`StepBatchSampler`: exact resume)."""
         c, t = self.config, self.config.training
-        accelerator, dataset = run.setup.accelerator, run.data.dataset
+        dataset = run.data.dataset
         try:
             sampler = StepBatchSampler(
                 len(dataset),
                 t.batch_size,
                 seed=c.seed,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
+                # The ranks of a context-parallel group train on the same samples.
+                rank=run.setup.par.data_rank,
+                world_size=run.setup.par.data_world,
                 start=run.optim.state.step * t.gradient_accumulation_steps,
             )
         except ValueError as e:
@@ -691,6 +714,9 @@ class MoCLoRATrainer:
         if c.validation.every and last_validated != step:
             result.validation_videos += self._validate(run, step)
         accelerator.wait_for_everyone()
+        # Sharded (FSDP) adapters are gathered by every rank; the main process writes them.
+        fsdp = run.setup.par.fsdp
+        states = {name: lora_state_dict(m, fsdp) for name, m in adapted.items()} if fsdp else None
         if accelerator.is_main_process:
 
             def write(folder: str) -> None:
@@ -702,6 +728,7 @@ class MoCLoRATrainer:
                     base_model=None if c.model.pretrained == "tiny" else c.model.pretrained,
                     repo_id=c.hub.repo_id,
                     training_info=self._training_info(step, run.data.dense_top_k),
+                    lora_layers=states,
                 )
 
             result.final_dir = write_final(c.output_dir, write)
@@ -724,6 +751,8 @@ class MoCLoRATrainer:
         keep = {k: v for k, v in _flatten(self.config.to_dict()).items() if k.split(".")[0] not in _FREE_SECTIONS}
         keep.pop("training.max_steps", None)  # raising max_steps is how a run is continued
         keep.pop("output_dir", None)
+        # How many ranks split a sample does not change what is trained (drop-off / drop-in draw as on one rank).
+        keep.pop("training.context_parallel", None)
         return {**keep, "data.usable_clips": len(dataset)}
 
     def _training_info(self, global_step: int, dense_top_k: int) -> dict[str, Any]:
@@ -751,7 +780,9 @@ class MoCLoRATrainer:
             "seed": c.seed,
         }
 
-    def _register_hooks(self, accelerator, trained: dict[str, torch.nn.Module], weight_dtype: torch.dtype) -> None:
+    def _register_hooks(
+        self, accelerator, trained: dict[str, torch.nn.Module], weight_dtype: torch.dtype, fsdp: bool = False
+    ) -> None:
         from diffusers import WanPipeline
         from diffusers.training_utils import cast_training_params
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -767,12 +798,14 @@ class MoCLoRATrainer:
 
         # Checkpoints hold only the adapters, in diffusers' LoRA format, not the frozen base weights.
         def save_hook(models, weights, output_dir):
+            # Under FSDP every rank gathers the sharded adapters (a collective); the main process writes them.
+            layers = [lora_state_dict(accelerator.unwrap_model(m), fsdp) for m in models] if fsdp else None
             if accelerator.is_main_process:
-                for m in models:
+                for i, m in enumerate(models):
                     m = accelerator.unwrap_model(m)
                     WanPipeline.save_lora_weights(
                         output_dir,
-                        transformer_lora_layers=get_peft_model_state_dict(m),
+                        transformer_lora_layers=layers[i] if fsdp else get_peft_model_state_dict(m),
                         transformer_lora_adapter_metadata=m.peft_config["default"].to_dict(),
                         weight_name=weight_file(m),
                     )
@@ -782,6 +815,9 @@ class MoCLoRATrainer:
                 weights.pop()
 
         def load_hook(models, input_dir):
+            if fsdp:
+                # accelerate's FSDP loader restores the sharded model, adapters included, from its own files.
+                return
             while models:
                 m = accelerator.unwrap_model(models.pop())
                 state = WanPipeline.lora_state_dict(input_dir, weight_name=weight_file(m))

@@ -26,7 +26,7 @@ from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import MoCContext, current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
-from ..parallel import heads_to_sequence, sequence_to_heads, ulysses_config
+from ..parallel import head_shard, heads_to_sequence, sequence_to_heads, ulysses_config
 from ..recording import active_routing_map
 
 __all__ = [
@@ -491,6 +491,8 @@ class MoCAttnProcessorBase:
                 f"but the attention call has {query.shape[1]} tokens"
             )
         recorder = active_routing_map()  # the only cost of routing maps while none records
+        # Drop-off / drop-in draw for every head of the model and keep this rank's: the same draws as one device.
+        shard = head_shard(cp, query.shape[2]) if cp is not None and facts.regularise else None
         if recorder is None:
             out = moc_attention(
                 query,
@@ -501,6 +503,7 @@ class MoCAttnProcessorBase:
                 scale=scale,
                 training=facts.regularise,
                 padding_mask=padding_mask,
+                head_shard=shard,
             )
         elif custom and text_rows is None:
             raise NotImplementedError(
@@ -511,7 +514,7 @@ class MoCAttnProcessorBase:
             video_start = (text_tokens if text_first else 0) + facts.prefix_tokens
             out = self._attend_recording(
                 recorder, attn, query, key, value, layout, facts, video_start, text_rows,
-                padding_mask=padding_mask, scale=scale,
+                padding_mask=padding_mask, scale=scale, head_shard=shard,
             )  # fmt: skip
         return heads_to_sequence(out, cp) if cp is not None else out
 
