@@ -359,13 +359,14 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
 
 
 def _one_stock(originals: dict, modules: list):
-    """The one stock processor class a generic MoC processor runs for all its layers, as an instance."""
-    found = {type(originals[m]) for _, m in modules if m in originals} or {type(modules[0][1])._default_processor_cls}
-    if len(found) > 1:
-        names = ", ".join(sorted(cls.__name__ for cls in found))
+    """The stock processor a generic MoC processor runs for all its layers: the one they had (one class for all, or
+    `TypeError`), else the attention module's default."""
+    replaced = [originals[module] for _, module in modules if module in originals]
+    classes = {type(processor) for processor in replaced}
+    if len(classes) > 1:
+        names = ", ".join(sorted(cls.__name__ for cls in classes))
         raise TypeError(f"apply_moc runs one stock processor for all layers, but these layers have several: {names}")
-    (cls,) = found
-    return next((originals[m] for _, m in modules if m in originals), None) or cls()
+    return replaced[0] if replaced else type(modules[0][1])._default_processor_cls()
 
 
 def remove_moc(pipe_or_transformer):

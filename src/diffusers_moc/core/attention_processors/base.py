@@ -141,9 +141,9 @@ class MoCHook:
     - `processor`: the one MoC processor its attention layers share, and `layers`, their names (how routing maps
       name them) with `originals`, the processors `apply_moc` replaced (what [`remove_moc`] puts back);
     - a forward pre-hook (this object itself, registered with torch's public `register_forward_pre_hook`, its handle
-      kept here) that computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor
-      class's `input_grid`), the current [`moc_context`] and the processor's `chunk_tokens`, into `facts`, which the
-      processors read;
+      kept here) that computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor's
+      `input_grid` and `input_prefix`), the current [`moc_context`] and the processor's `chunk_tokens`, into
+      `facts`, which the processors read;
     - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
       of its own forward.
 

@@ -42,7 +42,8 @@ class VideoStream:
 
     Args:
         grid (`Callable`): `(transformer, args, kwargs) -> (frames, height, width)`, the post-patchify latent grid of
-            a forward call, from input shapes and the model config (never from tensor values).
+            a forward call, from input shapes and the model config. Where no shape holds the grid (MiniMax-H3's packed
+            rows) it may read an input on the host, once per forward; the model then compiles regionally only.
         text (`"none"`, `"before"` or `"after"`, defaults to `"none"`): where the stream's non-video tokens sit
             (caption, condition or register tokens of a packed joint stream). They form one text chunk, a mandatory
             anchor; their count is whatever the attention call has beyond the video.
