@@ -57,9 +57,11 @@ def apply_and_remove(build: Build, targets: set[str]) -> None:
     assert torch.equal(run(model, inputs), stock)
 
 
-def regional_compile_equals_eager(build: Build, precision_casts: bool = False) -> None:
-    """`compile_repeated_blocks(fullgraph=True)` equals eager, twice, without a recompile. `precision_casts`: the
-    model rounds to a lower precision on purpose, which inductor keeps only when asked (Kandinsky 5)."""
+def regional_compile_equals_eager(build: Build, backend: str = "inductor", precision_casts: bool = False) -> None:
+    """`compile_repeated_blocks(fullgraph=True)` equals eager, twice, without a recompile. `backend="aot_eager"`
+    checks the same capture (one graph, MoC's op and its autograd traced) without inductor's code generation, which is
+    the same for every model and costs seconds per model. `precision_casts`: the model rounds to a lower precision on
+    purpose, which inductor keeps only when asked (Kandinsky 5)."""
     model, inputs = build()
     apply_moc(model, SPARSE)
     eager = run(model, inputs)
@@ -68,6 +70,6 @@ def regional_compile_equals_eager(build: Build, precision_casts: bool = False) -
         torch._dynamo.config.patch(error_on_recompile=True),
         torch._inductor.config.patch(emulate_precision_casts=precision_casts),
     ):
-        model.compile_repeated_blocks(fullgraph=True)
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
         torch.testing.assert_close(run(model, inputs), eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(run(model, inputs), eager, atol=1e-5, rtol=1e-5)

@@ -173,6 +173,7 @@ def test_masked_attention_is_refused_by_name():
         processor.attend(query, query, query, torch.ones(1, 1, 48, 48, dtype=torch.bool), 0.0, False, None, None, None)
 
 
-@pytest.mark.parametrize("name", ["helios", "wan_animate"])
-def test_regional_compile_equals_eager_in_one_graph(name):
-    contract.regional_compile_equals_eager(BUILDERS[name])
+def test_regional_compile_equals_eager_in_one_graph():
+    # Inductor on one model of the generic processor; the others capture with aot_eager (see _model_contract).
+    contract.regional_compile_equals_eager(BUILDERS["helios"])
+    contract.regional_compile_equals_eager(BUILDERS["wan_animate"], backend="aot_eager")

@@ -192,8 +192,8 @@ def test_copies_run_their_own_weights():
 
 @pytest.mark.parametrize("name", ["ltx2", "kandinsky5"])
 def test_regional_compile_equals_eager_in_one_graph(name):
-    # Kandinsky 5 rounds its rotated queries and keys to bfloat16 on purpose.
-    contract.regional_compile_equals_eager(BUILDERS[name], precision_casts=True)
+    # Kandinsky 5 rounds its rotated queries and keys to bfloat16 on purpose (kept by inductor only when asked).
+    contract.regional_compile_equals_eager(BUILDERS[name], backend="aot_eager", precision_casts=True)
 
 
 def test_kandinsky5_context_parallelism_is_refused_by_name():
