@@ -136,14 +136,14 @@ def _registry() -> dict[type, ModelSupport]:
             MoCDispatchAttnProcessor,
             r"^blocks\.\d+\.attn1$",
             "cross-attention (dense, not routed); history frames before the video: routed chunks of the first shot",
-            _FULL,
+            "regional",
             HELIOS,
         ),
         WanAnimateTransformer3DModel: ModelSupport(
             MoCDispatchAttnProcessor,
             r"^blocks\.\d+\.attn1$",
             "cross-attention (dense, not routed); the reference frame is latent frame 0; face adapter stock",
-            _FULL,
+            "regional",
             WAN_ANIMATE,
         ),
         MiniMaxH3Transformer3DModel: ModelSupport(
