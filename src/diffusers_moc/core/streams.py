@@ -7,15 +7,14 @@ import math
 
 import torch
 
-from .attention_processors.base import frames_from_rotary
+from .attention_processors.base import MoCAttnProcessorBase, frames_from_rotary
 from .attention_processors.generic import VideoStream
 
 __all__ = ["call_arg", "grid_5d", "helios_history", "kandinsky5_grid", "ltx2_grid", "minimax_h3_grid"]
 
 
-def call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
-    """Argument `name` of a forward call, passed by keyword or at position `index`."""
-    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+# Argument `name` of a forward call, passed by keyword or at position `index`: the processors' own reader.
+call_arg = MoCAttnProcessorBase._call_arg
 
 
 def _patch(transformer: torch.nn.Module) -> tuple[int, int, int]:
