@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .attention_processors.base import MoCAttnProcessorBase, frames_from_rotary
+from .attention_processors.base import MoCAttnProcessorBase, frames_from_rotary, grid_5d, patch_sizes
 from .attention_processors.generic import VideoStream
 
 __all__ = ["call_arg", "grid_5d", "helios_history", "kandinsky5_grid", "ltx2_grid", "minimax_h3_grid"]
@@ -15,21 +15,6 @@ __all__ = ["call_arg", "grid_5d", "helios_history", "kandinsky5_grid", "ltx2_gri
 
 # Argument `name` of a forward call, passed by keyword or at position `index`: the processors' own reader.
 call_arg = MoCAttnProcessorBase._call_arg
-
-
-def _patch(transformer: torch.nn.Module) -> tuple[int, int, int]:
-    config = transformer.config
-    patch = config.patch_size
-    if isinstance(patch, int):  # models that give the time patch separately
-        return getattr(config, "patch_size_t", 1) or 1, patch, patch
-    return tuple(patch)
-
-
-def grid_5d(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
-    """Post-patchify grid of a `hidden_states` shaped `(B, C, F, H, W)`, patchified by `config.patch_size`."""
-    _, _, frames, height, width = call_arg(args, kwargs, "hidden_states").shape
-    p_t, p_h, p_w = _patch(transformer)
-    return frames // p_t, height // p_h, width // p_w
 
 
 # Helios' history inputs in stream order (the model puts long, then mid, then short history before the video): the
@@ -43,7 +28,7 @@ def helios_history(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> t
     The chunks of Helios' compressed history, one per history latent frame at its own resolution, in stream order.
     A history input counts only when its frame indices are given too, as in the model's forward.
     """
-    p_t, p_h, p_w = _patch(transformer)
+    p_t, p_h, p_w = patch_sizes(transformer)
     sizes: list[int] = []
     for name, factor, pad, index in _HELIOS_HISTORY:
         latents = call_arg(args, kwargs, f"latents_history_{name}", index + 3)
@@ -116,7 +101,7 @@ def ltx2_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     """
     grid = tuple(call_arg(args, kwargs, name, i) for name, i in (("num_frames", 10), ("height", 11), ("width", 12)))
     if all(n is not None for n in grid):
-        p_t, p_h, p_w = _patch(transformer)
+        p_t, p_h, p_w = patch_sizes(transformer)
         return tuple(-(-int(n) // p) for n, p in zip(grid, (p_t, p_h, p_w)))  # the RoPE's `arange(0, n, p)`
     coords = call_arg(args, kwargs, "video_coords", 15)
     if coords is None:
@@ -149,7 +134,7 @@ def kandinsky5_grid(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> 
             "`attention_type='nabla'`): both are sparse attention; use the model with `attention_type='regular'`"
         )
     _, frames, height, width, _ = call_arg(args, kwargs, "hidden_states").shape
-    p_t, p_h, p_w = _patch(transformer)
+    p_t, p_h, p_w = patch_sizes(transformer)
     return frames // p_t, height // p_h, width // p_w
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "MoCHook",
     "frames_from_rotary",
     "forward_facts",
+    "grid_5d",
+    "patch_sizes",
     "qkv_heads",
     "video_padding_mask",
 ]
@@ -324,6 +326,23 @@ def qkv_heads(
     q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
     norm_q, norm_k = (getattr(attn, name, None) for name in norms)
     return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+def patch_sizes(transformer: torch.nn.Module) -> tuple[int, int, int]:
+    """`(time, height, width)` patch of a transformer: `config.patch_size` as a triple, or an int with the time patch
+    in `config.patch_size_t` (1 when the model has none)."""
+    config = transformer.config
+    patch = config.patch_size
+    if isinstance(patch, int):
+        return getattr(config, "patch_size_t", 1) or 1, patch, patch
+    return tuple(patch)
+
+
+def grid_5d(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Post-patchify `(frames, height, width)` of a forward call whose `hidden_states` is `(B, C, F, H, W)`."""
+    _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
+    p_t, p_h, p_w = patch_sizes(transformer)
+    return frames // p_t, height // p_h, width // p_w
 
 
 def video_padding_mask(text_mask: torch.Tensor, video_len: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import MoCAttnProcessorBase, frames_from_rotary, qkv_heads
+from .base import MoCAttnProcessorBase, frames_from_rotary, grid_5d, qkv_heads
 
 __all__ = ["MoCHunyuanVideoAttnProcessor"]
 
@@ -26,9 +26,7 @@ class HunyuanProcessorBase(MoCAttnProcessorBase):
     @staticmethod
     def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
         """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`."""
-        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
-        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-        return frames // p_t, height // p, width // p
+        return grid_5d(transformer, args, kwargs)
 
     def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
         return frames_from_rotary(rotary_emb, time_column=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MoCAttnProcessorBase, qkv_heads, video_padding_mask
+from .base import MoCAttnProcessorBase, grid_5d, qkv_heads, video_padding_mask
 
 __all__ = ["MoCMochiAttnProcessor"]
 
@@ -43,9 +43,7 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
     @staticmethod
     def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
         """Post-patchify `(frames, height, width)`: `hidden_states` is `(B, C, F, H, W)`, no time patching."""
-        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
-        p = transformer.config.patch_size
-        return frames, height // p, width // p
+        return grid_5d(transformer, args, kwargs)
 
     @staticmethod
     def stock_processor(module: torch.nn.Module):

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_wan import (
 
 from ..context import current_moc_context
 from ..parallel import sequence_shard
-from .base import MoCAttnProcessorBase, first_change
+from .base import MoCAttnProcessorBase, first_change, grid_5d
 
 __all__ = ["MoCWanAttnProcessor", "video_grid_from_rotary"]
 
@@ -72,9 +72,7 @@ class MoCWanAttnProcessor(MoCAttnProcessorBase):
     @staticmethod
     def input_grid(transformer, args, kwargs) -> tuple[int, int, int]:
         """Post-patchify `(frames, height, width)` of a Wan forward call: `hidden_states` is `(B, C, F, H, W)`."""
-        _, _, frames, height, width = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states").shape
-        p_t, p_h, p_w = transformer.config.patch_size
-        return frames // p_t, height // p_h, width // p_w
+        return grid_5d(transformer, args, kwargs)
 
     def grid_from_rotary(self, rotary_emb) -> tuple[int, int]:
         frames, height, width = video_grid_from_rotary(rotary_emb)
