@@ -36,6 +36,7 @@ APP_LAYERS = {
     "textfiles": 2,
     "hub": 2,
     "captions": 2,
+    "hunyuan_video15_text": 2,
     "models_table": 2,
     "shot_plan": 2,
     "distributed": 2,

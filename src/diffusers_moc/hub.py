@@ -10,6 +10,10 @@ Wan 2.2 A14B has two experts. As diffusers' Wan LoRA loader expects (`load_lora_
 load_into_transformer_2=True)`), each expert's adapter is its own file with `transformer.` keys:
 `pytorch_lora_weights.safetensors` for `transformer` (high noise) and
 `pytorch_lora_weights_transformer_2.safetensors` for `transformer_2` (low noise); a folder holds one or both.
+
+HunyuanVideo 1.5's pipelines have no LoRA loader in diffusers; its transformer's own `load_lora_adapter` (diffusers'
+`PeftAdapterMixin`) reads the same file (`transformer.`-prefixed keys and the adapter's metadata), so
+`load_moc_lora` works on `HunyuanVideo15Pipeline` and `HunyuanVideo15LongVideoPipeline` alike.
 """
 
 from __future__ import annotations
@@ -123,8 +127,15 @@ def save_moc_lora(
     lora_info = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "target_modules": peft_config.target_modules}
     if len(adapted) > 1 or "transformer_2" in adapted:
         lora_info["experts"] = sorted(adapted)
+    # HunyuanVideo 1.5 adapters load into diffusers' HunyuanVideo15Pipeline (or ours), Wan ones into WanPipeline.
+    hunyuan = type(next(iter(adapted.values()))).__name__.startswith("HunyuanVideo15")
     moc_model_card(
-        moc_config, base_model=base_model, repo_id=repo_id, lora=lora_info, training_info=training_info
+        moc_config,
+        base_model=base_model,
+        repo_id=repo_id,
+        lora=lora_info,
+        training_info=training_info,
+        pipeline_name="HunyuanVideo15Pipeline" if hunyuan else "WanPipeline",
     ).save(os.path.join(save_directory, "README.md"))
     return save_directory
 
@@ -136,9 +147,11 @@ def moc_model_card(
     repo_id: str | None = None,
     lora: dict[str, Any] | None = None,
     training_info: dict[str, Any] | None = None,
+    pipeline_name: str = "WanPipeline",
 ):
     r"""
-    A `huggingface_hub.ModelCard` for a MoC LoRA: base model, tags, MoC and training settings, and how to load it.
+    A `huggingface_hub.ModelCard` for a MoC LoRA: base model, tags, MoC and training settings, and how to load it
+    (into diffusers' `pipeline_name`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -163,10 +176,10 @@ def moc_model_card(
         "Load the adapter and the routing settings in one call:",
         "",
         "```py",
-        "from diffusers import WanPipeline",
+        f"from diffusers import {pipeline_name}",
         "from diffusers_moc import load_moc_lora",
         "",
-        f'pipe = WanPipeline.from_pretrained("{base_model or "<base model>"}")',
+        f'pipe = {pipeline_name}.from_pretrained("{base_model or "<base model>"}")',
         f'load_moc_lora(pipe, "{repo_id or "<this repo>"}")',
         "```",
         "",
@@ -273,8 +286,10 @@ def load_moc_lora(
     **kwargs: Any,
 ):
     r"""
-    Load a MoC LoRA onto a pipeline in one call: the adapter weights (`pipe.load_lora_weights`) and the saved
-    `moc_config.json`, applied with [`apply_moc`] to every transformer of the pipeline, as training ran them.
+    Load a MoC LoRA onto a pipeline in one call: the adapter weights (`pipe.load_lora_weights`, or on a pipeline
+    without LoRA loader such as HunyuanVideo 1.5's, `pipe.transformer.load_lora_adapter` with the `transformer`
+    prefix) and the saved `moc_config.json`, applied with [`apply_moc`] to every transformer of the pipeline, as
+    training ran them.
 
     Wan 2.2 A14B follows diffusers' convention: `pytorch_lora_weights.safetensors` goes into `transformer` (the
     high-noise expert) and `pytorch_lora_weights_transformer_2.safetensors` into `transformer_2` (low noise), each
@@ -283,8 +298,9 @@ def load_moc_lora(
     training's validation; `get_moc_config(pipe)` names the transformers that run MoC.
 
     Args:
-        pipe (`DiffusionPipeline`): a pipeline with LoRA support and MoC-supported transformers (e.g. `WanPipeline`,
-            `LongVideoPipeline`).
+        pipe (`DiffusionPipeline`): a pipeline with MoC-supported transformers and LoRA support, its own or its
+            transformer's (e.g. `WanPipeline`, `LongVideoPipeline`, `HunyuanVideo15Pipeline`,
+            `HunyuanVideo15LongVideoPipeline`).
         pretrained_model_name_or_path (`str` or `os.PathLike`): a folder from [`save_moc_lora`] or a Hub repo id.
         adapter_name (`str`, *optional*): adapter name for `load_lora_weights`.
         load_into_transformer_2 (`bool`, defaults to `False`): load `pytorch_lora_weights.safetensors` (or
@@ -321,13 +337,20 @@ def load_moc_lora(
                 + (" (Wan 2.2 A14B's low-noise expert)" if component == "transformer_2" else "")
                 + f", which this {type(pipe).__name__} does not have"
             )
+        if not hasattr(pipe, "load_lora_weights") and not hasattr(getattr(pipe, component), "load_lora_adapter"):
+            raise ValueError(f"neither this {type(pipe).__name__} nor its {component} can load a LoRA adapter")
         targets[name] = component
     for name, component in targets.items():  # every target checked before any weights load
-        pipe.load_lora_weights(
-            source,
-            adapter_name=adapter_name,
-            weight_name=name,
-            load_into_transformer_2=component == "transformer_2",
-            **kwargs,
-        )
+        if hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(
+                source,
+                adapter_name=adapter_name,
+                weight_name=name,
+                load_into_transformer_2=component == "transformer_2",
+                **kwargs,
+            )
+        else:  # the file's keys carry the `transformer.` prefix diffusers' pipeline loaders use
+            getattr(pipe, component).load_lora_adapter(
+                source, prefix="transformer", adapter_name=adapter_name, weight_name=name, **kwargs
+            )
     return apply_moc(pipe, moc_config)

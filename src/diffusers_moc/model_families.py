@@ -53,7 +53,8 @@ class WanFamily:
             `"required"` (image-to-video).
         image_encoder (`bool`): the image is also encoded by CLIP and attended in cross-attention (Wan 2.1 I2V).
         expand_timesteps (`bool`): per-token timesteps, the start image as a clean first latent frame (TI2V-5B).
-        trainable (`bool`): `diffusers-moc train` fine-tunes it (text-to-video training; TI2V-5B included).
+        trainable (`bool`): `diffusers-moc train` fine-tunes it (text-to-video training; TI2V-5B included; HunyuanVideo
+            1.5 T2V).
         defaults (`dict`): `height`, `width`, `num_frames`, `fps`, `num_inference_steps`, `guidance_scale` (and
             `guidance_scale_2` with experts) of the model card.
         size_multiple (`int`): what heights and widths the released checkpoints take a multiple of: the VAE's
@@ -165,6 +166,7 @@ HUNYUAN_VIDEO15_FAMILIES: dict[str, WanFamily] = {
             "hunyuanvideo1.5-t2v",
             "HunyuanVideo 1.5 T2V",
             tuple(f"hunyuanvideo-community/HunyuanVideo-1.5-{v}_t2v" for v in _HV15_VARIANTS),
+            trainable=True,
             defaults=_HV15,
         ),
         WanFamily(

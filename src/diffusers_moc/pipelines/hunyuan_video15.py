@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,12 @@ from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import retri
 from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5EncoderModel
 
 from ..core.context import moc_context
+from ..hunyuan_video15_text import (
+    HunyuanVideo15CaptionEncoder,
+    HunyuanVideo15Text,
+    t2v_condition,
+    transformer_inputs,
+)
 from ..model_families import HUNYUAN_VIDEO15_FAMILIES, WanFamily
 from ..shot_plan import ShotPlan, plan_shots
 from .long_video import LongVideoPipeline, LongVideoPipelineOutput, Shot
@@ -45,25 +51,6 @@ from .long_video import LongVideoPipeline, LongVideoPipelineOutput, Shot
 __all__ = ["HunyuanVideo15LongVideoPipeline"]
 
 _MLLM_DEFAULTS = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
-
-
-@dataclass(frozen=True)
-class _Text:
-    """The four text inputs of the transformer, and the [`moc_context`] arguments that describe them."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-    embeds_2: torch.Tensor
-    mask_2: torch.Tensor
-    context: dict[str, Any]
-
-    def kwargs(self) -> dict[str, torch.Tensor]:
-        return dict(
-            encoder_hidden_states=self.embeds,
-            encoder_attention_mask=self.mask,
-            encoder_hidden_states_2=self.embeds_2,
-            encoder_attention_mask_2=self.mask_2,
-        )
 
 
 @dataclass(frozen=True)
@@ -75,8 +62,8 @@ class _Conditioning:
     """
 
     plan: ShotPlan
-    text: _Text
-    negative: _Text | None
+    text: HunyuanVideo15Text
+    negative: HunyuanVideo15Text | None
     concat: torch.Tensor
     image_embeds: torch.Tensor
     guider: ClassifierFreeGuidance
@@ -191,56 +178,9 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
 
     # ------------------------------------------------------------------------------------------------ text
-    def _encode(self, caption: str | None, device, dtype, copies: int) -> tuple[torch.Tensor, ...]:
-        """One caption as diffusers' `encode_prompt` encodes it (padded Qwen and ByT5 embeddings and their masks, all
-        in `dtype`), with this call's `max_sequence_length` Qwen tokens."""
-        caption = caption or ""
-        embeds, mask = HunyuanVideo15Pipeline._get_mllm_prompt_embeds(
-            self.text_encoder,
-            self.tokenizer,
-            caption,
-            device,
-            tokenizer_max_length=self._text_tokens,
-            system_message=self.system_message,
-            crop_start=self.prompt_template_encode_start_idx,
-        )
-        embeds_2, mask_2 = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(
-            self.tokenizer_2, self.text_encoder_2, caption, device, tokenizer_max_length=self.tokenizer_2_max_length
-        )
-        out = (
-            embeds.repeat(copies, 1, 1),
-            mask.repeat(copies, 1),
-            embeds_2.repeat(copies, 1, 1),
-            mask_2.repeat(copies, 1),
-        )
-        return tuple(x.to(dtype=dtype, device=device) for x in out)
-
-    def _shot_text(self, plan: ShotPlan, global_prompt, prompts, device, dtype, copies: int) -> _Text:
-        r"""
-        The conditional text: diffusers' for a single caption; else the global caption and each shot's, each
-        encoded alone (each distinct caption once) and trimmed to its real tokens, in that order, with the
-        `caption_shots` / `caption_tokens` that make each one a text chunk of its shot.
-        """
-        if plan.captions.caption_spans is None:  # one caption for every shot: diffusers' text path
-            return _Text(*self._encode(plan.captions.segments[0], device, dtype, copies), context=plan.shot_context)
-        segments = ([(-1, global_prompt)] if global_prompt is not None else []) + list(enumerate(prompts))
-        encoded = {c: self._encode(c, device, dtype, 1) for c in dict.fromkeys(c for _, c in segments)}
-        parts, counts = ([], []), ([], [])
-        for _, caption in segments:
-            for i, (embeds, mask) in enumerate((encoded[caption][:2], encoded[caption][2:])):
-                real = mask[0].bool()
-                parts[i].append(embeds[:, real])
-                counts[i].append(int(real.sum()))
-        tensors = []
-        for i in range(2):
-            embeds = torch.cat(parts[i], dim=1)
-            if embeds.shape[1] == 0:  # no glyph text in any caption: one padded token
-                embeds = embeds.new_zeros(1, 1, embeds.shape[-1])
-            mask = (torch.arange(embeds.shape[1], device=device) < sum(counts[i])).to(dtype)[None]
-            tensors += [embeds.repeat(copies, 1, 1), mask.repeat(copies, 1)]
-        shots = {"shot_frames": plan.latent_frames if plan.num_shots > 1 else None}
-        context = {**shots, "caption_shots": tuple(s for s, _ in segments), "caption_tokens": counts}
-        return _Text(*tensors, context=context)
+    def _captions(self) -> HunyuanVideo15CaptionEncoder:
+        """The caption encoder of this call (its `max_sequence_length` Qwen tokens)."""
+        return HunyuanVideo15CaptionEncoder.from_pipeline(self, self._text_tokens)
 
     # ------------------------------------------------------------------------------------------------ image
     def _image_condition(
@@ -254,10 +194,7 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
         """
         batch, _, frames, h, w = latents.shape
         if image is None:
-            concat = torch.zeros(batch, latents.shape[1] + 1, frames, h, w, dtype=dtype, device=device)
-            dim = self.transformer.config.image_embed_dim
-            embeds = torch.zeros(batch, self.vision_num_semantic_tokens, dim, dtype=dtype, device=device)
-            return concat, embeds
+            return t2v_condition(latents, self.transformer.config.image_embed_dim, dtype, device)
         stock = HunyuanVideo15ImageToVideoPipeline
         embeds = stock._get_image_embeds(self.image_encoder, self.feature_extractor, image, device)
         embeds = embeds.repeat(batch, 1, 1).to(device=device, dtype=dtype)
@@ -289,26 +226,21 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
         per-shot caption chunks, the unconditional pass (while the guider guides) on the negative prompt."""
         guider = conditioning.guider
         guider.set_state(step=step, num_inference_steps=self._num_timesteps, timestep=t)
-        model_input = torch.cat([latents, conditioning.concat], dim=1)
-        call = dict(
-            hidden_states=model_input,
-            image_embeds=conditioning.image_embeds,
-            timestep=t.expand(model_input.shape[0]).to(model_input.dtype),
-            attention_kwargs=self._attention_kwargs,
-            return_dict=False,
-        )
+        call = dict(attention_kwargs=self._attention_kwargs, return_dict=False)
         if self.transformer.config.use_meanflow:  # step-distilled checkpoints: the next timestep too
             timesteps = self.scheduler.timesteps
             nxt = timesteps[step + 1] if step + 1 < len(timesteps) else torch.tensor([0.0], device=t.device)
-            call["timestep_r"] = nxt.expand(model_input.shape[0]).to(latents.dtype)
+            call["timestep_r"] = nxt.expand(latents.shape[0]).to(latents.dtype)
         passes = [("pred_cond", conditioning.text, conditioning.prompt_embeds)]
         if guider.num_conditions > 1:
             passes.append(("pred_uncond", conditioning.negative, conditioning.negative_prompt_embeds))
         preds = []
         for name, text, embeds in passes:
-            kwargs = text.kwargs() | ({} if embeds is None else {"encoder_hidden_states": embeds})
+            inputs = transformer_inputs(latents, conditioning.concat, conditioning.image_embeds, t, text)
+            if embeds is not None:  # what a callback may have replaced
+                inputs["encoder_hidden_states"] = embeds
             with self.transformer.cache_context(name), moc_context(**text.context):
-                preds.append(self.transformer(**call, **kwargs)[0])
+                preds.append(self.transformer(**inputs, **call)[0])
         return guider.forward(*preds).pred
 
     def _decode(self, latents: torch.Tensor, output_type: str):
@@ -377,10 +309,11 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
         self._text_tokens = max_sequence_length
         device, dtype, batch = self._execution_device, self.transformer.dtype, num_videos_per_prompt
 
-        text = self._shot_text(plan, global_prompt, prompts, device, dtype, batch)
+        captions = self._captions()
+        text = captions.shot_text(plan, global_prompt, prompts, device, dtype, batch)
         negative = None
         if guider._enabled and guider.num_conditions > 1:  # as diffusers' pipeline decides it
-            negative = _Text(*self._encode(negative_prompt, device, dtype, batch), context=plan.shot_context)
+            negative = replace(captions.encode(negative_prompt, device, dtype, batch), context=plan.shot_context)
         sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
         timesteps, steps = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas)
         channels = self.vae.config.latent_channels

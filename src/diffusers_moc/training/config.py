@@ -50,13 +50,14 @@ EXPERTS = ("high_noise", "low_noise", "both")
 class ModelConfig:
     r"""
     Args:
-        pretrained (`str`): a diffusers Wan pipeline repo id or folder of a trainable family (Wan 2.1 T2V, Wan 2.2
-            T2V-A14B, Wan 2.2 TI2V-5B; e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`), or `"tiny"` for the in-process
-            random tiny model of `diffusers_moc.tiny` (tests, smoke runs).
+        pretrained (`str`): a diffusers pipeline repo id or folder of a trainable family (Wan 2.1 T2V, Wan 2.2
+            T2V-A14B, Wan 2.2 TI2V-5B, HunyuanVideo 1.5 T2V; e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` or
+            `hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v`), or `"tiny"` for an in-process random tiny
+            model (`diffusers_moc.tiny`, `diffusers_moc.tiny_hunyuan_video15`; tests, smoke runs).
         revision (`str`, *optional*), variant (`str`, *optional*): passed to `from_pretrained`.
         tiny_seed (`int`): seed of the tiny model's random weights.
-        tiny_model (`str`): the family the tiny model stands in for: `wan2.1-t2v`, `wan2.2-t2v-a14b` or
-            `wan2.2-ti2v-5b`.
+        tiny_model (`str`): the family the tiny model stands in for: `wan2.1-t2v`, `wan2.2-t2v-a14b`,
+            `wan2.2-ti2v-5b` or `hunyuanvideo1.5-t2v`.
         expert (`str`, *optional*): Wan 2.2 A14B only: `high_noise` (`transformer`, timesteps at or above the
             pipeline's `boundary_ratio * 1000`), `low_noise` (`transformer_2`, timesteps below) or `both` (the
             default: each optimizer step trains one expert, drawn with the share of timesteps it covers).
@@ -116,7 +117,8 @@ class DataConfig:
         metadata (`str`): metadata file name inside `root`.
         num_frames (`int`): pixel frames per training sample, `4n + 1` for Wan's VAE.
         height, width (`int`): training resolution (clips are resized and center-cropped).
-        max_sequence_length (`int`): text tokens of the prompt embeddings.
+        max_sequence_length (`int`): text tokens of the prompt embeddings (per caption; on HunyuanVideo 1.5 the Qwen
+            caption tokens, diffusers' pipelines use 1000).
         cache (`bool`): precompute VAE latent distributions and prompt embeddings once, before training.
         cache_dir (`str`, *optional*): where the cache lives (default `<output_dir>/cache`).
         validate_clips (`bool`): decode every clip once at start-up so unreadable ones are reported and skipped
@@ -424,9 +426,9 @@ def _check(c: TrainConfig) -> None:
             raise ConfigError(path, f"must be an integer in [0, 2**32), got {seed}")
     if not c.model.pretrained:
         raise ConfigError("model.pretrained", "must be a repo id, a folder or 'tiny'")
-    from ..model_families import WAN_FAMILIES
+    from ..model_families import ALL_FAMILIES
 
-    trainable = [name for name, f in WAN_FAMILIES.items() if f.trainable]
+    trainable = [name for name, f in ALL_FAMILIES.items() if f.trainable]
     if c.model.tiny_model not in trainable:
         raise ConfigError("model.tiny_model", f"must be one of {trainable}, got {short_repr(c.model.tiny_model)}")
     if c.model.pretrained == "tiny" and c.model.expert is not None and c.model.tiny_model != "wan2.2-t2v-a14b":

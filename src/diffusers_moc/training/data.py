@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when what a cache file holds changes: `prompt_embeds` is the per-caption text context since format 2.
 _CACHE_FORMAT = 2
-_CACHE_KEYS = {"latent_mean", "latent_std", "prompt_embeds"}
+_CACHE_KEYS = frozenset({"latent_mean", "latent_std", "prompt_embeds"})
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             the captions' embeddings concatenated, so clips may differ in its length).
         tag (`str`): everything else the encoding depends on (encoder models, their dtype, the text length
             `max_sequence_length`); part of the cache key, so changing any of them re-encodes.
+        keys (`frozenset[str]`, *optional*): the tensors `encode` returns (default: Wan's three); a cache file holding
+            others is re-encoded.
     """
 
     def __init__(
@@ -348,6 +350,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         cache_dir: str,
         encode: Callable[[torch.Tensor, str], dict[str, torch.Tensor]],
         tag: str,
+        keys: frozenset[str] = _CACHE_KEYS,
     ):
         from safetensors.torch import load_file, save_file
 
@@ -364,8 +367,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             if os.path.isfile(path):
                 try:
                     tensors = load_file(path)
-                    if set(tensors) != _CACHE_KEYS:
-                        raise ValueError(f"holds {sorted(tensors)}, expected {sorted(_CACHE_KEYS)}")
+                    if set(tensors) != keys:
+                        raise ValueError(f"holds {sorted(tensors)}, expected {sorted(keys)}")
                 except Exception as e:  # a damaged cache file is re-encoded, not fatal
                     logger.warning("re-encoding %s: its cache file %s is unreadable (%s)", r.path, path, e)
                     tensors = None

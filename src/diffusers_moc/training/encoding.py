@@ -46,9 +46,13 @@ class SampleEncoder:
         max_sequence_length (`int`): text tokens per caption.
     """
 
+    #: What a latent cache file holds (`CachedLatentDataset`).
+    cache_keys = frozenset({"latent_mean", "latent_std", "prompt_embeds"})
+
     def __init__(self, pipe, device: torch.device, weight_dtype: torch.dtype, max_sequence_length: int):
         self.pipe, self.device, self.weight_dtype = pipe, device, weight_dtype
         self.max_sequence_length = max_sequence_length
+        self.uncond = CaptionLayout(("",), max_sequence_length)
         vae = pipe.vae
         self.latents_mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
@@ -120,3 +124,26 @@ class SampleEncoder:
             mean, std = self.videos(batch["video"])
             contexts = self.contexts([p.captions for p in plans])
         return EncodedBatch(mean, std, contexts, plans)
+
+    # What `FlowMatchingStep` asks of the model's inputs.
+    def empty_condition(self) -> torch.Tensor:
+        """The text context of a dropped caption: the empty prompt."""
+        return self.prompts([""])[0]
+
+    def drop(self, plan: ShotPlan, context: torch.Tensor, empty: torch.Tensor) -> tuple[ShotPlan, torch.Tensor]:
+        """A sample whose captions are dropped: the empty prompt with stock cross-attention, the shots kept for MoC
+        (the unconditional input of classifier-free guidance in `LongVideoPipeline` and `WanPipeline`)."""
+        return plan.with_captions(self.uncond), empty.to(context.dtype)
+
+    def group_key(self, plan: ShotPlan, context: torch.Tensor) -> tuple:
+        """Samples of one transformer call share this: the MoC context and the text length."""
+        return tuple(plan.caption_context.items()), context.shape[0]
+
+    def model_inputs(
+        self, noisy: torch.Tensor, timestep: torch.Tensor, plans: list[ShotPlan], contexts: list[torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The transformer's inputs of one group of samples, and its [`moc_context`] arguments."""
+        inputs = dict(
+            hidden_states=noisy.to(self.weight_dtype), timestep=timestep, encoder_hidden_states=torch.stack(contexts)
+        )
+        return inputs, plans[0].caption_context

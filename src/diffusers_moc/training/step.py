@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..captions import CaptionLayout
 from ..core.context import moc_context
 from ..shot_plan import ShotPlan
 from .config import OptimConfig
@@ -77,10 +76,8 @@ class FlowMatchingStep:
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.flow_shift)
         self.timesteps = self.scheduler.timesteps.to(device)
         self.sigmas = self.scheduler.sigmas.to(device)
-        # A dropped sample loses all its captions: the empty prompt with stock cross-attention, which is the
-        # unconditional input of classifier-free guidance in LongVideoPipeline and WanPipeline.
-        self.empty_embeds = encoder.prompts([""])[0] if config.caption_dropout > 0 else None
-        self.uncond = CaptionLayout(("",), encoder.max_sequence_length)
+        # A dropped sample loses all its captions: the unconditional input of classifier-free guidance.
+        self.empty = encoder.empty_condition() if config.caption_dropout > 0 else None
 
     def __call__(
         self, batch: dict[str, Any], transformer: torch.nn.Module, timestep_range: tuple[int, int] | None = None
@@ -93,10 +90,10 @@ class FlowMatchingStep:
         """
         encoded = self.encoder.batch(batch, self.cached)
         contexts, plans = encoded.contexts, encoded.plans
-        if self.empty_embeds is not None:
+        if self.empty is not None:
             drop = (torch.rand(len(contexts)) < self.config.caption_dropout).tolist()
-            contexts = [self.empty_embeds.to(c.dtype) if d else c for d, c in zip(drop, contexts)]
-            plans = [p.with_captions(self.uncond) if d else p for d, p in zip(drop, plans)]
+            dropped = [self.encoder.drop(p, c, self.empty) if d else (p, c) for d, p, c in zip(drop, plans, contexts)]
+            plans, contexts = [p for p, _ in dropped], [c for _, c in dropped]
         lo, hi = timestep_range or (0, len(self.timesteps))
         noised = self._noisy_inputs(encoded.latent_mean, encoded.latent_std, lo, hi)
         first = None
@@ -167,9 +164,9 @@ class FlowMatchingStep:
         accelerator, bsz = self.accelerator, noised.noisy.shape[0]
         groups: dict[Any, list[int]] = {}
         for i, plan in enumerate(plans):
-            groups.setdefault((tuple(plan.caption_context.items()), contexts[i].shape[0]), []).append(i)
+            groups.setdefault(self.encoder.group_key(plan, contexts[i]), []).append(i)
         total = torch.zeros((), device=accelerator.device)
-        for g, ((context, _), idx) in enumerate(groups.items()):
+        for g, idx in enumerate(groups.values()):
             sel = torch.tensor(idx, device=accelerator.device)
             # Under DDP only the last group's backward all-reduces, so ranks with different group counts agree.
             sync = (
@@ -177,13 +174,12 @@ class FlowMatchingStep:
                 if g < len(groups) - 1 and accelerator.num_processes > 1
                 else contextlib.nullcontext()
             )
-            with moc_context(**dict(context)), sync:
-                pred = transformer(
-                    hidden_states=noised.noisy[sel].to(self.encoder.weight_dtype),
-                    timestep=self._timestep(noised.timesteps[sel], noised.noisy, None if first is None else first[idx]),
-                    encoder_hidden_states=torch.stack([contexts[i] for i in idx]),
-                    return_dict=False,
-                )[0]
+            timestep = self._timestep(noised.timesteps[sel], noised.noisy, None if first is None else first[idx])
+            inputs, context = self.encoder.model_inputs(
+                noised.noisy[sel], timestep, [plans[i] for i in idx], [contexts[i] for i in idx]
+            )
+            with moc_context(**context), sync:
+                pred = transformer(**inputs, return_dict=False)[0]
                 err = noised.weighting[sel].float() * (pred.float() - noised.target[sel].float()) ** 2
                 loss = self._loss(err, None if first is None else first[idx]) / bsz
                 accelerator.backward(loss * self.grad_scale if self.grad_scale != 1 else loss)

@@ -1,8 +1,8 @@
-"""LoRA fine-tuning of a Wan transformer through MoC attention, with accelerate (`diffusers-moc train`).
+"""LoRA fine-tuning of a video transformer through MoC attention, with accelerate (`diffusers-moc train`).
 
-Wan 2.1 T2V, Wan 2.2 TI2V-5B (per-token timesteps; `training.first_frame_condition` trains its image-to-video mode)
-and Wan 2.2 T2V-A14B (`model.expert`: each expert's LoRA on its own timesteps, see `experts`) are trained; the model
-family is known from its configs before any weights load.
+Wan 2.1 T2V, Wan 2.2 TI2V-5B (per-token timesteps; `training.first_frame_condition` trains its image-to-video mode),
+Wan 2.2 T2V-A14B (`model.expert`: each expert's LoRA on its own timesteps, see `experts`) and HunyuanVideo 1.5 T2V
+are trained; the model family is known from its configs before any weights load.
 
 The loop follows diffusers' flow-matching LoRA scripts (SD3 / Flux DreamBooth LoRA): frozen base weights in the
 mixed-precision dtype, fp32 LoRA parameters added with `transformer.add_adapter(LoraConfig(...))`, AdamW, checkpoints
@@ -21,7 +21,9 @@ Multi-shot clips are conditioned exactly as `LongVideoPipeline` conditions them:
 shot caption are encoded separately and concatenated (`diffusers_moc.captions`), and the MoC processor, installed on the
 cross-attention layers too (`apply_moc`), gives each shot's tokens only the global caption plus their own
 caption. Clips with a single caption train with one prompt and stock cross-attention. Caption dropout replaces all
-captions of a sample with the empty prompt (stock cross-attention), the unconditional input of guidance.
+captions of a sample with the empty prompt (stock cross-attention), the unconditional input of guidance. On
+HunyuanVideo 1.5 each caption is a text chunk of its shot in the joint stream, with the text and transformer inputs
+`HunyuanVideo15LongVideoPipeline` builds (`diffusers_moc.hunyuan_video15_text`, `encoding_hunyuan_video15`).
 
 Exact resume: everything random is drawn from the global torch RNG, which `accelerator.save_state` saves and restores
 (noise, timesteps, latent sampling, LoRA dropout, MoC drop-off / drop-in), or is a pure function of the step (data
@@ -45,7 +47,13 @@ from ..core.atomic import pause_point
 from ..core.config import MoCConfig, resolve_pretrained_source
 from ..core.layout import ChunkLayout
 from ..hub import ADAPTER_FILES, push_to_hub, save_moc_lora
-from ..model_families import WAN_FAMILIES, UnsupportedModelError, WanFamily, family_of_source
+from ..model_families import (
+    ALL_FAMILIES,
+    HUNYUAN_VIDEO15_FAMILIES,
+    UnsupportedModelError,
+    WanFamily,
+    family_of_source,
+)
 from ..tiny import cast_like_from_pretrained
 from .checkpoints import (
     RunPlan,
@@ -59,6 +67,7 @@ from .checkpoints import (
 from .config import ConfigError, TrainConfig
 from .data import CachedLatentDataset, StepBatchSampler, VideoClipDataset, collate_samples
 from .encoding import SampleEncoder
+from .encoding_hunyuan_video15 import HunyuanVideo15SampleEncoder
 from .experts import Expert, expert_for_step, needed_components, timestep_ranges, trained_components
 from .parallel import (
     Parallelism,
@@ -209,7 +218,8 @@ def _resolve_trackers(report_to: list[str]) -> list[str]:
 
 class MoCLoRATrainer:
     r"""
-    Fine-tune a Wan transformer with a PEFT LoRA adapter through Mixture-of-Contexts attention.
+    Fine-tune a Wan or HunyuanVideo 1.5 (text-to-video) transformer with a PEFT LoRA adapter through
+    Mixture-of-Contexts attention.
 
     Args:
         config (`TrainConfig`): the validated training config.
@@ -228,7 +238,7 @@ class MoCLoRATrainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        self.pipeline = None  # the WanPipeline holding the trained transformer, after `train()`
+        self.pipeline = None  # the WanPipeline (HunyuanVideo15Pipeline) holding the trained transformer
 
     def train(self) -> TrainResult:
         r"""
@@ -314,7 +324,7 @@ class MoCLoRATrainer:
         """The model's family, from its folder or Hub configs before any weights load; checked against `model`."""
         m = self.config.model
         if m.pretrained == "tiny":
-            family = WAN_FAMILIES[m.tiny_model]
+            family = ALL_FAMILIES[m.tiny_model]
         else:
             try:
                 family = family_of_source(m.pretrained, revision=m.revision)
@@ -322,7 +332,7 @@ class MoCLoRATrainer:
                 raise ConfigError("model.pretrained", str(e)) from None
             except OSError as e:
                 raise ConfigError("model.pretrained", f"cannot read its configuration: {e}") from None
-        trainable = [f.title for f in WAN_FAMILIES.values() if f.trainable]
+        trainable = [f.title for f in ALL_FAMILIES.values() if f.trainable]
         if not family.trainable:
             raise ConfigError("model.pretrained", f"is a {family.title} model; training supports {trainable}")
         if m.expert is not None and not family.experts:
@@ -331,7 +341,18 @@ class MoCLoRATrainer:
             raise ConfigError(
                 "training.first_frame_condition", f"is for Wan 2.2 TI2V-5B (a clean first frame), not {family.title}"
             )
+        if family.name in HUNYUAN_VIDEO15_FAMILIES:
+            self._check_hunyuan_video15_options(family)
         return family
+
+    def _check_hunyuan_video15_options(self, family: WanFamily) -> None:
+        """The Wan-only parallelism options, refused on HunyuanVideo 1.5 before any model loads."""
+        t = self.config.training
+        # MoC's HunyuanVideo 1.5 attention does not split its joint stream over ranks; FSDP's units are Wan blocks.
+        if t.context_parallel > 1:
+            raise ConfigError("training.context_parallel", f"must be 1 on {family.title} (Wan only)")
+        if t.fsdp:
+            raise ConfigError("training.fsdp", f"must be false on {family.title} (Wan only)")
 
     def _clips(self) -> VideoClipDataset:
         d = self.config.data
@@ -348,14 +369,17 @@ class MoCLoRATrainer:
         m = self.config.model
         needed = needed_components(family.experts, m.expert, bool(self.config.validation.every))
         skipped = {name: None for name in ("transformer", "transformer_2") if family.experts and name not in needed}
+        hunyuan = family.name in HUNYUAN_VIDEO15_FAMILIES
         if m.pretrained == "tiny":
             from ..tiny import tiny_wan_components
+            from ..tiny_hunyuan_video15 import tiny_hunyuan_video15_components
 
-            return {**tiny_wan_components(seed=m.tiny_seed, model=m.tiny_model), **skipped}
-        from diffusers import WanPipeline
+            build = tiny_hunyuan_video15_components if hunyuan else tiny_wan_components
+            return {**build(seed=m.tiny_seed, model=m.tiny_model), **skipped}
+        from diffusers import HunyuanVideo15Pipeline, WanPipeline
 
         try:
-            pipe = WanPipeline.from_pretrained(
+            pipe = (HunyuanVideo15Pipeline if hunyuan else WanPipeline).from_pretrained(
                 m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype, **skipped
             )
         except OSError as e:  # missing files, unknown repo, no network
@@ -369,25 +393,26 @@ class MoCLoRATrainer:
 
     def _load_models(self, setup: _Setup) -> _Models:
         from accelerate.utils import set_seed
-        from diffusers import WanPipeline
+        from diffusers import HunyuanVideo15Pipeline, WanPipeline
 
         c = self.config
         set_seed(c.seed)
         components = self._load_components(setup.family, setup.weight_dtype)
         set_seed(c.seed)  # the tiny builder reseeds; LoRA init must depend on `seed` only
-        vae, text_encoder = components["vae"], components["text_encoder"]
+        vae = components["vae"]
+        # Wan has one text encoder; HunyuanVideo 1.5 a second one for glyph text (ByT5).
+        text_encoders = [components[n] for n in ("text_encoder", "text_encoder_2") if components.get(n) is not None]
         transformers = {name: components[name] for name in ("transformer", "transformer_2") if components.get(name)}
-        for module in (vae, text_encoder, *transformers.values()):
+        for module in (vae, *text_encoders, *transformers.values()):
             module.requires_grad_(False)
-        # Wan's VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
-        for module, dtype in ((vae, torch.float32), (text_encoder, setup.weight_dtype)):
+        # The VAE is kept in fp32 (as diffusers' Wan pipelines do); the rest runs in the mixed-precision dtype.
+        for module, dtype in ((vae, torch.float32), *((e, setup.weight_dtype) for e in text_encoders)):
             module.to(setup.accelerator.device)
             cast_like_from_pretrained(module, dtype)
+            module.eval()
         for module in transformers.values():
             module.to(setup.accelerator.device)
             cast_like_from_pretrained(module, setup.weight_dtype)
-        vae.eval()
-        text_encoder.eval()
         # MoC drop-off / drop-in draw from the global RNG in training: that RNG is saved by accelerate (exact
         # resume) and replayed by torch.utils.checkpoint, so a checkpointed block recomputes the very routing of its
         # forward. `apply_moc` installs the per-shot caption cross-attention too (used when a sample has shot
@@ -400,7 +425,8 @@ class MoCLoRATrainer:
         # Last: diffusers' split / gather hooks then wrap the LoRA-adapted modules (`proj_out` may be a target).
         for module in transformers.values():
             enable_context_parallel(module, setup.par)
-        pipe = self.pipeline = WanPipeline(**components)
+        hunyuan = setup.family.name in HUNYUAN_VIDEO15_FAMILIES
+        pipe = self.pipeline = (HunyuanVideo15Pipeline if hunyuan else WanPipeline)(**components)
         pipe.set_progress_bar_config(disable=True)
         return _Models(pipe, trained)
 
@@ -431,13 +457,21 @@ class MoCLoRATrainer:
             # Random draws inside the compiled blocks (MoC drop-off / drop-in, LoRA dropout) as eager mode draws
             # them: a compiled run trains as the eager one does, and resumes exactly.
             inductor_config.fallback_random = True
-            # Regional compilation: every repeated block (WanTransformerBlock) shares one compiled graph. Static
+            # Regional compilation: every repeated block (e.g. WanTransformerBlock) shares one compiled graph. Static
             # shapes: a training run has one sample shape, and MoC's layout is a per-shape constant.
             transformer.compile_repeated_blocks(fullgraph=t.compile_fullgraph, dynamic=False)
 
     @staticmethod
     def _denoiser(pipe) -> torch.nn.Module:
         return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+
+    @classmethod
+    def _patch_size(cls, pipe) -> tuple[int, int, int]:
+        """`(t, h, w)` patch of the denoiser: Wan's config holds a tuple, HunyuanVideo 1.5's two integers."""
+        config = cls._denoiser(pipe).config
+        if isinstance(config.patch_size, int):
+            return config.patch_size_t, config.patch_size, config.patch_size
+        return tuple(config.patch_size)
 
     def _check_model_fits(self, pipe, par: Parallelism) -> None:
         """The training and validation sizes against the model, before anything is encoded."""
@@ -447,7 +481,7 @@ class MoCLoRATrainer:
             frames, per_frame = self._latent_grid(pipe)
             check_context_parallel(self._denoiser(pipe), par.context_parallel, frames * per_frame)
         rope = getattr(config, "rope_max_seq_len", None)
-        p_t, p_h, p_w = config.patch_size
+        p_t, p_h, p_w = self._patch_size(pipe)
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         sizes = [("data", c.data)] + ([("validation", c.validation)] if c.validation.every else [])
         for section, s in sizes:
@@ -474,7 +508,9 @@ class MoCLoRATrainer:
     def _prepare_data(self, setup: _Setup, pipe, clips: VideoClipDataset) -> _Data:
         c, d = self.config, self.config.data
         accelerator = setup.accelerator
-        encoder = SampleEncoder(pipe, accelerator.device, setup.weight_dtype, d.max_sequence_length)
+        hunyuan = setup.family.name in HUNYUAN_VIDEO15_FAMILIES
+        encoder_cls = HunyuanVideo15SampleEncoder if hunyuan else SampleEncoder
+        encoder = encoder_cls(pipe, accelerator.device, setup.weight_dtype, d.max_sequence_length)
         dataset = clips
         if d.cache:
             # Everything the cached tensors depend on besides the clip: the encoders, their dtype and the text length.
@@ -485,7 +521,11 @@ class MoCLoRATrainer:
             )
             with accelerator.main_process_first():  # rank 0 writes the cache, the others read it
                 dataset = CachedLatentDataset(
-                    clips, d.cache_dir or os.path.join(c.output_dir, "cache"), encoder.encode_one, tag=tag
+                    clips,
+                    d.cache_dir or os.path.join(c.output_dir, "cache"),
+                    encoder.encode_one,
+                    tag=tag,
+                    keys=encoder.cache_keys,
                 )
         frames, tokens_per_frame = self._latent_grid(pipe)
         records = dataset.items if d.cache else [r.__dict__ for r in dataset.records]
@@ -520,7 +560,7 @@ class MoCLoRATrainer:
     def _latent_grid(self, pipe) -> tuple[int, int]:
         """(latent frames, tokens per latent frame) of a training sample."""
         d = self.config.data
-        p_t, p_h, p_w = self._denoiser(pipe).config.patch_size
+        p_t, p_h, p_w = self._patch_size(pipe)
         s = pipe.vae_scale_factor_spatial
         frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
         return frames, (d.height // s // p_h) * (d.width // s // p_w)
@@ -549,7 +589,7 @@ class MoCLoRATrainer:
         state = _TrainState()
         accelerator.register_for_checkpointing(state)
         *prepared, optimizer, lr_scheduler = accelerator.prepare(*models.trained.values(), optimizer, lr_scheduler)
-        patch = self._denoiser(pipe).config.patch_size if setup.family.expand_timesteps else None
+        patch = self._patch_size(pipe) if setup.family.expand_timesteps else None
         step_fn = FlowMatchingStep(accelerator, encoder, t, c.data.cache, patch, grad_scale=setup.par.context_parallel)
         ranges = timestep_ranges(step_fn.timesteps, pipe.config.get("boundary_ratio"))
         total = len(step_fn.timesteps)

@@ -60,17 +60,7 @@ def render_validation(
         with torch.no_grad(), autocast, moc_context(shot_frames=v.shot_frames):
             for i, prompt in enumerate(v.prompts):
                 generator = torch.Generator(device=accelerator.device).manual_seed(v.seed + i)
-                frames = pipe(
-                    prompt=prompt,
-                    height=v.height,
-                    width=v.width,
-                    num_frames=v.num_frames,
-                    num_inference_steps=v.num_inference_steps,
-                    guidance_scale=v.guidance_scale,
-                    generator=generator,
-                    output_type="np",
-                    max_sequence_length=max_sequence_length,
-                ).frames[0]
+                frames = _generate(pipe, prompt, v, generator, max_sequence_length)
                 videos.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
                 paths.append(os.path.join(out_dir, f"step-{step:06d}-{i}.mp4"))
     finally:
@@ -81,6 +71,28 @@ def render_validation(
     _log(accelerator, trackers, paths, videos, v.prompts, step)
     logger.info("validation videos at step %d: %s", step, paths)
     return paths
+
+
+def _generate(pipe, prompt: str, v: ValidationConfig, generator, max_sequence_length: int):
+    """One validation video (`np` frames). diffusers' HunyuanVideo 1.5 pipeline takes its guidance scale from its
+    `guider` and its caption length from `tokenizer_max_length`; both are set for the call and restored."""
+    call = dict(
+        prompt=prompt,
+        height=v.height,
+        width=v.width,
+        num_frames=v.num_frames,
+        num_inference_steps=v.num_inference_steps,
+        generator=generator,
+        output_type="np",
+    )
+    if getattr(pipe, "guider", None) is None:
+        return pipe(**call, guidance_scale=v.guidance_scale, max_sequence_length=max_sequence_length).frames[0]
+    guider, length = pipe.guider, pipe.tokenizer_max_length
+    pipe.guider, pipe.tokenizer_max_length = guider.new(guidance_scale=v.guidance_scale), max_sequence_length
+    try:
+        return pipe(**call).frames[0]
+    finally:
+        pipe.guider, pipe.tokenizer_max_length = guider, length
 
 
 def _log(accelerator, trackers: list[str], paths, videos, prompts, step: int) -> None:
