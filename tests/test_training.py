@@ -389,14 +389,14 @@ def test_wan22_training_trains_the_chosen_experts_on_their_timesteps(data_root, 
             torch.testing.assert_close(getattr(fresh, name)(**x)[0], getattr(pipe, name)(**x)[0], rtol=0, atol=1e-6)
 
 
-def test_a_hunyuan_video15_model_is_named_and_refused_before_loading(tmp_path):
-    """HunyuanVideo 1.5 generates with LongVideoPipeline but is not trained yet: its folder is told apart by its
-    configs and refused with the field named."""
+def test_a_hunyuan_video15_i2v_model_is_named_and_refused_before_loading(tmp_path):
+    """HunyuanVideo 1.5 image-to-video generates with LongVideoPipeline but is not trained (text-to-video is): its
+    folder is told apart by its configs and refused with the field named."""
     import json
 
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15ImageToVideoPipeline"}))
     trainer = MoCLoRATrainer(_config("/data", "/out", model={"pretrained": str(tmp_path)}))
-    with pytest.raises(ConfigError, match=r"model.pretrained: is a HunyuanVideo 1.5 T2V model; training supports"):
+    with pytest.raises(ConfigError, match=r"model.pretrained: is a HunyuanVideo 1.5 I2V model; training supports"):
         trainer._family()
 
 

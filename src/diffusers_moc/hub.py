@@ -353,4 +353,7 @@ def load_moc_lora(
             getattr(pipe, component).load_lora_adapter(
                 source, prefix="transformer", adapter_name=adapter_name, weight_name=name, **kwargs
             )
+        # PEFT adds the adapter's modules in training mode: an eval model would run the LoRA's dropout.
+        model = getattr(pipe, component)
+        model.train(model.training)
     return apply_moc(pipe, moc_config)

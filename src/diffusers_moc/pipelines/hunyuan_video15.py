@@ -142,6 +142,18 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
     def _denoiser(self) -> torch.nn.Module:
         return self.transformer
 
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        r"""
+        Load a LoRA into the transformer: diffusers has no HunyuanVideo 1.5 LoRA loader (the inherited Wan one does
+        not fit), so the transformer's own `load_lora_adapter` reads the file's `transformer.` keys and its metadata.
+        Arguments are those of `load_lora_adapter`; `load_into_transformer_2=True` is refused (one transformer).
+        """
+        if kwargs.pop("load_into_transformer_2", False):
+            raise ValueError("load_into_transformer_2 is for Wan 2.2 A14B's second expert; HunyuanVideo 1.5 has one")
+        self.transformer.load_lora_adapter(
+            pretrained_model_name_or_path_or_dict, prefix="transformer", adapter_name=adapter_name, **kwargs
+        )
+
     def default_settings(self, image: PIL.Image.Image | None = None) -> dict[str, Any]:
         r"""`num_frames` (121), `fps` (24), `num_inference_steps` (50), the guider's `guidance_scale`, the Qwen
         caption length (1000) and `height` / `width` as diffusers' pipelines pick them: 16:9 at the transformer's
