@@ -96,9 +96,8 @@ def test_training_a_saved_folder_follows_the_schedule_and_exports(trained):
 def test_resume_is_exact(trained, data_root, folder, tmp_path):
     config, straight, full = trained
     checkpoint = os.path.join(config.output_dir, "checkpoint-2")
-    resumed = MoCLoRATrainer(
-        _config(data_root, tmp_path, model={"pretrained": folder}, **{**RUN, "checkpointing": {"resume_from": checkpoint}})
-    )
+    sections = {**RUN, "checkpointing": {"resume_from": checkpoint}}
+    resumed = MoCLoRATrainer(_config(data_root, tmp_path, model={"pretrained": folder}, **sections))
     rest = resumed.train()
     assert rest.global_step == 4 and rest.losses == full.losses[2:]
     assert rest.learning_rates == full.learning_rates[2:] and rest.densities == full.densities[2:]
@@ -143,7 +142,8 @@ def test_clips_are_conditioned_as_the_long_video_pipeline_conditions_their_shots
 ):
     def record(into):
         def look(module, args, kwargs):
-            into.append((current_moc_context(), {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}))
+            tensors = {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+            into.append((current_moc_context(), tensors))
 
         return look
 
