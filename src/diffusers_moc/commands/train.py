@@ -14,9 +14,10 @@ import logging
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a Wan transformer with LoRA through MoC attention",
+        help="fine-tune a Wan or HunyuanVideo 1.5 transformer with LoRA through MoC attention",
         description=(
-            "Fine-tune a Wan transformer with a PEFT LoRA adapter through Mixture-of-Contexts attention, annealing "
+            "Fine-tune a Wan or HunyuanVideo 1.5 (text-to-video) transformer with a PEFT LoRA adapter through "
+            "Mixture-of-Contexts attention, annealing "
             "top_k from dense to the target. Multi-GPU: accelerate launch -m diffusers_moc.cli train CONFIG"
         ),
     )
