@@ -228,3 +228,22 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path, model, training, 
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(ConfigError, match="model.expert: is for Wan 2.2 A14B's two experts; model.tiny_model="):
         _config("/data", "/out", model={**TINY, "expert": "high_noise"})
+
+
+def test_the_command_line_trains_a_hunyuan_video15_folder(data_root, folder, tmp_path):
+    from diffusers_moc.cli import main
+    from diffusers_moc.core.config import MoCConfig
+
+    path = tmp_path / "c.yaml"
+    lines = [
+        f"output_dir: {tmp_path / 'out'}",
+        f"model: {{pretrained: {folder}}}",
+        "moc: {top_k: 2, local_window: 0, backend: torch}",
+        "sparsity: {anneal_steps: 0}",
+        f"data: {{root: {data_root}, num_frames: 17, height: 32, width: 32, max_sequence_length: 16}}",
+        "training: {max_steps: 1, mixed_precision: 'no'}",
+        "logging: {report_to: none}",
+    ]
+    path.write_text("\n".join(lines))
+    assert main(["train", str(path)]) == 0
+    assert MoCConfig.from_pretrained(tmp_path / "out" / "final").top_k == 2

@@ -11,6 +11,7 @@ inputs it is used with.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "VISION_TOKENS",
     "cat_texts",
     "t2v_condition",
+    "text_defaults",
     "transformer_inputs",
 ]
 
@@ -76,18 +78,14 @@ def cat_texts(texts: Sequence[HunyuanVideo15Text]) -> HunyuanVideo15Text:
     return HunyuanVideo15Text(*tensors, context=texts[0].context)
 
 
-_MLLM_DEFAULTS = None
+@functools.cache
+def text_defaults() -> dict[str, Any]:
+    """diffusers' Qwen text settings (`system_message`, `crop_start`, `tokenizer_max_length`), read off its encoder's
+    signature so they follow diffusers."""
+    from diffusers import HunyuanVideo15Pipeline
 
-
-def _mllm_defaults() -> dict[str, Any]:
-    # diffusers' text settings, read off its encoder's signature (so they follow diffusers).
-    global _MLLM_DEFAULTS
-    if _MLLM_DEFAULTS is None:
-        from diffusers import HunyuanVideo15Pipeline
-
-        params = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
-        _MLLM_DEFAULTS = {k: params[k].default for k in ("system_message", "crop_start", "tokenizer_max_length")}
-    return _MLLM_DEFAULTS
+    params = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
+    return {k: params[k].default for k in ("system_message", "crop_start", "tokenizer_max_length")}
 
 
 @dataclass
@@ -114,7 +112,7 @@ class HunyuanVideo15CaptionEncoder:
     max_sequence_length_2: int = BYT5_TOKENS
 
     def __post_init__(self):
-        defaults = _mllm_defaults()
+        defaults = text_defaults()
         if self.max_sequence_length is None:
             self.max_sequence_length = defaults["tokenizer_max_length"]
         if self.system_message is None:

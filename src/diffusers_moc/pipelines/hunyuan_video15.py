@@ -5,7 +5,8 @@ the components of diffusers' `HunyuanVideo15Pipeline` / `HunyuanVideo15ImageToVi
 an MMDiT: captions are tokens of the joint self-attention stream, not of a cross-attention. Each caption (its Qwen
 caption and its ByT5 glyph text) is encoded alone, trimmed to its real tokens and placed in the transformer's text
 inputs one after the other; [`moc_context`]'s `caption_shots` / `caption_tokens` make each one a text chunk of its
-shot (the global caption a chunk of no shot), refined alone by the token refiner. With
+shot (the global caption a chunk of no shot), refined alone by the token refiner. The text and transformer inputs are
+built by `diffusers_moc.hunyuan_video15_text`, which `diffusers-moc train` uses too. With
 `MoCConfig(text_anchors="shot", causal=True)` a shot anchors its own caption plus the global one and never depends on
 a later shot.
 
@@ -15,7 +16,6 @@ with `apply_moc`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +29,6 @@ from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideo15ImageToVideoPipeline,
-    HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -42,6 +41,7 @@ from ..hunyuan_video15_text import (
     HunyuanVideo15CaptionEncoder,
     HunyuanVideo15Text,
     t2v_condition,
+    text_defaults,
     transformer_inputs,
 )
 from ..model_families import HUNYUAN_VIDEO15_FAMILIES, WanFamily
@@ -49,8 +49,6 @@ from ..shot_plan import ShotPlan, plan_shots
 from .long_video import LongVideoPipeline, LongVideoPipelineOutput, Shot
 
 __all__ = ["HunyuanVideo15LongVideoPipeline"]
-
-_MLLM_DEFAULTS = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
 
 
 @dataclass(frozen=True)
@@ -125,9 +123,10 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
             vae_scale_factor=self.vae_scale_factor_spatial, do_resize=False, do_convert_rgb=True
         )
         # diffusers' pipelines' text settings (their `encode_prompt` reads them from the pipeline).
-        self.system_message = _MLLM_DEFAULTS["system_message"].default
-        self.prompt_template_encode_start_idx = _MLLM_DEFAULTS["crop_start"].default
-        self.tokenizer_max_length = _MLLM_DEFAULTS["tokenizer_max_length"].default
+        defaults = text_defaults()
+        self.system_message = defaults["system_message"]
+        self.prompt_template_encode_start_idx = defaults["crop_start"]
+        self.tokenizer_max_length = defaults["tokenizer_max_length"]
         self.tokenizer_2_max_length = 256
         self.vision_num_semantic_tokens = 729
         self.default_aspect_ratio = (16, 9)  # (width: height)
