@@ -25,7 +25,8 @@ class EncodedBatch:
 
     Attributes:
         latent_mean, latent_std (`torch.Tensor`): `(B, C, F, h, w)` normalised VAE posterior of each sample.
-        contexts (`list[torch.Tensor]`): the text context `(tokens, dim)` of each sample.
+        contexts (`list`): the text context of each sample: `(tokens, dim)` on Wan, a `HunyuanVideo15Text` (batch
+            of one) on HunyuanVideo 1.5.
         plans (`list[ShotPlan]`): the shot plan of each sample (its shots and caption spans).
     """
 

@@ -4,7 +4,9 @@ The loss is diffusers' flow-matching loss (SD3 / Flux LoRA scripts): `x_t = (1 -
 `noise - x_0`, timesteps drawn by `compute_density_for_timestep_sampling` and weighted by
 `compute_loss_weighting_for_sd3`. Everything random comes from the global torch RNG, which checkpoints save (exact
 resume). A Wan 2.2 A14B expert draws its timesteps from its own range (`experts.timestep_ranges`); TI2V-5B
-(`expand_timesteps`) gets the timestep per token, as `WanPipeline` passes it.
+(`expand_timesteps`) gets the timestep per token, as `WanPipeline` passes it. The transformer's inputs and MoC context
+come from the encoder (`SampleEncoder.model_inputs`): Wan's cross-attention context, or HunyuanVideo 1.5's text and
+condition inputs (`encoding_hunyuan_video15`).
 """
 
 from __future__ import annotations
