@@ -44,3 +44,30 @@ def rng():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The training test files' common fixtures (they opt in with `pytestmark = pytest.mark.usefixtures(...)`).
+@pytest.fixture(scope="module")
+def _one_thread():
+    # Tiny tensors: thread start-up dominates, and the test machine's cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def _fresh_accelerate_state():
+    from _train_helpers import _reset_accelerate
+
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Two tiny clips and their metadata, shared by a test module's training runs."""
+    from _train_helpers import _make_dataset
+
+    return _make_dataset(tmp_path_factory.mktemp("clips"), n=2)

@@ -37,26 +37,7 @@ from _train_helpers import (  # noqa: E402
     _write_clip,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: thread start-up dominates, and the test machine's cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return _make_dataset(tmp_path_factory.mktemp("clips"), n=2)
+pytestmark = pytest.mark.usefixtures("_one_thread", "_fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

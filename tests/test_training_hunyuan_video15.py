@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from _train_helpers import _config, _lora_state, _make_dataset, _reset_accelerate
+from _train_helpers import _config, _lora_state, _reset_accelerate
 from diffusers import HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
 
 from diffusers_moc import current_moc_context, get_moc_config
@@ -39,24 +39,7 @@ RUN = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return _make_dataset(tmp_path_factory.mktemp("clips"), n=2)
+pytestmark = pytest.mark.usefixtures("_one_thread", "_fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from _fork import TIMEOUT_S, cli_until_paused
-from _train_helpers import _config, _make_dataset, _reset_accelerate
+from _train_helpers import _config, _reset_accelerate
 from safetensors.torch import load_file
 
 from diffusers_moc.core.atomic import PAUSE_ENV, PAUSE_FILE_ENV
@@ -29,24 +29,7 @@ pytest.importorskip("imageio.v3")
 RUN = {"training": {"max_steps": 4}, "checkpointing": {"every": 2, "total_limit": 1}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return _make_dataset(tmp_path_factory.mktemp("clips"), n=2)
+pytestmark = pytest.mark.usefixtures("_one_thread", "_fresh_accelerate_state")
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
