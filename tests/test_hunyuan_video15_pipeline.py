@@ -140,7 +140,9 @@ def test_from_pretrained_on_the_stock_folder_layout(tmp_path):
         loaded.set_progress_bar_config(disable=True)
         assert loaded.family.name == model
         expected = run(make_pipe(model), SHOTS, output_type="latent").frames
-        torch.testing.assert_close(run(loaded, SHOTS, output_type="latent").frames, expected, rtol=0, atol=0)
+        # Same weights, but freshly loaded tensors can sit at unaligned addresses and take other BLAS paths (as on
+        # Wan): equal up to float rounding.
+        torch.testing.assert_close(run(loaded, SHOTS, output_type="latent").frames, expected, rtol=0, atol=1e-4)
 
 
 def test_output_types_callbacks_decoding_and_checks(monkeypatch):
