@@ -136,3 +136,25 @@ def test_quick_run_writes_results_through_the_trainer(bench, tmp_path):
     with open(out / f"{stem}.md") as f:
         text = f.read()
     assert "MoC, adapted" in text and f"{stem}_routing.png" in text
+
+
+def test_naive_is_judged_worse_than_dense_per_seed(bench):
+    """A seed's variants share its data and base model: a consistent excess counts even where the levels vary more
+    between seeds than the excess; an excess that one seed reverses does not."""
+
+    def runs(dense_levels, excess):
+        out = []
+        for level, e in zip(dense_levels, excess):
+            metrics = {v: {m: 0.5 for m in bench.METRICS} for v in ("data", *bench.VARIANTS)}
+            metrics["dense"].update(returning_loss_high_noise=level, consistency_gap=level)
+            metrics["naive_adapted"].update(returning_loss_high_noise=level + e, consistency_gap=level - e)
+            out.append({"metrics": metrics})
+        return out
+
+    def met(r):
+        targets = bench.check_targets(bench.summarise(r), r)
+        return [t["met"] for t in targets if t["target"].startswith("naive adapted clearly worse")]
+
+    assert met(runs([0.3, 0.5, 0.7], [0.05, 0.06, 0.05])) == [True, True]
+    assert met(runs([0.3, 0.5, 0.7], [0.05, 0.06, -0.01])) == [False, False]
+    assert met(runs([0.5, 0.5, 0.5], [0.01, 0.09, 0.02])) == [False, False]  # mean 0.04, std 0.044: noise
