@@ -118,7 +118,7 @@ def _accelerator_index_on_cpu(device_type: str) -> Iterator[None]:
         torch.accelerator.device_count = original
 
 
-def enable_context_parallel(pipe, ulysses_degree: int | None = None) -> None:
+def enable_context_parallel(pipe, ulysses_degree: int | None = None, mesh=None) -> None:
     r"""
     Ulysses context parallelism on every transformer of `pipe` (both experts on Wan 2.2 A14B), over one device mesh.
 
@@ -128,6 +128,8 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None) -> None:
     Args:
         pipe: a pipeline (e.g. [`LongVideoPipeline`]) or a transformer.
         ulysses_degree (`int`, *optional*): the number of processes sharing each video; default: all of them.
+        mesh (`DeviceMesh`, *optional*): the `("ring", "ulysses")` (or `("dp", "ring", "ulysses")`) mesh to run on;
+            default: one `(1, ulysses_degree)` mesh of all processes.
     """
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
@@ -136,7 +138,8 @@ def enable_context_parallel(pipe, ulysses_degree: int | None = None) -> None:
     transformers = list(pipeline_transformers(pipe).values()) if hasattr(pipe, "components") else [pipe]
     device_type = next(transformers[0].parameters()).device.type
     # One mesh for all experts: a mesh is a set of communicators, built once rather than per transformer.
-    mesh = init_device_mesh(device_type, (1, degree), mesh_dim_names=("ring", "ulysses"))
+    if mesh is None:
+        mesh = init_device_mesh(device_type, (1, degree), mesh_dim_names=("ring", "ulysses"))
     with _accelerator_index_on_cpu(device_type):
         for transformer in transformers:
             transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))

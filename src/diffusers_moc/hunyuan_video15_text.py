@@ -24,7 +24,10 @@ from .shot_plan import ShotPlan
 __all__ = [
     "HunyuanVideo15CaptionEncoder",
     "HunyuanVideo15Text",
+    "BYT5_TOKENS",
     "VISION_TOKENS",
+    "caption_context",
+    "caption_segments",
     "cat_texts",
     "t2v_condition",
     "text_defaults",
@@ -76,6 +79,20 @@ def cat_texts(texts: Sequence[HunyuanVideo15Text]) -> HunyuanVideo15Text:
         raise ValueError("text inputs batched together must share their MoC context and token counts")
     tensors = [torch.cat([getattr(t, name) for t in texts]) for name in ("embeds", "mask", "embeds_2", "mask_2")]
     return HunyuanVideo15Text(*tensors, context=texts[0].context)
+
+
+def caption_segments(global_caption: str | None, shot_captions: Sequence[str | None]) -> list[tuple[int, str]]:
+    """The captions of a video in stream order, each with its shot (`-1`: the global caption, of no shot). A shot
+    without a caption (`None`) has no segment: it attends the global caption only."""
+    segments = [(-1, global_caption)] if global_caption is not None else []
+    return segments + [(i, c) for i, c in enumerate(shot_captions) if c is not None]
+
+
+def caption_context(plan: ShotPlan, shots: Sequence[int], tokens: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """The [`moc_context`] arguments of per-shot captions: the shots, each segment's shot (`caption_shots`) and its
+    Qwen and ByT5 token counts (`caption_tokens`)."""
+    counts = tuple(tuple(int(n) for n in row) for row in tokens)
+    return {**plan.shot_context, "caption_shots": tuple(shots), "caption_tokens": counts}
 
 
 @functools.cache
@@ -173,15 +190,13 @@ class HunyuanVideo15CaptionEncoder:
     ) -> HunyuanVideo15Text:
         r"""
         The conditional text of a video's shots: diffusers' for a single caption; else the global caption and each
-        shot's, each encoded alone (each distinct caption once) and trimmed to its real tokens, in that order, with
-        the `caption_shots` / `caption_tokens` that make each one a text chunk of its shot. A shot without a caption
-        (`None`) has no segment: it attends the global caption only.
+        shot's ([`caption_segments`]), each encoded alone (each distinct caption once) and trimmed to its real tokens,
+        in that order, with the [`caption_context`] that makes each one a text chunk of its shot.
         """
         if plan.captions.caption_spans is None:  # one caption for every shot: diffusers' text path
             text = self.encode(plan.captions.segments[0], device, dtype, copies)
             return HunyuanVideo15Text(text.embeds, text.mask, text.embeds_2, text.mask_2, context=plan.shot_context)
-        segments = [(-1, global_caption)] if global_caption is not None else []
-        segments += [(i, c) for i, c in enumerate(shot_captions) if c is not None]
+        segments = caption_segments(global_caption, shot_captions)
         encoded = {c: self.encode(c, device, dtype) for c in dict.fromkeys(c for _, c in segments)}
         parts, counts = ([], []), ([], [])
         for _, caption in segments:
@@ -197,9 +212,7 @@ class HunyuanVideo15CaptionEncoder:
                 embeds = embeds.new_zeros(1, 1, embeds.shape[-1])
             mask = (torch.arange(embeds.shape[1], device=device) < sum(counts[i])).to(dtype)[None]
             tensors += [embeds.repeat(copies, 1, 1), mask.repeat(copies, 1)]
-        shots = {"shot_frames": plan.latent_frames if plan.num_shots > 1 else None}
-        tokens = tuple(tuple(c) for c in counts)
-        context = {**shots, "caption_shots": tuple(s for s, _ in segments), "caption_tokens": tokens}
+        context = caption_context(plan, [shot for shot, _ in segments], counts)
         return HunyuanVideo15Text(*tensors, context=context)
 
 

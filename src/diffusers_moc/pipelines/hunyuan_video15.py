@@ -38,6 +38,8 @@ from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5E
 
 from ..core.context import moc_context
 from ..hunyuan_video15_text import (
+    BYT5_TOKENS,
+    VISION_TOKENS,
     HunyuanVideo15CaptionEncoder,
     HunyuanVideo15Text,
     t2v_condition,
@@ -127,8 +129,8 @@ class HunyuanVideo15LongVideoPipeline(LongVideoPipeline):
         self.system_message = defaults["system_message"]
         self.prompt_template_encode_start_idx = defaults["crop_start"]
         self.tokenizer_max_length = defaults["tokenizer_max_length"]
-        self.tokenizer_2_max_length = 256
-        self.vision_num_semantic_tokens = 729
+        self.tokenizer_2_max_length = BYT5_TOKENS
+        self.vision_num_semantic_tokens = VISION_TOKENS
         self.default_aspect_ratio = (16, 9)  # (width: height)
 
     # ------------------------------------------------------------------------------------------------ family, checks

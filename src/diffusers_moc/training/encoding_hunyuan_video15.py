@@ -17,6 +17,8 @@ import torch
 from ..hunyuan_video15_text import (
     HunyuanVideo15CaptionEncoder,
     HunyuanVideo15Text,
+    caption_context,
+    caption_segments,
     cat_texts,
     t2v_condition,
     transformer_inputs,
@@ -76,11 +78,9 @@ class HunyuanVideo15SampleEncoder(SampleEncoder):
         tensors = [batch[k][i][None].to(self.device, self.weight_dtype) for k in _TEXT_KEYS]
         if plan.captions.caption_spans is None:  # diffusers' text path: the shots only
             return HunyuanVideo15Text(*tensors, context=plan.shot_context)
-        segments = [-1] if batch["global_caption"][i] is not None else []
-        segments += [s for s, c in enumerate(batch["shot_captions"][i]) if c is not None]
-        counts = tuple(tuple(int(n) for n in row) for row in batch["caption_tokens"][i])
-        context = {"shot_frames": plan.latent_frames if plan.num_shots > 1 else None, "caption_shots": tuple(segments)}
-        return HunyuanVideo15Text(*tensors, context={**context, "caption_tokens": counts})
+        segments = caption_segments(batch["global_caption"][i], batch["shot_captions"][i])
+        context = caption_context(plan, [shot for shot, _ in segments], batch["caption_tokens"][i])
+        return HunyuanVideo15Text(*tensors, context=context)
 
     def batch(self, batch: dict[str, Any], cached: bool) -> EncodedBatch:
         """The latent distributions, text inputs ([`HunyuanVideo15Text`], one per sample) and shot plans."""

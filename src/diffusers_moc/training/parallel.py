@@ -18,12 +18,12 @@ which differs from one process.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .. import distributed
 from .config import ConfigError
 
 __all__ = [
@@ -109,29 +109,10 @@ def check_context_parallel(transformer: torch.nn.Module, degree: int, tokens: in
             )
 
 
-@contextlib.contextmanager
-def _device_count_at_least_one():
-    # diffusers 0.42.1 places a rank on device `rank % torch.accelerator.device_count()`, a division by zero on a
-    # machine without an accelerator, where the device index is irrelevant (CPU processes over gloo).
-    original = torch.accelerator.device_count
-    if original() > 0:
-        yield
-        return
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
-
-
 def enable_context_parallel(transformer: torch.nn.Module, par: Parallelism) -> None:
     """diffusers' Ulysses context parallelism on `transformer` (after MoC and the LoRA adapter are installed)."""
-    if par.context_parallel <= 1:
-        return
-    from diffusers import ContextParallelConfig
-
-    with _device_count_at_least_one():
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=par.context_parallel, mesh=par.mesh))
+    if par.context_parallel > 1:
+        distributed.enable_context_parallel(transformer, par.context_parallel, mesh=par.mesh)
 
 
 def lora_state_dict(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:

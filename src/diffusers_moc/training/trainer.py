@@ -44,6 +44,7 @@ import torch
 
 from ..core.apply import apply_moc, update_moc_config
 from ..core.atomic import pause_point
+from ..core.attention_processors.base import patch_sizes
 from ..core.config import MoCConfig, resolve_pretrained_source
 from ..core.layout import ChunkLayout
 from ..hub import ADAPTER_FILES, push_to_hub, save_moc_lora
@@ -191,6 +192,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
+
+
+def _pipeline_class(family: WanFamily) -> type:
+    """The diffusers pipeline that holds a family's components: `HunyuanVideo15Pipeline` or `WanPipeline`."""
+    from diffusers import HunyuanVideo15Pipeline, WanPipeline
+
+    return HunyuanVideo15Pipeline if family.name in HUNYUAN_VIDEO15_FAMILIES else WanPipeline
 
 
 def _installed(module: str) -> bool:
@@ -376,10 +384,8 @@ class MoCLoRATrainer:
 
             build = tiny_hunyuan_video15_components if hunyuan else tiny_wan_components
             return {**build(seed=m.tiny_seed, model=m.tiny_model), **skipped}
-        from diffusers import HunyuanVideo15Pipeline, WanPipeline
-
         try:
-            pipe = (HunyuanVideo15Pipeline if hunyuan else WanPipeline).from_pretrained(
+            pipe = _pipeline_class(family).from_pretrained(
                 m.pretrained, revision=m.revision, variant=m.variant, torch_dtype=weight_dtype, **skipped
             )
         except OSError as e:  # missing files, unknown repo, no network
@@ -393,7 +399,6 @@ class MoCLoRATrainer:
 
     def _load_models(self, setup: _Setup) -> _Models:
         from accelerate.utils import set_seed
-        from diffusers import HunyuanVideo15Pipeline, WanPipeline
 
         c = self.config
         set_seed(c.seed)
@@ -425,8 +430,7 @@ class MoCLoRATrainer:
         # Last: diffusers' split / gather hooks then wrap the LoRA-adapted modules (`proj_out` may be a target).
         for module in transformers.values():
             enable_context_parallel(module, setup.par)
-        hunyuan = setup.family.name in HUNYUAN_VIDEO15_FAMILIES
-        pipe = self.pipeline = (HunyuanVideo15Pipeline if hunyuan else WanPipeline)(**components)
+        pipe = self.pipeline = _pipeline_class(setup.family)(**components)
         pipe.set_progress_bar_config(disable=True)
         return _Models(pipe, trained)
 
@@ -465,14 +469,6 @@ class MoCLoRATrainer:
     def _denoiser(pipe) -> torch.nn.Module:
         return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
 
-    @classmethod
-    def _patch_size(cls, pipe) -> tuple[int, int, int]:
-        """`(t, h, w)` patch of the denoiser: Wan's config holds a tuple, HunyuanVideo 1.5's two integers."""
-        config = cls._denoiser(pipe).config
-        if isinstance(config.patch_size, int):
-            return config.patch_size_t, config.patch_size, config.patch_size
-        return tuple(config.patch_size)
-
     def _check_model_fits(self, pipe, par: Parallelism) -> None:
         """The training and validation sizes against the model, before anything is encoded."""
         c = self.config
@@ -481,7 +477,7 @@ class MoCLoRATrainer:
             frames, per_frame = self._latent_grid(pipe)
             check_context_parallel(self._denoiser(pipe), par.context_parallel, frames * per_frame)
         rope = getattr(config, "rope_max_seq_len", None)
-        p_t, p_h, p_w = self._patch_size(pipe)
+        p_t, p_h, p_w = patch_sizes(self._denoiser(pipe))
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         sizes = [("data", c.data)] + ([("validation", c.validation)] if c.validation.every else [])
         for section, s in sizes:
@@ -560,7 +556,7 @@ class MoCLoRATrainer:
     def _latent_grid(self, pipe) -> tuple[int, int]:
         """(latent frames, tokens per latent frame) of a training sample."""
         d = self.config.data
-        p_t, p_h, p_w = self._patch_size(pipe)
+        p_t, p_h, p_w = patch_sizes(self._denoiser(pipe))
         s = pipe.vae_scale_factor_spatial
         frames = ((d.num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // p_t
         return frames, (d.height // s // p_h) * (d.width // s // p_w)
@@ -589,7 +585,7 @@ class MoCLoRATrainer:
         state = _TrainState()
         accelerator.register_for_checkpointing(state)
         *prepared, optimizer, lr_scheduler = accelerator.prepare(*models.trained.values(), optimizer, lr_scheduler)
-        patch = self._patch_size(pipe) if setup.family.expand_timesteps else None
+        patch = patch_sizes(self._denoiser(pipe)) if setup.family.expand_timesteps else None
         step_fn = FlowMatchingStep(accelerator, encoder, t, c.data.cache, patch, grad_scale=setup.par.context_parallel)
         ranges = timestep_ranges(step_fn.timesteps, pipe.config.get("boundary_ratio"))
         total = len(step_fn.timesteps)
