@@ -93,10 +93,10 @@ class Settings:
     heads: int = 2
     head_dim: int = 32  # Wan's rotary embedding gives time 12 of 32 dims: frame offsets resolve well enough to recall
     ffn_dim: int = 128
-    dense_steps: int = 8000  # recall is learnt late: seed 0's consistency gap was 0.25 at 3000 steps, 0.54 at 8000
+    dense_steps: int = 8000  # recall is learnt late; a dense model without it leaves MoC nothing to keep
     dense_batch: int = 16
     dense_lr: float = 2e-3
-    adapt_steps: int = 1200  # at 400 (200 annealing) the router had not learnt to keep the early shot
+    adapt_steps: int = 1200  # `anneal_steps` of it take the sparsity from dense to the target
     adapt_batch: int = 8
     adapt_lr: float = 1e-3
     lora_rank: int = 16
