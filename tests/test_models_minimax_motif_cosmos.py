@@ -354,52 +354,41 @@ def test_motif_video_image_to_video_pipeline_runs_with_moc():
     assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (3, 2, 2)
 
 
-def test_minimax_h3_modular_pipeline_denoising_runs_with_moc():
-    """`MiniMaxH3ModularPipeline` of its `t2va` core denoise blocks (layout, noise, timestep plan, denoising loop):
-    precomputed caption embeddings, latents out (its Qwen3-VL encoder and VAEs are not built in the tests). The
-    shortest video it makes, 5 s at 24 fps on a 64x64 canvas: 37 latent frames of 2x2 tokens, 414 audio rows."""
-    from diffusers import MiniMaxH3Scheduler, MiniMaxH3Transformer3DModel
-    from diffusers.modular_pipelines.minimax_h3.modular_blocks_minimax_h3 import MiniMaxH3CoreDenoiseStep
+def test_minimax_h3_modular_pipeline_runs_with_moc():
+    """The stock `MiniMaxH3ModularPipeline` of `MiniMaxH3Blocks`, text to video and audio (`t2va`) from the prompt
+    through both decoders, on tiny components built here (`_tiny_minimax_h3`): its Qwen3-VL conditioner, the video
+    and audio VAEs, both schedulers. The shortest video it makes, 5 s at 24 fps on a 64x64 canvas: 37 latent frames
+    of 2x2 patches, 207 audio latents a stereo channel. 3 steps, i.e. 2 transformer calls."""
+    from _tiny_minimax_h3 import AUDIO_HOP_LENGTH, AUDIO_SAMPLING_RATE, tiny_minimax_h3_pipeline
 
-    torch.manual_seed(0)
-    transformer = MiniMaxH3Transformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        hidden_size=32,
-        num_layers=2,
-        num_refiner_layers=1,
-        ffn_dim=32,
-        in_channels=24,
-        audio_in_channels=32,
-        text_dim=16,
-        freq_dim=16,
-        time_embed_hidden_dim=32,
-        time_embed_dim=32,
-        rope_freq_dim=2,
-    ).eval()
-    pipe = MiniMaxH3CoreDenoiseStep().init_pipeline()
-    pipe.update_components(
-        transformer=transformer, scheduler=MiniMaxH3Scheduler(), audio_scheduler=MiniMaxH3Scheduler()
-    )
-    call = {
-        "prompt_embeds": torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1)),
-        "text_token_tags": torch.ones(6, dtype=torch.long),
-        "height": 64,
-        "width": 64,
-        "num_frames": 124,
-    }
+    pipe = tiny_minimax_h3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a dog runs on the beach", "height": 64, "width": 64, "num_frames": 124}
+    outputs = ["videos", "audio", "sampling_rate", "prompt_embeds"]
 
-    def generate(config: MoCConfig | None) -> torch.Tensor:
+    def generate(config: MoCConfig | None) -> dict:
         if config is not None:
             apply_moc(pipe, config)
         generator = torch.Generator().manual_seed(0)
-        out = pipe(**call, num_inference_steps=2, generator=generator, output=["latents", "audio_latents"])
-        return torch.cat([out["latents"].flatten(), out["audio_latents"].flatten()])
+        return pipe(**call, num_inference_steps=3, generator=generator, output_type="pt", output=outputs)
 
     stock = generate(None)
-    assert torch.equal(generate(DENSE), stock)
-    assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
-    assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+    assert stock["videos"].shape == (1, 124, 3, 64, 64)
+    assert stock["audio"].shape == (1, 2, 207 * AUDIO_HOP_LENGTH)
+    assert stock["sampling_rate"] == AUDIO_SAMPLING_RATE
+    # The caption rows come from the conditioner: one per token of the verbatim prompt, at the transformer's width.
+    num_tokens = len(pipe.tokenizer(call["prompt"], add_special_tokens=False)["input_ids"])
+    assert stock["prompt_embeds"].shape == (1, num_tokens, pipe.transformer.config.text_dim)
+
+    dense = generate(DENSE)
+    assert torch.equal(dense["videos"], stock["videos"]) and torch.equal(dense["audio"], stock["audio"])
+    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+
+    sparse = generate(SPARSE)
+    # MoC routes the one packed sequence, so both modalities decoded from it change. The tiny random audio VAE
+    # decodes to a waveform of ~0.15 peak, hence its smaller tolerance (the same 1e-3 relative to its scale).
+    assert not torch.allclose(sparse["videos"], stock["videos"], atol=1e-3)
+    assert not torch.allclose(sparse["audio"], stock["audio"], atol=1e-4)
 
 
 # Cosmos 3's chat template, rendered as word-level tokens: each message between `<|im_start|>` and `<|im_end|>`.
