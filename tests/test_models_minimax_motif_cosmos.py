@@ -391,6 +391,46 @@ def test_minimax_h3_modular_pipeline_runs_with_moc():
     assert not torch.allclose(sparse["audio"], stock["audio"], atol=1e-4)
 
 
+def test_minimax_h3_reference_workflow_runs_with_moc_on_transformer_ref():
+    """`ref2va` runs against the pipeline's second checkpoint, `transformer_ref`: `apply_moc(pipe)` puts MoC there
+    too, the image reference's rows joining the anchor chunk before the video. Full density equals stock; sparse
+    differs; `remove_moc` gives the stock pipeline back."""
+    from _tiny_minimax_h3 import tiny_minimax_h3_pipeline, tiny_minimax_h3_transformer
+    from diffusers.modular_pipelines.minimax_h3.references import MiniMaxH3ImageReference
+
+    from diffusers_moc import remove_moc
+
+    pipe = tiny_minimax_h3_pipeline()
+    # A reference is encoded at a short edge of its own (2048 released); 64 keeps it a few tiny-VAE patches.
+    pipe.update_components(transformer_ref=tiny_minimax_h3_transformer(seed=5), reference_image_short_edge=64)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
+    call = {"prompt": "a dog", "references": [MiniMaxH3ImageReference(image=image)], "height": 64, "width": 64}
+
+    def generate() -> torch.Tensor:
+        out = pipe(
+            **call,
+            num_frames=124,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            output=["videos"],
+        )
+        return out["videos"]
+
+    stock = generate()
+    apply_moc(pipe, DENSE)
+    assert {type(b.attn.processor).__name__ for b in pipe.transformer_ref.transformer_blocks} == {
+        "MoCDispatchAttnProcessor"
+    }
+    assert torch.equal(generate(), stock)
+    assert pipe.transformer_ref.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+    apply_moc(pipe, SPARSE)
+    assert not torch.allclose(generate(), stock, atol=1e-3)
+    remove_moc(pipe)
+    assert torch.equal(generate(), stock)
+
+
 # Cosmos 3's chat template, rendered as word-level tokens: each message between `<|im_start|>` and `<|im_end|>`.
 _COSMOS3_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|> {{ message['content'] }} <|im_end|> {% endfor %}"

@@ -37,8 +37,8 @@ __all__ = [
 ]
 
 #: The pipeline components that hold a denoising transformer (Wan 2.2 A14B: `transformer` for high noise,
-#: `transformer_2` for low noise).
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+#: `transformer_2` for low noise; MiniMax-H3: `transformer_ref`, the checkpoint its reference-to-video workflow runs).
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2", "transformer_ref")
 
 # Which attention modules of each model get MoC (module names as in `named_modules()`):
 # - Wan: `attn1` (self-attention, routed) and `attn2` (cross-attention: stock, or per-shot caption anchors when
@@ -258,8 +258,8 @@ def _is_pipeline(obj) -> bool:
 
 def pipeline_transformers(pipe) -> dict[str, torch.nn.Module]:
     r"""
-    The transformers a pipeline holds, by component name: `transformer` and, on Wan 2.2 A14B, `transformer_2`
-    (components set to `None` are left out).
+    The transformers a pipeline holds, by component name: `transformer`, and `transformer_2` on Wan 2.2 A14B or
+    `transformer_ref` on MiniMax-H3 (components set to `None` are left out).
     """
     return {name: getattr(pipe, name) for name in TRANSFORMER_COMPONENTS if getattr(pipe, name, None) is not None}
 
@@ -282,8 +282,8 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
     attention, in place.
 
     Given a diffusers pipeline, MoC goes on each transformer it holds: `transformer` and, on Wan 2.2 A14B,
-    `transformer_2` (the low-noise expert), skipping components set to `None`. Each gets its own processor with the
-    same `config`.
+    `transformer_2` (the low-noise expert), and on MiniMax-H3 `transformer_ref` (its reference-to-video checkpoint),
+    skipping components set to `None`. Each gets its own processor with the same `config`.
 
     Which layers change depends on the model (see [`supported_models_table`]): the video self-attention of
     cross-attention models (Wan, LTX-Video), the joint video-caption attention of joint-attention models
