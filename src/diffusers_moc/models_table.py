@@ -33,6 +33,7 @@ _PIPELINES = {
     "MochiTransformer3DModel": "MochiPipeline",
     "HeliosTransformer3DModel": "HeliosPipeline, HeliosPyramidPipeline",
     "WanAnimateTransformer3DModel": "WanAnimatePipeline",
+    "WanAnimate2Transformer3DModel": "WanAnimate2ModularPipeline",
     "MiniMaxH3Transformer3DModel": "MiniMaxH3ModularPipeline",
     "MotifVideoTransformer3DModel": "MotifVideoPipeline, MotifVideoImage2VideoPipeline",
     "Cosmos3OmniTransformer": "Cosmos3OmniPipeline",

@@ -17,6 +17,7 @@ from .attention_processors import (
     MoCHunyuanVideoAttnProcessor,
     MoCLTXVideoAttnProcessor,
     MoCMochiAttnProcessor,
+    MoCWanAnimate2AttnProcessor,
     MoCWanAttnProcessor,
     VideoStream,
 )
@@ -91,6 +92,7 @@ def _registry() -> dict[type, ModelSupport]:
         MochiTransformer3DModel,
         MotifVideoTransformer3DModel,
         SkyReelsV2Transformer3DModel,
+        WanAnimate2Transformer3DModel,
         WanAnimateTransformer3DModel,
         WanTransformer3DModel,
         WanVACETransformer3DModel,
@@ -145,6 +147,13 @@ def _registry() -> dict[type, ModelSupport]:
             "cross-attention (dense, not routed); the reference frame is latent frame 0; face adapter stock",
             "regional",
             WAN_ANIMATE,
+        ),
+        WanAnimate2Transformer3DModel: ModelSupport(
+            MoCWanAnimate2AttnProcessor,
+            r"^blocks\.\d+\.self_attn$",
+            "cross-attention (dense, not routed); generation pass routed, each frame's aligned reference frame a "
+            "mandatory anchor; reference pass dense",
+            "regional",
         ),
         MiniMaxH3Transformer3DModel: ModelSupport(
             MoCDispatchAttnProcessor,

@@ -15,6 +15,7 @@ from .hunyuan_video15 import MoCHunyuanVideo15AttnProcessor
 from .ltx import MoCLTXVideoAttnProcessor
 from .mochi import MoCMochiAttnProcessor
 from .wan import MoCWanAttnProcessor, video_grid_from_rotary
+from .wan_animate2 import MoCWanAnimate2AttnProcessor
 
 __all__ = [
     "MoCAttnProcessorBase",
@@ -27,6 +28,7 @@ __all__ = [
     "MoCHunyuanVideoAttnProcessor",
     "MoCLTXVideoAttnProcessor",
     "MoCMochiAttnProcessor",
+    "MoCWanAnimate2AttnProcessor",
     "MoCWanAttnProcessor",
     "VideoStream",
     "dispatch_calls",
