@@ -139,6 +139,23 @@ def test_models_with_moc_pickle_and_deepcopy(name):
         assert set(hook.layers) == {m for m in other.modules() if _is_moc(m)}
 
 
+def test_diffusers_hook_registry_is_still_not_copy_safe():
+    """Why `MoCHook` is a plain forward pre-hook, not a diffusers `HookRegistry` hook: a model carrying a registry hook
+    cannot be pickled, and its `copy.deepcopy` runs the original model's forward (its weights), silently. When this
+    fails, diffusers' registry has become copy-safe and `apply_moc` can install through it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, inputs = MODELS["wan"]()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(ModelHook(), "noop")
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        torch.save(model, io.BytesIO())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.add_(1.0)
+        assert torch.equal(twin(**inputs).sample, model(**inputs).sample)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_apply_and_remove_leave_no_trace_on_the_modules(name):
     """MoC's hook holds the replaced processors and the layer names; nothing is written on the model's modules, and

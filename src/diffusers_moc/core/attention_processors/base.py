@@ -154,7 +154,8 @@ class MoCHook:
     one whose processors the model's own methods replaced (CogVideoX's QKV fusion).
 
     diffusers' `HookRegistry` is not used: the forward it installs is a closure, so a model carrying it cannot be
-    pickled, and `copy.deepcopy` of it gives a copy that still runs the original's forward and weights.
+    pickled, and `copy.deepcopy` of it gives a copy that still runs the original's forward and weights, silently
+    (a test checks that this still holds for the installed diffusers).
 
     Args:
         processor (`MoCAttnProcessorBase`): the processor `apply_moc` sets on the layers.
