@@ -1,8 +1,9 @@
 """A tiny MiniMax-H3 modular pipeline built in-process from config, for the tests: every component the stock
 `MiniMaxH3Blocks` declare for its `t2va` workflow, random weights, nothing downloaded.
 
-- text: a Qwen2 byte-level BPE tokenizer trained here on a few words (Qwen's special vision tokens included), the
-  `Qwen3VLProcessor` around it and a `Qwen3VLForConditionalGeneration` of 51 tiny decoder layers;
+- text: a Qwen2 byte-level BPE tokenizer trained here on a few words (Qwen's special tokens included), the
+  `Qwen3VLProcessor` around it (both from `_tiny_text_encoders`) and a `Qwen3VLForConditionalGeneration` of 51 tiny
+  decoder layers;
 - video: an `AutoencoderKLMiniMaxH3` with the released temporal geometry (17 frames a chunk, 5 latent frames kept)
   and 16x spatial compression, so that 124 frames are 37 latent frames and a 64x64 canvas is 2x2 patches a frame;
 - audio: an `AutoencoderKLMiniMaxH3Audio` hopping 4 samples a latent at 160 Hz, i.e. the released 40 latents a second;
@@ -12,8 +13,7 @@
 from __future__ import annotations
 
 import torch
-
-from diffusers_moc.tiny import _WORDS
+from _tiny_text_encoders import qwen_vision_token_ids, tiny_qwen2_tokenizer, tiny_qwen_vl_processor
 
 #: Hidden size of the tiny Qwen3-VL, which is the transformer's `text_dim`.
 TEXT_DIM = 16
@@ -23,46 +23,6 @@ AUDIO_LATENT_CHANNELS = 8
 #: Samples a tiny audio latent decodes to; at 40 latents a second (the pipeline's constant) that is 160 Hz.
 AUDIO_HOP_LENGTH = 4
 AUDIO_SAMPLING_RATE = 40 * AUDIO_HOP_LENGTH
-
-# Qwen's own special tokens, the ones the MiniMax-H3 text encoder steps and `Qwen3VLProcessor` look up by name.
-_SPECIAL_TOKENS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-def tiny_qwen2_tokenizer():
-    r"""
-    A `Qwen2TokenizerFast` (Qwen's byte-level BPE with its pre-tokenizer) whose merges are trained here on a few
-    words. Byte-level, so any prompt or `"<Picture i>: "` label tokenizes; the special tokens are ids 0-4.
-    """
-    from transformers import Qwen2TokenizerFast
-
-    base = Qwen2TokenizerFast(vocab={_SPECIAL_TOKENS[0]: 0}, merges=[], extra_special_tokens=_SPECIAL_TOKENS[1:])
-    return base.train_new_from_iterator([_WORDS], vocab_size=400, show_progress=False)
-
-
-def tiny_qwen3_vl_processor(tokenizer):
-    r"""
-    `Qwen3VLProcessor` over `tokenizer`, its image and video processors made from defaults at Qwen3-VL's 16-pixel
-    patches. It is constructed, not called: a `t2va` request reads only the processor's vision token ids.
-
-    Without torchvision (this project does not depend on it) transformers falls back to its PIL image processor, and
-    the video processor class is taken from its module, the top-level name being a placeholder. The processor's
-    constructor checks its video processor against `transformers.VideoProcessorMixin`, which transformers exports
-    only with torchvision installed, so the real class is exposed under that name for the construction alone.
-    """
-    from unittest import mock
-
-    import transformers
-    from transformers import Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-    from transformers.video_processing_utils import VideoProcessorMixin
-
-    with mock.patch.object(transformers, "VideoProcessorMixin", VideoProcessorMixin, create=True):
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2),
-            tokenizer=tokenizer,
-            video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
-        )
 
 
 def tiny_qwen3_vl(tokenizer, seed: int = 0):
@@ -104,15 +64,7 @@ def tiny_qwen3_vl(tokenizer, seed: int = 0):
             "num_position_embeddings": 16,
             "deepstack_visual_indexes": [0],
         },
-        **{
-            name: tokenizer.convert_tokens_to_ids(token)
-            for name, token in (
-                ("image_token_id", "<|image_pad|>"),
-                ("video_token_id", "<|video_pad|>"),
-                ("vision_start_token_id", "<|vision_start|>"),
-                ("vision_end_token_id", "<|vision_end|>"),
-            )
-        },
+        **qwen_vision_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     return Qwen3VLForConditionalGeneration(config).eval()
@@ -195,12 +147,14 @@ def tiny_minimax_h3_pipeline():
     """
     from diffusers import MiniMaxH3Scheduler
     from diffusers.modular_pipelines import MiniMaxH3Blocks
+    from transformers import Qwen3VLProcessor
 
     tokenizer = tiny_qwen2_tokenizer()
     pipe = MiniMaxH3Blocks().init_pipeline()
     pipe.update_components(
         tokenizer=tokenizer,
-        processor=tiny_qwen3_vl_processor(tokenizer),
+        # Constructed, not called: a `t2va` request reads only the processor's vision token ids.
+        processor=tiny_qwen_vl_processor(Qwen3VLProcessor, tokenizer, patch_size=16),
         text_encoder=tiny_qwen3_vl(tokenizer),
         vae=tiny_minimax_h3_vae(),
         audio_vae=tiny_minimax_h3_audio_vae(),
