@@ -1,5 +1,5 @@
 """LTX-2 and Kandinsky 5 with MoC through the generic processor: tiny transformers built from config, checked
-against their stock selves."""
+against their stock selves, and their whole stock pipelines run from a prompt through tiny text encoders."""
 
 from __future__ import annotations
 
@@ -340,10 +340,33 @@ def _ltx2_pipeline(image_to_video: bool = False):
     return pipe, dict(call, num_frames=9, frame_rate=25.0, max_sequence_length=16)
 
 
+#: Vocabulary of the tiny Qwen tokenizer trained on Kandinsky 5's prompt template: at this size the template's system
+#: turn (up to the user's text) is the 128 tokens the pipeline drops (`prompt_template_encode_start_idx`, fixed), so
+#: the caption rows are the prompt's, as they are meant to be.
+_KANDINSKY5_QWEN_VOCAB = 582
+_KANDINSKY5_PROMPT = "a dog runs on the beach"
+
+
+def _kandinsky5_text_encoders(pipe) -> dict:
+    """The components `pipe` encodes its prompt with: a tiny Qwen2.5-VL with its processor, the Qwen tokenizer
+    trained on the pipeline's own prompt template, and a tiny CLIP text model, at the widths its transformer reads."""
+    from _tiny_text_encoders import tiny_clip_text, tiny_qwen2_5_vl, tiny_qwen2_tokenizer, tiny_qwen_vl_processor
+    from transformers import Qwen2_5_VLProcessor
+
+    system_turn = pipe.prompt_template.split("{}")[0]
+    tokenizer = tiny_qwen2_tokenizer([system_turn], vocab_size=_KANDINSKY5_QWEN_VOCAB)
+    clip_tokenizer, clip = tiny_clip_text(hidden_size=pipe.transformer.config.in_text_dim2)
+    return {
+        "text_encoder": tiny_qwen2_5_vl(tokenizer, hidden_size=pipe.transformer.config.in_text_dim),
+        "tokenizer": tiny_qwen_vl_processor(Qwen2_5_VLProcessor, tokenizer, patch_size=14),
+        "text_encoder_2": clip,
+        "tokenizer_2": clip_tokenizer,
+    }
+
+
 def _kandinsky5_pipeline(image_to_video: bool = False):
-    """`Kandinsky5T2VPipeline` (or, from a start image, `Kandinsky5I2VPipeline`) of tiny components, given
-    precomputed caption embeddings: its Qwen2.5-VL processor (chat template, vision tokens) has no offline stand-in,
-    so the text encoders are left out."""
+    """`Kandinsky5T2VPipeline` (or, from a start image, `Kandinsky5I2VPipeline`) of tiny components built here,
+    run from a prompt: Qwen2.5-VL and CLIP text encoders (`_kandinsky5_text_encoders`), a HunyuanVideo VAE."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -372,18 +395,24 @@ def _kandinsky5_pipeline(image_to_video: bool = False):
         text_encoder_2=None,
         tokenizer_2=None,
     )
-    g = torch.Generator().manual_seed(3)
-    call = {
-        "prompt": None,
-        "prompt_embeds_qwen": torch.randn(1, 4, 16, generator=g),
-        "prompt_embeds_clip": torch.randn(1, 8, generator=g),
-        "prompt_cu_seqlens": torch.tensor([0, 4], dtype=torch.int32),
-        "guidance_scale": 1.0,
-    }
+    # The constructor sets the prompt template the Qwen tokenizer is trained on, so the text encoders come after it.
+    pipe.register_modules(**_kandinsky5_text_encoders(pipe))
+    call = {"prompt": _KANDINSKY5_PROMPT, "guidance_scale": 1.0}
     if image_to_video:
         # 5 latent frames: the pipeline renormalises the first 4 to the statistics of those after them (NaN if none).
         return pipe, dict(call, image=_start_image(), num_frames=17)
     return pipe, dict(call, num_frames=9)  # 3 latent frames
+
+
+def test_kandinsky5_caption_rows_are_the_prompt_turn():
+    """The pipeline drops the first 128 Qwen tokens, meant to be the template's system turn: the tiny tokenizer is
+    trained on the template to that length, so what reaches the transformer is the prompt and the turn's end."""
+    pipe, call = _kandinsky5_pipeline()
+    qwen, clip, cu_seqlens = pipe.encode_prompt(call["prompt"])
+    num_tokens = len(pipe.tokenizer.tokenizer(call["prompt"] + "<|im_end|>")["input_ids"])
+    assert qwen.shape == (1, num_tokens, pipe.transformer.config.in_text_dim)
+    assert cu_seqlens.tolist() == [0, num_tokens]
+    assert clip.shape == (1, pipe.transformer.config.in_text_dim2)
 
 
 PIPELINES = {
