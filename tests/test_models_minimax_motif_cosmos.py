@@ -225,20 +225,13 @@ def _pipeline_frames(pipe, config: MoCConfig | None, **call) -> torch.Tensor:
     return pipe(num_inference_steps=2, generator=generator, output_type="pt", **call).frames
 
 
-def test_motif_video_pipeline_runs_with_moc():
-    """Stock `MotifVideoPipeline` (classifier-free guidance, tiny Wan VAE) with precomputed caption embeddings, padded
-    differently for the two guidance branches (the image-to-video test builds a tiny T5Gemma 2 encoder)."""
-    from diffusers import (
-        ClassifierFreeGuidance,
-        FlowMatchEulerDiscreteScheduler,
-        MotifVideoPipeline,
-        MotifVideoTransformer3DModel,
-    )
-
-    from diffusers_moc.tiny import _tiny_vae
+def _motif_video_transformer(image_embed_dim: int | None = None):
+    """A tiny `MotifVideoTransformer3DModel` (one dual- and one single-stream block) reading the tiny Wan VAE's 16
+    latent channels and the tiny T5Gemma 2's 16-wide caption; with `image_embed_dim`, image embeddings too."""
+    from diffusers import MotifVideoTransformer3DModel
 
     torch.manual_seed(0)
-    transformer = MotifVideoTransformer3DModel(
+    return MotifVideoTransformer3DModel(
         in_channels=33,  # latents, first-frame condition, its mask
         out_channels=16,
         num_attention_heads=2,
@@ -247,30 +240,9 @@ def test_motif_video_pipeline_runs_with_moc():
         num_single_layers=1,
         mlp_ratio=2.0,
         text_embed_dim=16,
+        image_embed_dim=image_embed_dim,
         rope_axes_dim=(4, 6, 6),
     ).eval()
-    pipe = MotifVideoPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_tiny_vae(16),
-        text_encoder=None,
-        tokenizer=None,
-        transformer=transformer,
-        guider=ClassifierFreeGuidance(guidance_scale=5.0),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(1)
-    call = {
-        "prompt_embeds": torch.randn(1, 6, 16, generator=g),
-        "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
-        "negative_prompt_embeds": torch.randn(1, 6, 16, generator=g),
-        "negative_prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]]),
-        "height": 32,
-        "width": 32,
-        "num_frames": 9,  # 3 latent frames of 2x2 tokens
-    }
-    stock = _pipeline_frames(pipe, None, **call)
-    assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
-    assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
 
 
 def _t5gemma2_encoder(vocab_size: int):
@@ -299,6 +271,41 @@ def _t5gemma2_encoder(vocab_size: int):
     return T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text, vision_config=vision)).eval()
 
 
+def test_motif_video_pipeline_runs_with_moc():
+    """Stock `MotifVideoPipeline` from a prompt, with classifier-free guidance: the word-level tokenizer of
+    `diffusers_moc.tiny` and a tiny T5Gemma 2 encoder built here encode the prompt and the negative prompt, padded to
+    8 tokens, the two branches with different numbers of padded caption tokens; a tiny Wan VAE decodes. 9 frames of
+    32x32 pixels: 3 latent frames of 2x2 tokens."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, MotifVideoPipeline
+
+    from diffusers_moc.tiny import _tiny_vae, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    pipe = MotifVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(16),
+        text_encoder=_t5gemma2_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        transformer=_motif_video_transformer(),
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    call = {
+        "prompt": "a dog runs on the beach",  # 7 tokens with the end of text
+        "negative_prompt": "a small old car",  # 5
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,
+        "max_sequence_length": 8,
+    }
+    _, _, mask, negative_mask = pipe.encode_prompt(call["prompt"], call["negative_prompt"], max_sequence_length=8)
+    assert mask.sum().item() == 7 and negative_mask.sum().item() == 5
+    stock = _pipeline_frames(pipe, None, **call)
+    assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
+    assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
+    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (3, 2, 2)
+
+
 def test_motif_video_image_to_video_pipeline_runs_with_moc():
     """Stock `MotifVideoImage2VideoPipeline` from a start image: a tiny T5Gemma 2 encoder built here encodes the
     caption and, through its SigLIP tower, the image embeddings the transformer puts before the caption; the start
@@ -308,7 +315,6 @@ def test_motif_video_image_to_video_pipeline_runs_with_moc():
         ClassifierFreeGuidance,
         FlowMatchEulerDiscreteScheduler,
         MotifVideoImage2VideoPipeline,
-        MotifVideoTransformer3DModel,
     )
     from transformers import SiglipImageProcessor
 
@@ -316,19 +322,7 @@ def test_motif_video_image_to_video_pipeline_runs_with_moc():
 
     tokenizer = tiny_tokenizer()
     text_encoder = _t5gemma2_encoder(len(tokenizer))
-    torch.manual_seed(0)
-    transformer = MotifVideoTransformer3DModel(
-        in_channels=33,  # latents, first-frame condition, its mask
-        out_channels=16,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=1,
-        num_single_layers=1,
-        mlp_ratio=2.0,
-        text_embed_dim=16,
-        image_embed_dim=8,
-        rope_axes_dim=(4, 6, 6),
-    ).eval()
+    transformer = _motif_video_transformer(image_embed_dim=8)
     pipe = MotifVideoImage2VideoPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_tiny_vae(16),
