@@ -101,25 +101,10 @@ def tiny_minimax_h3(anchors: tuple[str, ...] = ("first",), audio_latents: int = 
     A tiny MiniMax-H3 transformer and inputs packed as its pipeline packs them, `[text | keyframes | audio | video]`:
     6 text rows, one 4x4 keyframe per anchor, `audio_latents` x 2 audio rows, 3 generated frames of 4x4 (76 rows).
     """
-    from diffusers import MiniMaxH3Transformer3DModel
+    from _tiny_minimax_h3 import tiny_minimax_h3_transformer
     from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
 
-    torch.manual_seed(0)
-    model = MiniMaxH3Transformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        hidden_size=32,
-        num_layers=2,
-        num_refiner_layers=1,
-        ffn_dim=32,
-        in_channels=4,
-        audio_in_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        time_embed_hidden_dim=32,
-        time_embed_dim=32,
-        rope_freq_dim=2,
-    ).eval()
+    model = tiny_minimax_h3_transformer(seed=0, in_channels=4, audio_in_channels=4, text_dim=16)
     positions, tags, video, audio, text, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
         torch.ones(6), 3, 8, 8, audio_latents, (1, 2, 2), 2, 2, 0, anchors
     )

@@ -117,8 +117,14 @@ def tiny_minimax_h3_audio_vae(seed: int = 2):
     ).eval()
 
 
-def tiny_minimax_h3_transformer(seed: int = 3):
-    """A 2-layer `MiniMaxH3Transformer3DModel` reading the tiny latents and the tiny Qwen3-VL's hidden states."""
+def tiny_minimax_h3_transformer(
+    seed: int = 3,
+    in_channels: int = VIDEO_LATENT_CHANNELS,
+    audio_in_channels: int = AUDIO_LATENT_CHANNELS,
+    text_dim: int = TEXT_DIM,
+):
+    """A 2-layer `MiniMaxH3Transformer3DModel`, by default reading the tiny latents and the tiny Qwen3-VL's hidden
+    states."""
     from diffusers import MiniMaxH3Transformer3DModel
 
     torch.manual_seed(seed)
@@ -129,9 +135,9 @@ def tiny_minimax_h3_transformer(seed: int = 3):
         num_layers=2,
         num_refiner_layers=1,
         ffn_dim=32,
-        in_channels=VIDEO_LATENT_CHANNELS,
-        audio_in_channels=AUDIO_LATENT_CHANNELS,
-        text_dim=TEXT_DIM,
+        in_channels=in_channels,
+        audio_in_channels=audio_in_channels,
+        text_dim=text_dim,
         freq_dim=16,
         time_embed_hidden_dim=32,
         time_embed_dim=32,
