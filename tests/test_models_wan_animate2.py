@@ -41,33 +41,38 @@ def _model(**config) -> WanAnimate2Transformer3DModel:
     ).eval()  # fmt: skip
 
 
-def _reference_pass(model, generator: torch.Generator, frames: int, height: int, width: int) -> dict:
-    """The inputs of a reference pass (`kv_cache_mode="extract"`) over a driving clip, with an empty cache."""
+def _reference_pass(model, generator: torch.Generator, frames: int, height: int, width: int, batch: int = 1) -> dict:
+    """The inputs of a reference pass (`kv_cache_mode="extract"`) over `batch` driving clips, with an empty cache."""
+
+    def draw(*shape: int) -> list[torch.Tensor]:
+        return [torch.randn(*shape, generator=generator) for _ in range(batch)]
+
     return {
-        "hidden_states": [torch.randn(4, frames, height, width, generator=generator)],
-        "timestep": torch.tensor([500]),
-        "encoder_hidden_states": [torch.randn(5, 16, generator=generator)],
-        "condition_latents": [torch.randn(8, frames, height, width, generator=generator)],
+        "hidden_states": draw(4, frames, height, width),
+        "timestep": torch.tensor([500] * batch),
+        "encoder_hidden_states": draw(5, 16),
+        "condition_latents": draw(8, frames, height, width),
         "kv_cache": WanAnimate2KVCache(LAYERS),
         "kv_cache_mode": "extract",
         "seq_len": frames * height * width // 4,
-        "offset_grid_sizes": torch.tensor([[frames, height // 2, width // 2]]),
+        "offset_grid_sizes": torch.tensor([[frames, height // 2, width // 2]] * batch),
     }
 
 
-def _wan_animate2(geometry: str = "segment"):
-    """A tiny model and the inputs of a generation pass, the cache filled by the stock reference pass."""
+def _wan_animate2(geometry: str = "segment", batch: int = 1):
+    """A tiny model and the inputs of a generation pass of `batch` videos, the cache filled by the stock reference
+    pass."""
     (frames, height, width), (ref_frames, ref_height, ref_width), origin_len, origin_area = GEOMETRIES[geometry]
     model = _model()
     g = torch.Generator().manual_seed(1)
-    reference = _reference_pass(model, g, ref_frames, ref_height, ref_width)
+    reference = _reference_pass(model, g, ref_frames, ref_height, ref_width, batch)
     with torch.no_grad():
         model(**reference)
     inputs = {
-        "hidden_states": [torch.randn(4, frames, height, width, generator=g)],
-        "timestep": torch.tensor([700]),
-        "encoder_hidden_states": [torch.randn(6, 16, generator=g)],
-        "condition_latents": [torch.randn(8, frames, height, width, generator=g)],
+        "hidden_states": [torch.randn(4, frames, height, width, generator=g) for _ in range(batch)],
+        "timestep": torch.tensor([700] * batch),
+        "encoder_hidden_states": [torch.randn(6, 16, generator=g) for _ in range(batch)],
+        "condition_latents": [torch.randn(8, frames, height, width, generator=g) for _ in range(batch)],
         "kv_cache": reference["kv_cache"],
         "kv_cache_mode": "cached",
         "seq_len": frames * height * width // 4,
@@ -98,12 +103,14 @@ def test_apply_takes_the_self_attention_and_remove_restores_stock():
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_routed_full_density_attends_what_the_stock_block_mask_attends(name, backend):
-    """Recording a routing map makes MoC route even when nothing is left out: over every generation frame, the aligned
-    reference frame and the mask's zero slots, it computes the stock block-masked attention (to rounding)."""
+@pytest.mark.parametrize("chunk_tokens", [None, 8, 6], ids=["frames", "half_frames", "uneven"])
+def test_routed_full_density_attends_what_the_stock_block_mask_attends(name, backend, chunk_tokens):
+    """Recording a routing map makes MoC route even when nothing is left out: over every generation chunk (frames,
+    or pieces of one, each anchoring its frame's reference frame), the aligned reference frame and the mask's zero
+    slots, it computes the stock block-masked attention (to rounding)."""
     model, inputs = BUILDERS[name]()
     stock = run(model, inputs)
-    apply_moc(model, DENSE.replace(backend=backend))
+    apply_moc(model, DENSE.replace(backend=backend, chunk_tokens=chunk_tokens))
     with moc_routing_map() as routing_map:
         routed = run(model, inputs)
     torch.testing.assert_close(routed, stock, atol=1e-5, rtol=1e-5)
@@ -169,15 +176,16 @@ def test_chunks_within_a_frame_run_and_chunks_across_frames_are_refused():
         run(model, inputs)
 
 
-def test_a_call_beyond_the_block_mask_is_refused():
+@pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "sparse"])
+def test_a_call_beyond_the_block_mask_is_refused(config):
     model, inputs = _wan_animate2("segment")
-    apply_moc(model, SPARSE)
+    apply_moc(model, config)
     inputs["origin_len"] = 1  # a mask of one reference frame: two generation frames
     with pytest.raises(ValueError, match="holds 2 generation latent frames, but this call has 3"):
         run(model, inputs)
 
 
-def test_sparse_training_gradients_agree_across_backends():
+def test_sparse_gradients_agree_across_backends():
     grads = {}
     for backend in ("torch", "reference"):
         model, inputs = _wan_animate2("segment")
@@ -186,6 +194,49 @@ def test_sparse_training_gradients_agree_across_backends():
         grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert grads["torch"].abs().sum() > 0
     torch.testing.assert_close(grads["torch"], grads["reference"], atol=1e-5, rtol=1e-4)
+
+
+def test_training_with_drop_off_and_drop_in_gives_finite_gradients():
+    """In training mode the regularisers draw (the output differs from eval's routing); gradients stay finite."""
+    model, inputs = _wan_animate2("segment")
+    apply_moc(model, SPARSE.replace(top_k=2, drop_off=0.9, drop_in=2.0))
+    with torch.no_grad():
+        evaluated = model(**inputs).sample[0]
+    model.train()
+    out = model(**inputs).sample[0]
+    assert out.shape == evaluated.shape and not torch.allclose(out.detach(), evaluated, atol=1e-4)
+    out.square().mean().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert grads.abs().sum() > 0 and torch.isfinite(grads).all()
+
+
+def test_a_batch_routes_each_video_as_alone():
+    """Two videos in one generation pass (as classifier-free guidance batches them) give each video's output alone."""
+    model, inputs = _wan_animate2("segment", batch=2)
+    apply_moc(model, SPARSE)
+    with torch.no_grad():
+        both = model(**inputs).sample
+    for i in range(2):
+        cache = WanAnimate2KVCache(LAYERS)
+        for layer in range(LAYERS):
+            key, value = inputs["kv_cache"].get(layer).get()
+            cache.get(layer).store(key[i : i + 1], value[i : i + 1])
+        lists = {k: [inputs[k][i]] for k in ("hidden_states", "encoder_hidden_states", "condition_latents")}
+        one = {**inputs, **lists, "timestep": inputs["timestep"][i : i + 1], "kv_cache": cache}
+        one["reference_grid_sizes"] = inputs["reference_grid_sizes"][i : i + 1]
+        with torch.no_grad():
+            alone = model(**one).sample[0]
+        torch.testing.assert_close(alone, both[i], atol=1e-5, rtol=1e-5)
+
+
+def test_per_shot_captions_and_mixed_reference_grids_are_refused():
+    model, inputs = _wan_animate2("segment", batch=2)
+    apply_moc(model, SPARSE)
+    with moc_context(caption_shots=(0,), caption_tokens=((4,), (0,))), pytest.raises(ValueError, match="caption_shots"):
+        run(model, inputs)
+    inputs["reference_grid_sizes"] = torch.tensor([[2, 4, 4], [1, 4, 4]])
+    with pytest.raises(ValueError, match=r"reference grids \[\(1, 4, 4\), \(2, 4, 4\)\]"):
+        run(model, inputs)
 
 
 def test_fused_projections_keep_moc():

@@ -78,6 +78,11 @@ class WanAnimate2Hook(MoCHook):
             facts, reference = forward_facts(grid, MoCContext(), None, False), None
         else:
             facts = forward_facts(grid, current_moc_context(), processor.config.chunk_tokens, module.training)
+            if facts.context.caption_shots is not None:
+                raise ValueError(
+                    f"the MoC context has per-shot caption segments (caption_shots), which {_MODEL} has no place for "
+                    "in its self-attention stream (its caption is attended through cross-attention)"
+                )
             reference = _reference_grid(processor._call_arg(args, kwargs, "reference_grid_sizes", _REFERENCE_GRID))
         self.facts = InContextFacts(
             facts.grid, facts.layout, facts.context, facts.regularise, facts.prefix_tokens, reference=reference
@@ -88,8 +93,11 @@ class WanAnimate2Hook(MoCHook):
 def _reference_grid(grid_sizes: torch.Tensor | None) -> tuple[int, int, int]:
     if grid_sizes is None:
         raise ValueError(f"{_MODEL}'s generation pass (kv_cache_mode='cached') needs `reference_grid_sizes`")
-    frames, height, width = (int(n) for n in grid_sizes[0].tolist())
-    return frames, height, width
+    grids = {tuple(int(n) for n in row) for row in grid_sizes.tolist()}
+    if len(grids) != 1:
+        # The stock rotary embedding rotates each sample's cached reference with its own grid; MoC routes one layout.
+        raise ValueError(f"MoC routes one layout per batch, but this {_MODEL} call has reference grids {sorted(grids)}")
+    return grids.pop()
 
 
 def _rope(x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.Tensor, stride: int) -> torch.Tensor:
@@ -357,6 +365,7 @@ class MoCWanAnimate2AttnProcessor(MoCAttnProcessorBase):
                 facts.grid[0], facts.tokens_per_frame, facts.reference[0], facts.reference[1] * facts.reference[2],
                 int(origin_latent_frames), int(origin_latent_hw),
             )  # fmt: skip
+            geometry.check()  # also at full density, where the stock packing would fail or drop tokens
             if self._dense_here(facts):
                 hidden_states = _stock_in_context(
                     query, key, value, key_ref, value_ref, attention_mask, geometry, self._parallel_config
@@ -378,12 +387,6 @@ class MoCWanAnimate2AttnProcessor(MoCAttnProcessorBase):
     def _routed(self, attn, facts: InContextFacts, geometry: _Geometry, query, key, value, key_ref, value_ref):
         """MoC over `[generation | reference frames | zero slots]`: the generation queries routed among the generated
         video's chunks, the mask's other keys their anchors; `(B, L, H, D)` outputs of the generation queries."""
-        if facts.context.caption_shots is not None:
-            raise ValueError(
-                f"the MoC context has per-shot caption segments (caption_shots), which {_MODEL} has no place for in "
-                "its self-attention stream (its caption is attended through cross-attention)"
-            )
-        geometry.check()
         stream = _in_context_stream(facts.layout, geometry)
         generation = route(query, key, facts.layout, self.config, training=facts.regularise)
         self._record(attn, facts, generation)
