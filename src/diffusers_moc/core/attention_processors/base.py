@@ -145,7 +145,7 @@ class MoCHook:
     - a forward pre-hook (this object itself, registered with torch's public `register_forward_pre_hook`, its handle
       kept here) that computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor's
       `input_grid` and `input_prefix`), the current [`moc_context`] and the processor's `chunk_tokens`, into
-      `facts`, which the processors read;
+      `facts`, which the processors read (`compute_facts`, which a model whose facts hold more overrides);
     - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
       of its own forward.
 
@@ -209,14 +209,18 @@ class MoCHook:
             return True
         return any(attn.processor is self.processor for attn in self.layers)
 
+    def compute_facts(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> MoCForwardFacts | None:
+        """The facts of the forward `module(*args, **kwargs)`; models whose facts hold more override this."""
+        processor = self.processor
+        grid = processor.input_grid(module, args, kwargs)
+        prefix = processor.input_prefix(module, args, kwargs)
+        return forward_facts(grid, current_moc_context(), processor.config.chunk_tokens, module.training, prefix)
+
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._in_use():
             type(self.processor).check_replaced(module)
             return
-        processor = self.processor
-        grid = processor.input_grid(module, args, kwargs)
-        prefix = processor.input_prefix(module, args, kwargs)
-        self.facts = forward_facts(grid, current_moc_context(), processor.config.chunk_tokens, module.training, prefix)
+        self.facts = self.compute_facts(module, args, kwargs)
         # Wrapped at a forward, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
         CheckpointWithFacts.wrap(module, self)
 

@@ -168,13 +168,12 @@ class HunyuanVideo15Hook(MoCHook):
         self._refiner_handles = ()
         super().detach(transformer)
 
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        super().__call__(module, args, kwargs)
-        facts = self.facts
-        if facts is None or facts.context.caption_shots is None or not self._in_use():
-            return
+    def compute_facts(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> MoCForwardFacts:
+        facts = super().compute_facts(module, args, kwargs)
+        if facts.context.caption_shots is None:
+            return facts
         chunks, padding, kinds = _condition_chunks(args, kwargs, facts.context)
-        self.facts = CaptionedFacts(
+        return CaptionedFacts(
             facts.grid,
             facts.layout,
             facts.context,

@@ -34,7 +34,7 @@ from ..context import MoCContext, current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
 from ..recording import active_routing_map
 from ..routing import MoCRouting, route
-from .base import CheckpointWithFacts, MoCAttnProcessorBase, MoCForwardFacts, MoCHook, forward_facts, patch_sizes
+from .base import MoCAttnProcessorBase, MoCForwardFacts, MoCHook, forward_facts, patch_sizes
 
 __all__ = ["InContextFacts", "MoCWanAnimate2AttnProcessor", "WanAnimate2Hook"]
 
@@ -64,15 +64,11 @@ class WanAnimate2Hook(MoCHook):
     with no shots, since [`moc_context`] describes the generated video and that pass stays dense.
     """
 
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._in_use():
-            type(self.processor).check_replaced(module)
-            return
+    def compute_facts(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> InContextFacts | None:
         processor = self.processor
         mode = processor._call_arg(args, kwargs, "kv_cache_mode", _MODE)
         if mode not in ("extract", "cached"):
-            self.facts = None  # the model's forward raises, naming the mode
-            return
+            return None  # the model's forward raises, naming the mode
         grid = processor.input_grid(module, args, kwargs)
         if mode == "extract":
             facts, reference = forward_facts(grid, MoCContext(), None, False), None
@@ -84,10 +80,9 @@ class WanAnimate2Hook(MoCHook):
                     "in its self-attention stream (its caption is attended through cross-attention)"
                 )
             reference = _reference_grid(processor._call_arg(args, kwargs, "reference_grid_sizes", _REFERENCE_GRID))
-        self.facts = InContextFacts(
+        return InContextFacts(
             facts.grid, facts.layout, facts.context, facts.regularise, facts.prefix_tokens, reference=reference
         )
-        CheckpointWithFacts.wrap(module, self)
 
 
 def _reference_grid(grid_sizes: torch.Tensor | None) -> tuple[int, int, int]:
