@@ -543,16 +543,25 @@ class MoCAttnProcessorBase:
         return heads_to_sequence(out, cp) if cp is not None else out
 
     def _attend_recording(self, recorder, attn, query, key, value, layout, facts, video_start, text_rows, **kw):
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "a routing map (moc_routing_map) cannot record a torch.compile'd model: counting what each frame "
-                "attends reads the routing back to the host. Record with the uncompiled model (e.g. a second copy, "
-                "or before compiling); the compiled model runs as before once the routing map is closed"
-            )
         out, routing = moc_attention(
             query, key, value, layout, self.config, training=facts.regularise, return_routing=True, **kw
         )
+        self.record_routing(recorder, attn, facts, routing, video_start, text_rows)
+        return out
+
+    def record_routing(self, recorder, attn, facts, routing, video_start: int = 0, text_rows=None) -> None:
+        """Add one layer call's `routing` (its video from token `video_start` on) to the routing map `recorder`."""
+        _refuse_recording_compiled()
         frames, height, width = facts.grid
         layer = None if self.hook is None else self.hook.layer_name(attn)
         recorder.record(layer, routing, video_start, frames, height * width, owner=self.hook, text_rows=text_rows)
-        return out
+
+
+def _refuse_recording_compiled() -> None:
+    # Under torch.compile this raises while tracing, before anything runs.
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "a routing map (moc_routing_map) cannot record a torch.compile'd model: counting what each frame "
+            "attends reads the routing back to the host. Record with the uncompiled model (e.g. a second copy, "
+            "or before compiling); the compiled model runs as before once the routing map is closed"
+        )

@@ -404,12 +404,5 @@ class MoCWanAnimate2AttnProcessor(MoCAttnProcessorBase):
     def _record(self, attn, facts: InContextFacts, routing: MoCRouting) -> None:
         """Add the routing among the generated video's frames to the active routing map (reference anchors aside)."""
         recorder = active_routing_map()
-        if recorder is None:
-            return
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "a routing map (moc_routing_map) cannot record a torch.compile'd model: record with the uncompiled one"
-            )
-        frames, height, width = facts.grid
-        layer = None if self.hook is None else self.hook.layer_name(attn)
-        recorder.record(layer, routing, 0, frames, height * width, owner=self.hook)
+        if recorder is not None:
+            self.record_routing(recorder, attn, facts, routing)
