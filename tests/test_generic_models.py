@@ -138,7 +138,7 @@ def test_helios_history_chunks_follow_the_coarse_patches():
     assert helios_history(model, (), inputs) == (1, 4, 4, 16, 16)
     apply_moc(model, SPARSE)
     run(model, inputs)
-    facts = model.blocks[0].attn1.processor.hook.facts
+    facts = model.blocks[0].attn1.processor.hook.last_facts
     assert facts.prefix_tokens == 41 and facts.layout.sizes == (1, 4, 4, 16, 16, 16, 16, 16)
 
 

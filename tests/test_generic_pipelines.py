@@ -152,4 +152,4 @@ def test_stock_pipeline_runs_with_moc(name):
     assert sparse.shape == stock.shape and torch.isfinite(sparse).all()
     assert not torch.allclose(sparse, stock, atol=1e-4)
     if name.startswith("helios"):  # later chunks of the video run with the earlier ones as routed history chunks
-        assert pipe.transformer.blocks[0].attn1.processor.hook.facts.prefix_tokens > 0
+        assert pipe.transformer.blocks[0].attn1.processor.hook.last_facts.prefix_tokens > 0

@@ -202,10 +202,11 @@ def test_remove_moc_removes_the_refiner_hooks_and_copies_keep_theirs():
     expected = _run(model, inputs, shot_frames=SHOTS, **CAPTIONS)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(_run(twin, inputs, shot_frames=SHOTS, **CAPTIONS), expected, rtol=0, atol=0)
-    apply_moc(model, CAUSAL)  # again: the first hook's refiner hooks go
-    assert len(model.context_embedder._forward_hooks) == len(model.context_embedder._forward_pre_hooks) == 1
+    apply_moc(model, CAUSAL)  # again: the first hook's refiner hook goes
+    refiner = model.context_embedder._diffusers_hook
+    assert list(refiner.hooks.values()) == [model.transformer_blocks[0].attn.processor.hook.refiner]
     remove_moc(model)
-    assert not model.context_embedder._forward_hooks and not model.context_embedder._forward_pre_hooks
+    assert not refiner.hooks and "forward" not in vars(model.context_embedder)
     torch.testing.assert_close(_run(model, inputs), stock, rtol=0, atol=0)
 
 

@@ -16,6 +16,7 @@ CORE_LAYERS = {
     "context": 0,
     "parallel": 0,
     "atomic": 0,
+    "model_hooks": 0,
     "routing": 1,
     "joint_stream": 1,
     "kernels": 2,

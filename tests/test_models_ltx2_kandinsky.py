@@ -150,7 +150,7 @@ def test_chunks_are_whole_latent_frames(name):
     other = _frames(run(model, changed), name)
     assert torch.equal(other[:2], out[:2]) and not torch.allclose(other[2], out[2])
     layer = sorted(TARGETS[name])[0]
-    assert model.get_submodule(layer).processor.hook.facts.layout.sizes == (16, 16, 16)
+    assert model.get_submodule(layer).processor.hook.last_facts.layout.sizes == (16, 16, 16)
 
 
 def test_ltx2_grid_from_video_coords_alone():

@@ -166,7 +166,7 @@ def test_minimax_h3_grid_is_the_generated_video_at_the_end_of_the_packed_sequenc
     assert minimax_h3_grid(model, (), inputs) == (3, 4, 4)
     apply_moc(model, SPARSE)
     run(model, inputs)
-    facts = model.transformer_blocks[0].attn.processor.hook.facts
+    facts = model.transformer_blocks[0].attn.processor.hook.last_facts
     assert facts.layout.sizes == (16, 16, 16)
 
 
@@ -205,7 +205,7 @@ def test_cosmos3_layout_is_text_video_frames_then_sound():
     model, inputs = _cosmos3()
     apply_moc(model, SPARSE)
     run(model, inputs)
-    facts = model.layers[0].self_attn.processor.hook.facts
+    facts = model.layers[0].self_attn.processor.hook.last_facts
     assert facts.grid == (3, 4, 4) and facts.layout.sizes == (16, 16, 16)
 
 
@@ -303,7 +303,7 @@ def test_motif_video_pipeline_runs_with_moc():
     stock = _pipeline_frames(pipe, None, **call)
     assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
     assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
-    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (3, 2, 2)
+    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.last_facts.grid == (3, 2, 2)
 
 
 def test_motif_video_image_to_video_pipeline_runs_with_moc():
@@ -345,7 +345,7 @@ def test_motif_video_image_to_video_pipeline_runs_with_moc():
     stock = _pipeline_frames(pipe, None, **call)
     assert torch.equal(_pipeline_frames(pipe, DENSE, **call), stock)
     assert not torch.allclose(_pipeline_frames(pipe, SPARSE, **call), stock, atol=1e-3)
-    assert transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (3, 2, 2)
+    assert transformer.transformer_blocks[0].attn.processor.hook.last_facts.grid == (3, 2, 2)
 
 
 def test_minimax_h3_modular_pipeline_runs_with_moc():
@@ -376,7 +376,7 @@ def test_minimax_h3_modular_pipeline_runs_with_moc():
 
     dense = generate(DENSE)
     assert torch.equal(dense["videos"], stock["videos"]) and torch.equal(dense["audio"], stock["audio"])
-    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+    assert pipe.transformer.transformer_blocks[0].attn.processor.hook.last_facts.grid == (37, 2, 2)
 
     sparse = generate(SPARSE)
     # MoC routes the one packed sequence, so both modalities decoded from it change. The tiny random audio VAE
@@ -418,7 +418,7 @@ def test_minimax_h3_reference_workflow_runs_with_moc_on_transformer_ref():
         "MoCDispatchAttnProcessor"
     }
     assert torch.equal(generate(), stock)
-    assert pipe.transformer_ref.transformer_blocks[0].attn.processor.hook.facts.grid == (37, 2, 2)
+    assert pipe.transformer_ref.transformer_blocks[0].attn.processor.hook.last_facts.grid == (37, 2, 2)
     apply_moc(pipe, SPARSE)
     assert not torch.allclose(generate(), stock, atol=1e-3)
     remove_moc(pipe)
@@ -496,5 +496,5 @@ def test_cosmos3_omni_pipeline_text_to_video_runs_with_moc():
     stock = generate(None)
     assert torch.equal(generate(DENSE), stock)
     assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
-    facts = transformer.layers[0].self_attn.processor.hook.facts
+    facts = transformer.layers[0].self_attn.processor.hook.last_facts
     assert facts.grid == (3, 4, 4)

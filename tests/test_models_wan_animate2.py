@@ -161,7 +161,7 @@ def test_shots_cut_the_generated_video():
     apply_moc(model, SPARSE.replace(top_k=0, local_window=1))
     with moc_context(shot_frames=[1, 2]):
         out = run(model, inputs)
-    facts = model.blocks[0].self_attn.processor.hook.facts
+    facts = model.blocks[0].self_attn.processor.hook.last_facts
     assert facts.grid == (3, 4, 4) and facts.reference == (2, 4, 4)
     assert facts.layout.sizes == (16, 16, 16) and facts.layout.shots == (0, 1, 1)
     assert not torch.equal(out, run(model, inputs))
@@ -332,5 +332,5 @@ def test_modular_pipeline_runs_with_moc():
     assert stock.shape[1] == 9
     assert torch.equal(generate(DENSE), stock)
     assert not torch.allclose(generate(SPARSE), stock, atol=1e-3)
-    facts = transformer.blocks[0].self_attn.processor.hook.facts  # the last forward: a generation pass
+    facts = transformer.blocks[0].self_attn.processor.hook.last_facts  # the last forward: a generation pass
     assert facts.grid == (3, 2, 2) and facts.reference == (2, 2, 2)

@@ -71,10 +71,11 @@ class HostReads(TorchFunctionMode):
 
 
 def _hook(model) -> MoCHook:
-    """The model's MoC hook, which its MoC processors hold and torch runs before its forward (and no other)."""
+    """The model's MoC hook, which its MoC processors hold and its diffusers `HookRegistry` runs (and no other)."""
     hooks = {id(m.processor.hook): m.processor.hook for m in model.modules() if _is_moc(m)}
-    registered = [h for h in model._forward_pre_hooks.values() if isinstance(h, MoCHook)]
-    assert len(hooks) == 1 and registered == list(hooks.values())
+    registry = model._diffusers_hook
+    registered = [h for h in registry.hooks.values() if isinstance(h, MoCHook)]
+    assert len(hooks) == 1 and registered == list(hooks.values()) and registry.get_hook("moc") is registered[0]
     return registered[0]
 
 
@@ -140,9 +141,9 @@ def test_models_with_moc_pickle_and_deepcopy(name):
 
 
 def test_diffusers_hook_registry_is_still_not_copy_safe():
-    """Why `MoCHook` is a plain forward pre-hook, not a diffusers `HookRegistry` hook: a model carrying a registry hook
-    cannot be pickled, and its `copy.deepcopy` runs the original model's forward (its weights), silently. When this
-    fails, diffusers' registry has become copy-safe and `apply_moc` can install through it."""
+    """Why `register_hook` replaces the forward diffusers' `HookRegistry` installs: with it, a model cannot be pickled,
+    and its `copy.deepcopy` runs the original model's forward (its weights), silently. When this fails, diffusers'
+    registry has become copy-safe and `diffusers_moc.core.model_hooks.hooked_forward` can go."""
     from diffusers.hooks import HookRegistry, ModelHook
 
     model, inputs = MODELS["wan"]()
@@ -158,11 +159,17 @@ def test_diffusers_hook_registry_is_still_not_copy_safe():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_apply_and_remove_leave_no_trace_on_the_modules(name):
-    """MoC's hook holds the replaced processors and the layer names; nothing is written on the model's modules, and
-    `remove_moc` takes the hook off and puts the very same processors back."""
+    """MoC's hook holds the replaced processors and the layer names; nothing is written on the model's modules but
+    diffusers' hook registry and the forward it runs, and `remove_moc` takes the hook off, gives the modules their
+    class forward back and puts the very same processors back."""
     from diffusers_moc import remove_moc
 
     model, inputs = MODELS[name]()
+
+    def added():
+        found = {n: set(vars(m)) - attributes[n] for n, m in model.named_modules()}
+        return {n: names for n, names in found.items() if names}
+
     attributes = {name: set(vars(m)) for name, m in model.named_modules()}
     before = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
     apply_moc(model, SPARSE)
@@ -171,11 +178,13 @@ def test_apply_and_remove_leave_no_trace_on_the_modules(name):
     assert {hook.layers[m]: p for m, p in hook.originals.items()} == {n: before[n] for n in hook.layers.values()}
     with torch.no_grad():
         model(**inputs)
-    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    hooked = added()
+    assert hooked[""] == {"_diffusers_hook", "forward"}
+    assert all(names == {"_diffusers_hook", "forward"} for names in hooked.values())
     remove_moc(model)
-    assert not any(isinstance(h, MoCHook) for h in model._forward_pre_hooks.values())
+    assert all(not model.get_submodule(n)._diffusers_hook.hooks for n in hooked)
+    assert added() == {n: {"_diffusers_hook"} for n in hooked}
     assert all(model.get_submodule(n).processor is p for n, p in before.items())
-    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
 
 
 def test_moc_replaced_by_hand_leaves_an_inert_hook():
@@ -197,10 +206,10 @@ def test_moc_replaced_by_hand_leaves_an_inert_hook():
     model.set_attn_processor(WanAttnProcessor())
     apply_moc(model, SPARSE)
     second = model.blocks[0].attn1.processor.hook
-    first.facts = None
+    first.last_facts = None
     with torch.no_grad():
         model(**inputs)
-    assert first.facts is None and second.facts is not None
+    assert first.last_facts is None and second.last_facts is not None
     assert model._gradient_checkpointing_func.hook is second and model._gradient_checkpointing_func.inner is plain
     remove_moc(model)
     with torch.no_grad():
@@ -218,7 +227,7 @@ def test_facts_are_computed_once_per_forward_from_the_input_shape(monkeypatch):
     with torch.no_grad(), moc_context(shot_frames=[1, 3]):
         model(**inputs)
     assert calls == [1]  # once per forward, not once per layer
-    facts = hook.facts
+    facts = hook.last_facts
     assert facts.grid == (4, 2, 2) and facts.layout.shots == (0, 1, 1, 1) and facts.regularise is False
 
 
@@ -236,4 +245,4 @@ def test_ltx_condition_style_video_coords_give_the_frame_grid():
         stock = model(**inputs).sample
         apply_moc(model, MoCConfig(top_k=100, causal=False, backend="torch"))
         torch.testing.assert_close(model(**inputs).sample, stock, atol=1e-5, rtol=1e-5)
-    assert _hook(model).facts.grid == (frames, 1, height * width)
+    assert _hook(model).last_facts.grid == (frames, 1, height * width)

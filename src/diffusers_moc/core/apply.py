@@ -250,17 +250,6 @@ def _set_processor(module: torch.nn.Module, processor) -> None:
         module.processor = processor
 
 
-def _hooks(transformer: torch.nn.Module) -> list[MoCHook]:
-    """The [`MoCHook`]s installed on `transformer`: those attached to it, and those its layers' MoC processors lead
-    to (a copied model's)."""
-    found = {id(hook): hook for hook in MoCHook.attached_to(transformer)}
-    for module in transformer.modules():
-        hook = getattr(getattr(module, "processor", None), "hook", None)
-        if isinstance(hook, MoCHook):
-            found[id(hook)] = hook
-    return list(found.values())
-
-
 def _is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module) and hasattr(obj, "components")
 
@@ -301,12 +290,13 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
     own caption plus the global one when [`moc_context`] has caption spans (multi-shot videos). A context-parallel
     config set by `enable_parallelism` (before or after this call) is kept.
 
-    One [`MoCHook`] per transformer holds the processors it replaced and computes, once per forward (a forward
-    pre-hook), the latent frame grid (from the input shape and the model config), the chunk layout, the shots and
-    caption spans of [`moc_context`] and whether drop-off / drop-in run; the processors read nothing back from the
-    device, so `torch.compile(transformer, fullgraph=True)`, `transformer.compile_repeated_blocks(fullgraph=True)`
-    and `torch.export` work. The model stays picklable. Call [`remove_moc`] to go back to the processors that were
-    there before.
+    One [`MoCHook`] per transformer (a diffusers `ModelHook`, registered as `"moc"` in the transformer's
+    `HookRegistry`) holds the processors it replaced and computes, once per forward, the latent frame grid (from
+    the input shape and the model config), the chunk layout, the shots and caption spans of [`moc_context`] and
+    whether drop-off / drop-in run; the processors read nothing back from the device, so
+    `torch.compile(transformer, fullgraph=True)`, `transformer.compile_repeated_blocks(fullgraph=True)` and
+    `torch.export` work. The model stays picklable and `copy.deepcopy` gives a copy with its own hook. Call
+    [`remove_moc`] to go back to the processors that were there before.
 
     Args:
         pipe_or_transformer (`DiffusionPipeline` or `torch.nn.Module`): a pipeline holding supported transformers,
@@ -350,7 +340,7 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
     first = modules[0][1].processor
     processor._attention_backend = getattr(first, "_attention_backend", None)
     processor._parallel_config = getattr(first, "_parallel_config", None)
-    previous = _hooks(transformer)
+    previous = MoCHook.attached_to(transformer)
     for name, module in modules:
         original = module.processor
         if isinstance(original, MoCAttnProcessorBase):  # applied again: keep what the first apply_moc replaced
@@ -362,8 +352,8 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
         processor.use_stock(_one_stock(hook.originals, modules))
     for _, module in modules:
         _set_processor(module, processor)
-    for old in previous:
-        old.detach(transformer)
+    if previous is not None:
+        previous.detach(transformer)
     hook.attach(transformer)
 
 
@@ -393,7 +383,7 @@ def remove_moc(pipe_or_transformer):
 
 
 def _remove_one(transformer: torch.nn.Module) -> None:
-    hooks = _hooks(transformer)
+    hook = MoCHook.attached_to(transformer)
     for module in transformer.modules():
         proc = getattr(module, "processor", None)
         if not isinstance(proc, MoCAttnProcessorBase):
@@ -406,7 +396,7 @@ def _remove_one(transformer: torch.nn.Module) -> None:
         original._attention_backend = proc._attention_backend
         original._parallel_config = proc._parallel_config
         _set_processor(module, original)
-    for hook in hooks:
+    if hook is not None:
         hook.detach(transformer)
 
 

@@ -1,7 +1,7 @@
 """Per-call information that MoC reads but the transformer's forward does not carry: the shots, caption spans and
 whether the training regularisers run.
 
-A pipeline (or the user) sets it around the denoising loop; the forward pre-hook that `apply_moc` installs reads it
+A pipeline (or the user) sets it around the denoising loop; the hook that `apply_moc` installs reads it
 once per transformer forward::
 
     with moc_context(shot_frames=[6, 5, 5]):   # latent frames per shot

@@ -16,16 +16,17 @@ a forward call), and add a registry entry in `apply.py`.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..attention import moc_attention
 from ..config import MoCConfig
 from ..context import MoCContext, current_moc_context
 from ..layout import GLOBAL_SHOT, ChunkLayout
+from ..model_hooks import find_hook, register_hook, remove_hook
 from ..parallel import head_shard, heads_to_sequence, sequence_to_heads, ulysses_config
 from ..recording import active_routing_map
 
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointWithFacts",
     "MoCAttnProcessorBase",
     "MoCForwardFacts",
+    "MOC_HOOK",
     "MoCHook",
     "frames_from_rotary",
     "forward_facts",
@@ -132,30 +134,26 @@ def forward_facts(
     return MoCForwardFacts((frames, height, width), layout, context, regularise, sum(prefix))
 
 
-# Transformer -> the MoC hooks attached to it, kept beside the model (nothing is written on diffusers modules).
-_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The name of MoC's hook in a transformer's diffusers `HookRegistry`.
+MOC_HOOK = "moc"
 
 
-class MoCHook:
+class MoCHook(ModelHook):
     r"""
     What [`apply_moc`] installs on one transformer, and all it keeps there:
 
     - `processor`: the one MoC processor its attention layers share, and `layers`, their names (how routing maps
       name them) with `originals`, the processors `apply_moc` replaced (what [`remove_moc`] puts back);
-    - a forward pre-hook (this object itself, registered with torch's public `register_forward_pre_hook`, its handle
-      kept here) that computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor's
-      `input_grid` and `input_prefix`), the current [`moc_context`] and the processor's `chunk_tokens`, into
-      `facts`, which the processors read (`compute_facts`, which a model whose facts hold more overrides);
+    - a diffusers `ModelHook`, registered as `"moc"` in the transformer's `HookRegistry`, whose `pre_forward`
+      computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor's `input_grid` and
+      `input_prefix`), the current [`moc_context`] and the processor's `chunk_tokens`, into `facts`, which the
+      processors read (`compute_facts`, which a model whose facts hold more overrides); `post_forward` moves them
+      to `last_facts`, so that a layer run outside a forward of the transformer raises instead of reusing them;
     - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
       of its own forward.
 
-    A plain object (no closures), so a model with MoC pickles, and `copy.deepcopy` gives the copy its own hook. The
-    hooks attached to a transformer are also listed beside it (a weak map), so that `apply_moc` and `remove_moc` find
-    one whose processors the model's own methods replaced (CogVideoX's QKV fusion).
-
-    diffusers' `HookRegistry` is not used: the forward it installs is a closure, so a model carrying it cannot be
-    pickled, and `copy.deepcopy` of it gives a copy that still runs the original's forward and weights, silently
-    (a test checks that this still holds for the installed diffusers).
+    The forward the registry installs is made copy-safe (`diffusers_moc.core.model_hooks`): a model with MoC
+    pickles, and `copy.deepcopy` gives the copy its own hook.
 
     Args:
         processor (`MoCAttnProcessorBase`): the processor `apply_moc` sets on the layers.
@@ -164,34 +162,32 @@ class MoCHook:
     """
 
     def __init__(self, processor: MoCAttnProcessorBase, label: str | None = None):
+        super().__init__()
         self.processor = processor
         self.label = label
         self.facts: MoCForwardFacts | None = None
+        self.last_facts: MoCForwardFacts | None = None
         self.layers: dict[torch.nn.Module, str] = {}
         self.originals: dict[torch.nn.Module, object] = {}
-        self._handle = None
 
     def __repr__(self) -> str:
         return f"MoCHook({self.processor}, facts={self.facts})"
 
     def attach(self, transformer: torch.nn.Module) -> None:
-        """Register the forward pre-hook on `transformer`."""
-        self._handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
-        _ATTACHED.setdefault(transformer, []).append(self)
+        """Register this hook in `transformer`'s `HookRegistry`."""
+        register_hook(transformer, self, MOC_HOOK)
 
     @staticmethod
-    def attached_to(transformer: torch.nn.Module) -> list[MoCHook]:
-        """The hooks [`attach`] registered on `transformer`, also those whose processors were since replaced by hand
-        or by the model's own methods (which the processors can no longer lead to)."""
-        return list(_ATTACHED.get(transformer, ()))
+    def attached_to(transformer: torch.nn.Module) -> MoCHook | None:
+        """The hook [`attach`] registered on `transformer`, also when its processors were since replaced by hand or
+        by the model's own methods (which the processors can no longer lead to)."""
+        hook = find_hook(transformer, MOC_HOOK)
+        return hook if isinstance(hook, MoCHook) else None
 
     def detach(self, transformer: torch.nn.Module) -> None:
-        """Remove the forward pre-hook from `transformer`, and the checkpointing wrapper if it is this hook's."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self in _ATTACHED.get(transformer, ()):
-            _ATTACHED[transformer].remove(self)
+        """Remove this hook from `transformer`, and the checkpointing wrapper if it is this hook's."""
+        if find_hook(transformer, MOC_HOOK) is self:
+            remove_hook(transformer, MOC_HOOK)
         CheckpointWithFacts.unwrap(transformer, self)
 
     def layer_name(self, attn: torch.nn.Module) -> str | None:
@@ -216,13 +212,19 @@ class MoCHook:
         prefix = processor.input_prefix(module, args, kwargs)
         return forward_facts(grid, current_moc_context(), processor.config.chunk_tokens, module.training, prefix)
 
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
         if not self._in_use():
             type(self.processor).check_replaced(module)
-            return
+            return args, kwargs
         self.facts = self.compute_facts(module, args, kwargs)
         # Wrapped at a forward, since `enable_gradient_checkpointing` may come before or after `apply_moc`.
         CheckpointWithFacts.wrap(module, self)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        if self.facts is not None:
+            self.facts, self.last_facts = None, self.facts
+        return output
 
 
 class CheckpointWithFacts:
@@ -429,8 +431,9 @@ class MoCAttnProcessorBase:
             facts = self.hook.facts
             if facts is None:
                 raise RuntimeError(
-                    f"{type(self).__name__} has no facts for this forward: its forward pre-hook did not run. Call "
-                    "the transformer itself (not a block), or re-install MoC with `apply_moc(transformer, config)`"
+                    f"{type(self).__name__} has no facts for this forward: MoC's hook on the transformer did not run. "
+                    "Call the transformer itself (not a block); if another library replaced the transformer's forward "
+                    "after `apply_moc`, re-install MoC with `apply_moc(transformer, config)`"
                 )
             return facts
         name = type(self).__name__
@@ -449,7 +452,7 @@ class MoCAttnProcessorBase:
         if grid is None:
             raise ValueError(
                 f"{name} cannot find the video frame grid of this call (its rotary embeddings do not reveal it); "
-                "install it with `apply_moc(transformer, config)`, whose forward pre-hook computes the grid from the "
+                "install it with `apply_moc(transformer, config)`, whose hook computes the grid from the "
                 "input shape"
             )
         frames, per_frame = grid

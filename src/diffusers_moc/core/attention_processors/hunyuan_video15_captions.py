@@ -7,8 +7,8 @@ before the joint blocks:
 
 - the text encoders see one caption at a time (the pipeline encodes each alone);
 - diffusers' token refiner (`context_embedder`), which would attend over all caption tokens together and condition on
-  their pooled mean, refines each caption span alone: the hook narrows the refiner's input to the first span, then
-  runs the refiner's own forward on each further span and concatenates (no extra work, no copy of its code).
+  their pooled mean, refines each caption span alone: a hook in the refiner's diffusers `HookRegistry` runs the
+  refiner's own forward on each span and concatenates (no extra work, no copy of its code).
 
 The joint blocks then see the chunks in MoC's causal order (`diffusers_moc.core.joint_stream`).
 """
@@ -18,11 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..layout import GLOBAL_SHOT
+from ..model_hooks import find_hook, register_hook, remove_hook
 from .base import MoCAttnProcessorBase, MoCForwardFacts, MoCHook
 
 __all__ = ["CaptionedFacts", "HunyuanVideo15Hook"]
+
+_REFINER_HOOK = "moc_caption_refiner"
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,16 @@ def _condition_chunks(args: tuple, kwargs: dict, context) -> tuple[tuple[tuple[i
     return tuple(chunks), total - sum(n for n, _ in chunks), tuple(kinds)
 
 
-class _RefinerPerCaption:
+class _RefinerPerCaption(ModelHook):
     r"""
-    Forward hooks of the token refiner (`context_embedder`) that refine each caption span of `encoder_hidden_states`
-    alone: the pre-hook narrows the input to the first span, the post-hook runs the refiner's forward on each further
-    span and concatenates. Padding after the spans gets zeros (diffusers zeroes padded caption tokens anyway).
+    The hook of the token refiner (`context_embedder`) that refines each caption span of `encoder_hidden_states`
+    alone: its forward runs the refiner's own forward on each span and concatenates. Padding after the spans gets
+    zeros (diffusers zeroes padded caption tokens anyway).
     """
 
     def __init__(self, hook: HunyuanVideo15Hook):
+        super().__init__()
         self.hook = hook
-        self._pending = None
 
     def _spans(self):
         facts = self.hook.facts
@@ -117,29 +121,18 @@ class _RefinerPerCaption:
             return ()
         return facts.context.caption_spans_of(0)
 
-    def before(self, module: torch.nn.Module, args: tuple, kwargs: dict):
-        self._pending = None
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
         spans = self._spans()
         if not spans:
-            return None
+            return forward(*args, **kwargs)
         hidden = MoCAttnProcessorBase._call_arg(args, kwargs, "hidden_states", 0)
         timestep = MoCAttnProcessorBase._call_arg(args, kwargs, "timestep", 1)
         mask = MoCAttnProcessorBase._call_arg(args, kwargs, "attention_mask", 2)
-        self._pending = (hidden, timestep, mask, spans)
-        start, end, _ = spans[0]
-        return (hidden[:, start:end], timestep, None if mask is None else mask[:, start:end]), {}
-
-    def after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        if self._pending is None:
-            return None
-        hidden, timestep, mask, spans = self._pending
-        self._pending = None
-        parts = [output]
-        for start, end, _ in spans[1:]:
-            parts.append(module.forward(hidden[:, start:end], timestep, None if mask is None else mask[:, start:end]))
+        parts = [forward(hidden[:, a:b], timestep, None if mask is None else mask[:, a:b]) for a, b, _ in spans]
         end = spans[-1][1]
         if end < hidden.shape[1]:
-            parts.append(output.new_zeros(output.shape[0], hidden.shape[1] - end, output.shape[2]))
+            parts.append(parts[0].new_zeros(parts[0].shape[0], hidden.shape[1] - end, parts[0].shape[2]))
         return torch.cat(parts, dim=1)
 
 
@@ -152,20 +145,14 @@ class HunyuanVideo15Hook(MoCHook):
     def __init__(self, processor, label: str | None = None):
         super().__init__(processor, label)
         self.refiner = _RefinerPerCaption(self)
-        self._refiner_handles = ()
 
     def attach(self, transformer: torch.nn.Module) -> None:
         super().attach(transformer)
-        refiner = transformer.context_embedder
-        self._refiner_handles = (
-            refiner.register_forward_pre_hook(self.refiner.before, with_kwargs=True),
-            refiner.register_forward_hook(self.refiner.after, with_kwargs=True),
-        )
+        register_hook(transformer.context_embedder, self.refiner, _REFINER_HOOK)
 
     def detach(self, transformer: torch.nn.Module) -> None:
-        for handle in self._refiner_handles:
-            handle.remove()
-        self._refiner_handles = ()
+        if find_hook(transformer.context_embedder, _REFINER_HOOK) is self.refiner:
+            remove_hook(transformer.context_embedder, _REFINER_HOOK)
         super().detach(transformer)
 
     def compute_facts(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> MoCForwardFacts:

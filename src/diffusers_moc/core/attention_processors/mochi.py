@@ -33,7 +33,7 @@ class MoCMochiAttnProcessor(MoCAttnProcessorBase):
     attention op, so the model compiles with `fullgraph=True`.
 
     Mochi's RoPE mixes the three axes in every column (learned frequencies), so the frame grid cannot be read off
-    it: it comes from the transformer input, through the forward pre-hook of [`apply_moc`]. Install this processor
+    it: it comes from the transformer input, through the hook of [`apply_moc`]. Install this processor
     with `apply_moc(transformer, config)`; `set_attn_processor` alone raises a clear error.
 
     Args:

@@ -57,8 +57,8 @@ class MoCWanAttnProcessor(MoCAttnProcessorBase):
     the cross-attention layers too: with `caption_spans` in the context each shot's tokens attend only to their
     caption plus the global one (per-shot caption anchors); without, cross-attention is diffusers' own.
 
-    `transformer.set_attn_processor(MoCWanAttnProcessor(config))` works in eager mode: without `apply_moc`'s forward
-    pre-hook, the processor reads the frame grid off the rotary embeddings (a host read per layer); use `apply_moc`
+    `transformer.set_attn_processor(MoCWanAttnProcessor(config))` works in eager mode: without `apply_moc`'s hook,
+    the processor reads the frame grid off the rotary embeddings (a host read per layer); use `apply_moc`
     for `torch.compile`.
 
     Args:

@@ -290,8 +290,8 @@ class MoCWanAnimate2AttnProcessor(MoCAttnProcessorBase):
       density the stock flex call runs (bit for bit). Chunks that span several latent frames (`chunk_tokens` above one
       frame) are refused: a chunk's reference anchor is per frame.
 
-    Projections, norms and rotary embeddings are the stock ones; the rotary embedding is applied from the grid the
-    forward pre-hook computed (ints), so the blocks compile whole (`compile_repeated_blocks(fullgraph=True)`), which
+    Projections, norms and rotary embeddings are the stock ones; the rotary embedding is applied from the grid
+    `apply_moc`'s hook computed (ints), so the blocks compile whole (`compile_repeated_blocks(fullgraph=True)`), which
     the stock processor, reading its grid tensors on the host, does not. Install with [`apply_moc`]; diffusers has no
     context-parallel plan for this model, and MoC refuses one.
 
