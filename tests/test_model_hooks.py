@@ -26,6 +26,14 @@ class _Double(ModelHook):
         return output.__class__(sample=2 * output.sample)
 
 
+class _Triple(ModelHook):
+    """A diffusers hook with its own forward (as diffusers' cache hooks have), which triples the model's output."""
+
+    def new_forward(self, module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        return output.__class__(sample=3 * output.sample)
+
+
 def _sample(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).sample
@@ -43,7 +51,9 @@ def test_moc_stacks_with_other_diffusers_hooks(moc_first):
     else:
         registry.register_hook(_Double(), "double")
         apply_moc(model, SPARSE)
-    assert set(registry.hooks) == {"moc", "double"}
+    torch.testing.assert_close(_sample(model, inputs), 2 * sparse, rtol=0, atol=0)
+    apply_moc(model, SPARSE)  # applied again: registered anew, last
+    assert list(registry.hooks) == ["double", "moc"]
     torch.testing.assert_close(_sample(model, inputs), 2 * sparse, rtol=0, atol=0)
     remove_moc(model)
     assert list(registry.hooks) == ["double"]
@@ -115,3 +125,36 @@ def test_accelerate_hooks_added_after_moc():
     assert model.forward.func is hooked_forward
     remove_moc(model)
     torch.testing.assert_close(_sample(model, inputs), stock, rtol=0, atol=0)
+
+
+def test_a_later_hook_with_its_own_forward_survives_remove_moc():
+    """diffusers' `HookRegistry.remove_hook` hands the forward below the removed hook to the next hook's `forward`,
+    which a hook with `new_forward` does not call: `remove_moc` keeps such a hook running."""
+    model, inputs = MODELS["wan"]()
+    stock = _sample(model, inputs)
+    apply_moc(model, SPARSE)
+    sparse = _sample(model, inputs)
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(_Triple(), "triple")
+    torch.testing.assert_close(_sample(model, inputs), 3 * sparse, rtol=0, atol=0)
+    remove_moc(model)
+    torch.testing.assert_close(_sample(model, inputs), 3 * stock, rtol=0, atol=0)
+    registry.remove_hook("triple")
+    torch.testing.assert_close(_sample(model, inputs), stock, rtol=0, atol=0)
+
+
+def test_remove_moc_under_accelerate_hooks():
+    """accelerate wraps MoC's forward and keeps it to put back: after `remove_moc` it runs no MoC step, also once
+    accelerate's hooks are gone (a CogVideoX whose QKV is then fused runs its fused processor)."""
+    model, inputs = MODELS["cogvideox"]()
+    stock = _sample(model, inputs)
+    apply_moc(model, SPARSE)
+    add_hook_to_module(model, AccelerateHook())
+    hook = model.transformer_blocks[0].attn1.processor.hook
+    remove_moc(model)
+    hook.last_facts = None
+    torch.testing.assert_close(_sample(model, inputs), stock, rtol=0, atol=0)
+    remove_hook_from_module(model)
+    model.fuse_qkv_projections()
+    torch.testing.assert_close(_sample(model, inputs), stock, rtol=1e-5, atol=1e-5)
+    assert hook.last_facts is None

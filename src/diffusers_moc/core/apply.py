@@ -295,7 +295,8 @@ def apply_moc(pipe_or_transformer, config: MoCConfig | None = None):
     the input shape and the model config), the chunk layout, the shots and caption spans of [`moc_context`] and
     whether drop-off / drop-in run; the processors read nothing back from the device, so
     `torch.compile(transformer, fullgraph=True)`, `transformer.compile_repeated_blocks(fullgraph=True)` and
-    `torch.export` work. The model stays picklable and `copy.deepcopy` gives a copy with its own hook. Call
+    `torch.export` work. The model stays picklable and `copy.deepcopy` gives a copy with its own hook (unless
+    another diffusers hook sits on the transformer: diffusers' own hook forwards neither pickle nor copy). Call
     [`remove_moc`] to go back to the processors that were there before.
 
     Args:
@@ -352,6 +353,8 @@ def _apply_one(transformer: torch.nn.Module, config: MoCConfig, label: str | Non
         processor.use_stock(_one_stock(hook.originals, modules))
     for _, module in modules:
         _set_processor(module, processor)
+    # Applied again: registered anew, last among the transformer's hooks (which also mends a chain whose forward
+    # another library put back to the one from before MoC's).
     if previous is not None:
         previous.detach(transformer)
     hook.attach(transformer)

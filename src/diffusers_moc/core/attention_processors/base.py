@@ -148,12 +148,13 @@ class MoCHook(ModelHook):
       computes the forward's [`MoCForwardFacts`] once, from the input shape (via the processor's `input_grid` and
       `input_prefix`), the current [`moc_context`] and the processor's `chunk_tokens`, into `facts`, which the
       processors read (`compute_facts`, which a model whose facts hold more overrides); `post_forward` moves them
-      to `last_facts`, so that a layer run outside a forward of the transformer raises instead of reusing them;
+      to `last_facts`, so that a layer run after the forward returned raises instead of reusing them;
     - under gradient checkpointing, the [`CheckpointWithFacts`] that gives a block recomputed in backward the facts
       of its own forward.
 
     The forward the registry installs is made copy-safe (`diffusers_moc.core.model_hooks`): a model with MoC
-    pickles, and `copy.deepcopy` gives the copy its own hook.
+    pickles, and `copy.deepcopy` gives the copy its own hook, as long as no other diffusers hook sits on the
+    transformer itself (diffusers' own hook forwards neither pickle nor copy).
 
     Args:
         processor (`MoCAttnProcessorBase`): the processor `apply_moc` sets on the layers.
