@@ -211,6 +211,38 @@ def test_a_silent_video_writer_failure_is_an_error(board, tmp_path, capsys, monk
     assert sorted(os.listdir(tmp_path)) == ["board.yaml"]
 
 
+def test_write_videos_puts_back_what_a_failed_rename_replaced(tmp_path, monkeypatch):
+    """All or nothing also when a rename into place fails: the outputs already replaced get their old files back,
+    those created are removed, nothing temporary is left; a folder in the way is refused before anything moves."""
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "a.mp4").write_bytes(b"old a")
+    (tmp_path / "map.png.partial").write_bytes(b"new map")
+    outputs = [(tmp_path / "a.mp4", frames), (tmp_path / "b.mp4", frames), (tmp_path / "c.mp4", frames)]
+    real = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == str(tmp_path / "c.mp4"):
+            raise PermissionError(13, "Permission denied", dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    extra = [(str(tmp_path / "map.png.partial"), str(tmp_path / "map.png"))]
+    with pytest.raises(PermissionError):
+        video_io.write_videos(outputs, fps=8, extra=extra)
+    assert (tmp_path / "a.mp4").read_bytes() == b"old a"
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4"]
+    monkeypatch.setattr(os, "replace", real)
+    (tmp_path / "c.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match="a folder is in the way of an output"):
+        video_io.write_videos(outputs, fps=8)
+    assert (tmp_path / "a.mp4").read_bytes() == b"old a"
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "c.mp4"]
+    (tmp_path / "c.mp4").rmdir()
+    assert video_io.write_videos(outputs, fps=8) == [str(tmp_path / n) for n in ("a.mp4", "b.mp4", "c.mp4")]
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4", "c.mp4"]
+    video_io.verify_video(str(tmp_path / "a.mp4"), 3, 8)
+
+
 def test_write_videos_checks_its_arguments_and_reads_back(tmp_path):
     frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
     for fps in (1.0e-9, 0, -1, float("nan"), 1e6, True):

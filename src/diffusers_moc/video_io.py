@@ -6,6 +6,7 @@ import contextlib
 import errno
 import math
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -210,16 +211,52 @@ def _full_disk_named(path: str, tmp_dir: str) -> Iterator[None]:
 
 
 def _commit(moves: list[tuple[str, str]], on_disk: list[str]) -> None:
-    """Rename the checked temporary files into place; `on_disk` lists the destinations once all are there."""
+    """Rename the checked temporary files into place, all or none: when a rename fails, the destinations already
+    replaced get their previous files back (those created are removed). `on_disk` lists the destinations once all
+    are there."""
+    for _, path in moves:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way of an output", path)
     umask = os.umask(0)
     os.umask(umask)
+    placed: list[tuple[str, str | None]] = []  # (destination, second name of its previous file)
     with deferred_interrupts():  # Ctrl-C and SIGTERM wait for the renames: the outputs are all there, or none
-        for i, (tmp, path) in enumerate(moves):
-            os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
-            os.replace(tmp, path)
-            if i == 0:
-                pause_point("write_videos:moving")
+        try:
+            for i, (tmp, path) in enumerate(moves):
+                os.chmod(tmp, 0o666 & ~umask)  # give the usual permissions of a new file
+                placed.append((path, _keep_previous(path, tmp)))
+                os.replace(tmp, path)
+                if i == 0:
+                    pause_point("write_videos:moving")
+        except BaseException:
+            _put_back(placed)
+            raise
+        for _, previous in placed:
+            if previous is not None:
+                remove_path(previous)
         on_disk[:] = [path for _, path in moves]
+
+
+def _keep_previous(path: str, tmp: str) -> str | None:
+    """A second name, next to `tmp`, for the file at `path` (if any): a hard link, so that `path` holds the old or the
+    new file at every moment (a process killed in between loses nothing), or a copy where links are not supported."""
+    if not os.path.lexists(path):
+        return None
+    previous = tmp + ".previous"
+    try:
+        os.link(path, previous, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, previous, follow_symlinks=False)
+    return previous
+
+
+def _put_back(placed: list[tuple[str, str | None]]) -> None:
+    for path, previous in reversed(placed):
+        with contextlib.suppress(OSError):  # the error that stopped the renames is the one raised
+            if previous is None:
+                remove_path(path)
+            else:
+                os.replace(previous, path)
 
 
 def write_videos(
@@ -230,7 +267,8 @@ def write_videos(
 
     Each video is written into a temporary folder next to its destination, checked (frame count and rate, read back
     with PyAV) and only moved into place once all of them are written and checked; on any error or interruption the
-    temporary folders are removed and no destination is touched. (A folder, not a file: ffmpeg runs in a subprocess
+    temporary folders are removed and no destination is touched (a rename into place that fails puts back the
+    destinations already replaced). (A folder, not a file: ffmpeg runs in a subprocess
     and could still create a temporary file after it was removed; it cannot create a removed folder.) Ctrl-C while
     they are moved into place takes effect once all are, as [`InterruptedAfterWriting`].
 
