@@ -245,7 +245,7 @@ def _keep_previous(path: str, tmp: str) -> str | None:
     previous = tmp + ".previous"
     try:
         os.link(path, previous, follow_symlinks=False)
-    except OSError:
+    except (OSError, NotImplementedError):  # no hard links on this file system (or for links on this platform)
         shutil.copy2(path, previous, follow_symlinks=False)
     return previous
 
@@ -267,10 +267,10 @@ def write_videos(
 
     Each video is written into a temporary folder next to its destination, checked (frame count and rate, read back
     with PyAV) and only moved into place once all of them are written and checked; on any error or interruption the
-    temporary folders are removed and no destination is touched (a rename into place that fails puts back the
-    destinations already replaced). (A folder, not a file: ffmpeg runs in a subprocess
-    and could still create a temporary file after it was removed; it cannot create a removed folder.) Ctrl-C while
-    they are moved into place takes effect once all are, as [`InterruptedAfterWriting`].
+    temporary folders are removed and no destination is touched; a rename into place that fails puts back the
+    destinations already replaced. (A folder, not a file: ffmpeg runs in a subprocess and could still create a
+    temporary file after it was removed; it cannot create a removed folder.) Ctrl-C while they are moved into place
+    takes effect once all are, as [`InterruptedAfterWriting`].
 
     Args:
         outputs (`Sequence[tuple[path, frames]]`): destination path (`.mp4`, `.mov` or `.mkv`) and frames
