@@ -68,11 +68,10 @@ def _passes_output(module: torch.nn.Module, output):
     return output
 
 
-def remove_hook(module: torch.nn.Module, name: str) -> None:
-    """Take the hook `name` off `module` (not off its submodules); the module's class forward is its forward again
-    when no other hook remains in its chain."""
-    hook = find_hook(module, name)
-    if hook is None:
+def remove_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    """Take `hook` off `module` (not off its submodules) if it is the one registered as `name`; the module's class
+    forward is its forward again when no other hook remains in its chain."""
+    if find_hook(module, name) is not hook:
         return
     registry, fn_ref = module._diffusers_hook, hook.fn_ref
     index = registry._hook_order.index(name)

@@ -187,8 +187,7 @@ class MoCHook(ModelHook):
 
     def detach(self, transformer: torch.nn.Module) -> None:
         """Remove this hook from `transformer`, and the checkpointing wrapper if it is this hook's."""
-        if find_hook(transformer, MOC_HOOK) is self:
-            remove_hook(transformer, MOC_HOOK)
+        remove_hook(transformer, self, MOC_HOOK)
         CheckpointWithFacts.unwrap(transformer, self)
 
     def layer_name(self, attn: torch.nn.Module) -> str | None:

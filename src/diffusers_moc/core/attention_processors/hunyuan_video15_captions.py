@@ -21,7 +21,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..layout import GLOBAL_SHOT
-from ..model_hooks import find_hook, register_hook, remove_hook
+from ..model_hooks import register_hook, remove_hook
 from .base import MoCAttnProcessorBase, MoCForwardFacts, MoCHook
 
 __all__ = ["CaptionedFacts", "HunyuanVideo15Hook"]
@@ -151,8 +151,7 @@ class HunyuanVideo15Hook(MoCHook):
         register_hook(transformer.context_embedder, self.refiner, _REFINER_HOOK)
 
     def detach(self, transformer: torch.nn.Module) -> None:
-        if find_hook(transformer.context_embedder, _REFINER_HOOK) is self.refiner:
-            remove_hook(transformer.context_embedder, _REFINER_HOOK)
+        remove_hook(transformer.context_embedder, self.refiner, _REFINER_HOOK)
         super().detach(transformer)
 
     def compute_facts(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> MoCForwardFacts:
